@@ -1,0 +1,129 @@
+"""Benchmarks of our modules against diffusers 0.42.1 with identical weights, measured in the same
+process and interleaved (ours, theirs, ours, ...) so that machine noise hits both sides alike.
+
+Each ``kandinsky/benchmark/<component>.py`` defines ``run(args) -> list[Result]``. Results are printed
+as a table and written as JSON and Markdown under ``--results`` (default ``results/``).
+Run: ``kandinsky bench movq`` or ``python scripts/benchmark.py movq``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+COMPONENTS = ("movq", "prior", "unet", "text_encoder", "pipeline")
+
+
+@dataclass
+class Result:
+    """Timings (seconds) of one case for both sides; ``ratio`` = median ours / median diffusers."""
+
+    component: str
+    case: str
+    ours: list[float]
+    diffusers: list[float]
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.ours) / statistics.median(self.diffusers)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "ours_median": statistics.median(self.ours),
+                "diffusers_median": statistics.median(self.diffusers), "ratio": self.ratio}
+
+
+def interleaved(cases: dict[str, Callable[[], object]], repeats: int = 3, warmup: int = 1) -> dict[str, list[float]]:
+    """Time each callable ``repeats`` times, alternating between them; ``warmup`` untimed rounds first."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for round_index in range(warmup + repeats):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            with torch.inference_mode():
+                fn()
+            elapsed = time.perf_counter() - start
+            if round_index >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """Floating-point operations of one call, counted by ``torch.utils.flop_counter``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        fn()
+    return counter.get_total_flops()
+
+
+def peak_rss_gib(target: str, *args: str) -> float:
+    """Peak resident memory (GiB) of ``target`` (``"package.module:function"``) called with string
+    ``args`` in a fresh Python process, so that each side is measured alone."""
+    module, function = target.split(":")
+    code = (f"import importlib, resource; importlib.import_module({module!r}).{function}(*{list(args)!r}); "
+            "print('RSS_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
+    if done.returncode != 0:
+        raise RuntimeError(f"memory probe {target}{args} failed:\n{done.stderr[-2000:]}")
+    kib = int(next(line for line in done.stdout.splitlines() if line.startswith("RSS_KIB")).split()[1])
+    return kib / 2**20
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "MALLOC_MMAP_MAX_": os.environ.get("MALLOC_MMAP_MAX_")}
+
+
+def _table(results: list[Result]) -> str:
+    lines = ["| component | case | ours median (s) | diffusers median (s) | ratio | ours min/max | diffusers min/max | extra |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        extra = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.extra.items())
+        lines.append(f"| {r.component} | {r.case} | {statistics.median(r.ours):.3f} | {statistics.median(r.diffusers):.3f} "
+                     f"| {r.ratio:.2f} | {min(r.ours):.3f}/{max(r.ours):.3f} | {min(r.diffusers):.3f}/{max(r.diffusers):.3f} | {extra} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kandinsky bench", description=__doc__.splitlines()[0])
+    parser.add_argument("components", nargs="*", help=f"subset of {', '.join(COMPONENTS)}")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per side (default 3)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--no-memory", action="store_true", help="skip the separate-process peak-memory probes")
+    parser.add_argument("--results", default="results", help="folder for the JSON and Markdown tables")
+    args = parser.parse_args(argv)
+    available = [c for c in COMPONENTS if importlib.util.find_spec(f"kandinsky.benchmark.{c}") is not None]
+    components = args.components or available
+    unknown = [c for c in components if c not in available]
+    if unknown:
+        parser.error(f"unknown component(s) {unknown}; available: {available}")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+
+    results: list[Result] = []
+    for component in components:
+        results += importlib.import_module(f"kandinsky.benchmark.{component}").run(args)
+    table = _table(results)
+    print(table)
+    folder = Path(args.results)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = "-".join(components)
+    (folder / f"{name}-{stamp}.json").write_text(json.dumps(
+        {"machine": machine(), "results": [r.as_dict() for r in results]}, indent=2))
+    (folder / f"{name}-{stamp}.md").write_text(f"{json.dumps(machine())}\n\n{table}\n")
+    return 0

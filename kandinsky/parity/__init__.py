@@ -1,0 +1,96 @@
+"""Parity report: every component at its full official configuration against diffusers 0.42.1 (same
+random weights, converted) and against the original implementation's fixtures.
+
+Each ``kandinsky/parity/<component>.py`` defines ``checks() -> Iterator[Row]``; rows are yielded one at
+a time so that full-size models are freed before the next check starts. Needs the ``test`` extra
+(diffusers). Run: ``kandinsky parity`` or ``python scripts/parity_report.py [components...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+COMPONENTS = ("movq", "prior", "unet", "text_encoder", "schedulers")
+
+
+@dataclass
+class Row:
+    """One comparison. ``metric`` says which error the tolerance bounds: ``"abs"`` or ``"rel"``
+    (max abs error divided by the reference's max magnitude)."""
+
+    component: str
+    check: str
+    max_abs: float
+    max_rel: float
+    tolerance: float
+    metric: str = "rel"
+
+    @property
+    def passed(self) -> bool:
+        error = self.max_rel if self.metric == "rel" else self.max_abs
+        return error <= self.tolerance
+
+
+def compare(component: str, check: str, ours: torch.Tensor, reference: torch.Tensor,
+            tolerance: float, metric: str = "rel") -> Row:
+    """A :class:`Row` from two tensors of the same shape."""
+    if ours.shape != reference.shape:
+        raise ValueError(f"{component}/{check}: shape {tuple(ours.shape)} != reference {tuple(reference.shape)}")
+    diff = (ours.double() - reference.double()).abs().max().item()
+    scale = max(reference.double().abs().max().item(), 1e-12)
+    return Row(component, check, diff, diff / scale, tolerance, metric)
+
+
+def _format(row: Row) -> str:
+    bound = f"{row.metric} <= {row.tolerance:.0e}"
+    return (f"| {row.component:<12} | {row.check:<44} | {row.max_abs:10.3e} | {row.max_rel:10.3e} "
+            f"| {bound:<12} | {'pass' if row.passed else 'FAIL'} |")
+
+
+def run(components: list[str], out=sys.stdout) -> list[Row]:
+    """Run the checks of ``components`` and print the table as rows arrive."""
+    rows: list[Row] = []
+    print("| component    | check                                        |    max abs |    max rel | tolerance    | pass |", file=out)
+    print("|--------------|----------------------------------------------|------------|------------|--------------|------|", file=out)
+    for component in components:
+        module = importlib.import_module(f"kandinsky.parity.{component}")
+        start = time.perf_counter()
+        with torch.no_grad():
+            for row in module.checks():
+                rows.append(row)
+                print(_format(row), file=out, flush=True)
+        gc.collect()
+        print(f"<!-- {component}: {time.perf_counter() - start:.0f} s -->", file=out, flush=True)
+    failed = [r for r in rows if not r.passed]
+    print(f"\n{len(rows) - len(failed)} passed, {len(failed)} failed", file=out)
+    return rows
+
+
+def available_components() -> list[str]:
+    return [c for c in COMPONENTS if importlib.util.find_spec(f"kandinsky.parity.{c}") is not None]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kandinsky parity", description=__doc__.splitlines()[0])
+    parser.add_argument("components", nargs="*", help=f"subset of {', '.join(COMPONENTS)} (default: all available)")
+    args = parser.parse_args(argv)
+    available = available_components()
+    components = args.components or available
+    unknown = [c for c in components if c not in available]
+    if unknown:
+        parser.error(f"unknown component(s) {unknown}; available: {available}")
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        print("the parity report needs diffusers: pip install -e '.[test]'", file=sys.stderr)
+        return 2
+    rows = run(components)
+    return 0 if all(r.passed for r in rows) else 1

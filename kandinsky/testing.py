@@ -1,0 +1,73 @@
+"""Helpers shared by the tests, the parity report and the benchmarks: seeded random weights and the
+original-implementation fixtures. Nothing here is needed to run the models."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm2d)
+
+
+@torch.no_grad()
+def randomize_(module: nn.Module, seed: int = 0, overrides: dict | None = None) -> nn.Module:
+    """Overwrite every parameter with seeded random values, so that no zero-initialised layer hides a bug.
+
+    Matrices and kernels ~ N(0, 1/fan_in) with fan_in = weight[0].numel(); norm weights 1 + 0.1 N(0,1);
+    every other 1-D parameter (biases, norm shifts) 0.1 N(0,1). ``overrides`` maps a parameter name to a
+    function ``(tensor, generator) -> None`` that fills it in place instead (e.g. a positive ``clip_std``).
+    This is the scheme the original fixtures used.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    norm_weights = {
+        f"{name}.weight" if name else "weight"
+        for name, m in module.named_modules()
+        if isinstance(m, _NORMS) and getattr(m, "weight", None) is not None
+    }
+    for name, param in module.named_parameters():
+        if overrides and name in overrides:
+            overrides[name](param, generator)
+            continue
+        values = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+        if name in norm_weights:
+            values = 1 + 0.1 * values
+        elif param.ndim >= 2:
+            values = values / param[0].numel() ** 0.5
+        else:
+            values = 0.1 * values
+        param.copy_(values)
+    return module
+
+
+def fixture_dir() -> Path:
+    """Folder of the original-implementation fixtures (``$KANDINSKY_FIXTURES`` or ``tests/fixtures/original``)."""
+    env = os.environ.get("KANDINSKY_FIXTURES")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "original"
+
+
+def load_original_fixture(name: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and JSON sidecar of one fixture, e.g. ``load_original_fixture("movq")``."""
+    folder = fixture_dir()
+    path = folder / f"{name}.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"original fixture {name!r} not found in {folder} (set KANDINSKY_FIXTURES)")
+    return load_file(str(path)), json.loads((folder / f"{name}.json").read_text())
+
+
+def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of a fixture under ``prefix`` (e.g. ``"state_dict."``), with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def max_errors(ours: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """(max abs error, max abs error relative to the reference's max magnitude)."""
+    diff = (ours.double() - reference.double()).abs().max().item()
+    scale = reference.double().abs().max().item()
+    return diff, diff / max(scale, 1e-12)

@@ -1,0 +1,32 @@
+import gc
+
+import pytest
+import torch
+
+from kandinsky.testing import load_original_fixture
+
+
+@pytest.fixture(autouse=True)
+def _free_memory():
+    """Full-size models are several GiB: collect them as soon as each test ends."""
+    yield
+    gc.collect()
+
+
+@pytest.fixture(scope="session")
+def original_fixture():
+    """``original_fixture("movq") -> (tensors, meta)`` with caching across the session."""
+    cache = {}
+
+    def load(name):
+        if name not in cache:
+            cache[name] = load_original_fixture(name)
+        return cache[name]
+
+    return load
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
