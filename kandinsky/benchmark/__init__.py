@@ -13,7 +13,6 @@ import importlib
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -73,8 +72,9 @@ def peak_rss_gib(target: str, *args: str) -> float:
     """Peak resident memory (GiB) of ``target`` (``"package.module:function"``) called with string
     ``args`` in a fresh Python process, so that each side is measured alone."""
     module, function = target.split(":")
-    code = (f"import importlib, resource; importlib.import_module({module!r}).{function}(*{list(args)!r}); "
-            "print('RSS_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so a child of a big parent would report the parent's peak.
+    code = (f"import importlib, re; importlib.import_module({module!r}).{function}(*{list(args)!r}); "
+            "print('RSS_KIB', re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
     if done.returncode != 0:
         raise RuntimeError(f"memory probe {target}{args} failed:\n{done.stderr[-2000:]}")

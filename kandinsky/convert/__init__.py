@@ -36,6 +36,11 @@ def _converter(component: str):
     return importlib.import_module(f"kandinsky.convert.{_CONVERTERS[component]}")
 
 
+def official_original_config(component: str) -> dict:
+    """The original constructor arguments of the official ``component`` checkpoint (CONFIG_2_1)."""
+    return dict(_converter(component).OFFICIAL_ORIGINAL_CONFIGS[component])
+
+
 def _convert(layout: str, component: str, config: Mapping, state_dict: Mapping[str, torch.Tensor],
              dtype: torch.dtype | None, **extra) -> nn.Module:
     from kandinsky.models import model_class
