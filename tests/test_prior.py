@@ -1,0 +1,232 @@
+"""The image prior: original fixture, diffusers PriorTransformer, converters, masking, dtypes, bad input."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kandinsky.convert import from_diffusers, from_original
+from kandinsky.convert.core import Source
+from kandinsky.convert.prior import OFFICIAL_ORIGINAL_CONFIGS, head_major_to_qkv_major, original
+from kandinsky.models import config_from_dict, config_to_dict
+from kandinsky.models.prior import Prior, PriorConfig
+from kandinsky.parity.prior import diffusers_prior, inputs, original_fixture_output, run_diffusers, run_ours
+from kandinsky.testing import max_errors, prefixed, randomize_
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = config_from_dict("prior", json.loads((ROOT / "configs" / "prior_tiny.json").read_text()))
+
+
+def _tiny(seed=0) -> Prior:
+    prior = randomize_(Prior(TINY), seed).eval()
+    prior.clip_mean.normal_(generator=torch.Generator().manual_seed(seed))
+    prior.clip_std.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(seed + 1))
+    return prior
+
+
+def test_configs_are_the_defaults_and_official():
+    assert config_from_dict("prior", json.loads((ROOT / "configs" / "prior.json").read_text())) == PriorConfig()
+    hparams = OFFICIAL_ORIGINAL_CONFIGS["prior"]["model"]["hparams"]
+    assert (hparams["xf_width"], hparams["xf_layers"], hparams["xf_heads"]) == (2048, 20, 32)
+    assert config_to_dict(TINY)["width"] == 64
+
+
+def test_original_fixture_forward(original_fixture):
+    ours, reference = original_fixture_output()
+    _, meta = original_fixture("prior")
+    abs_err, _ = max_errors(ours, reference)
+    # float32, same math; the fixture's thread-count rerun noise floor is ~5e-6
+    assert abs_err < 1e-5, abs_err
+    assert meta["tolerance_hint"]["output_max_abs"] > 1  # the check is not trivially small
+
+
+def test_matches_diffusers_tiny():
+    theirs, ours = diffusers_prior(TINY, seed=3)
+    batch = inputs(TINY, batch=3)
+    with torch.no_grad():
+        out, reference = run_ours(ours, batch), run_diffusers(theirs, batch)
+    _, rel = max_errors(out, reference)
+    assert rel < 1e-4, rel  # float32 both sides, same operations: summation order only
+    # the normalisation statistics came through the diffusers converter
+    torch.testing.assert_close(ours.clip_std, theirs.clip_std.reshape(-1), rtol=0, atol=0)
+    embeds = torch.randn(2, TINY.clip_dim)
+    torch.testing.assert_close(ours.denormalize(ours.normalize(embeds)), embeds, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.denormalize(out), theirs.post_process_latents(reference), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_matches_diffusers_full_size():
+    config = PriorConfig()
+    theirs, ours = diffusers_prior(config, seed=0)
+    batch = inputs(config)
+    with torch.no_grad():
+        reference = run_diffusers(theirs, batch)
+        del theirs
+        out = run_ours(ours, batch)
+    _, rel = max_errors(out, reference)
+    assert rel < 1e-4, rel  # 20 float32 layers of width 2048: summation-order noise only
+
+
+def test_padding_tokens_do_not_matter():
+    prior, batch = _tiny(), inputs(TINY)
+    with torch.no_grad():
+        out = run_ours(prior, batch)
+        changed = dict(batch, text_hidden_states=batch["text_hidden_states"].clone())
+        changed["text_hidden_states"][~batch["text_mask"]] = 100.0
+        torch.testing.assert_close(run_ours(prior, changed), out, rtol=0, atol=1e-6)
+        changed["text_hidden_states"][0, 0] += 1.0  # a real token does matter
+        assert (run_ours(prior, changed)[0] - out[0]).abs().max() > 1e-3
+        # no mask = every token real
+        full = dict(batch, text_mask=torch.ones_like(batch["text_mask"]))
+        torch.testing.assert_close(run_ours(prior, dict(batch, text_mask=None)), run_ours(prior, full))
+        # a row with no real text token stays finite (each token may attend to itself)
+        empty = dict(batch, text_mask=torch.zeros_like(batch["text_mask"]))
+        assert torch.isfinite(run_ours(prior, empty)).all()
+
+
+def test_scalar_timestep_broadcasts():
+    prior, batch = _tiny(), inputs(TINY)
+    with torch.no_grad():
+        scalar = run_ours(prior, dict(batch, timesteps=torch.tensor(7)))
+        vector = run_ours(prior, dict(batch, timesteps=torch.tensor([7, 7])))
+        python_int = run_ours(prior, dict(batch, timesteps=7))
+    torch.testing.assert_close(scalar, vector, rtol=0, atol=0)
+    torch.testing.assert_close(python_int, vector, rtol=0, atol=0)
+
+
+def test_bfloat16_close_to_float32():
+    prior, batch = _tiny(), inputs(TINY)
+    with torch.no_grad():
+        reference = run_ours(prior, batch)
+        bf16 = prior.to(torch.bfloat16)
+        out = run_ours(bf16, {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()})
+    assert out.dtype == torch.bfloat16 and bf16.clip_std.dtype == torch.bfloat16
+    _, rel = max_errors(out.float(), reference)
+    # bf16 has an 8-bit mantissa (~4e-3 relative per rounding); two blocks and a few GEMMs: a few 1e-2
+    assert rel < 5e-2, rel
+
+
+def test_buffers_are_persistent_and_no_meta_leftovers():
+    keys = Prior(TINY).state_dict().keys()
+    assert "clip_mean" in keys and "clip_std" in keys
+
+
+def _bad(batch, **changes):
+    return dict(batch, **changes)
+
+
+@pytest.mark.parametrize("name,value,match", [
+    ("x", torch.randn(2, 31), "x: expected"),
+    ("x", torch.zeros(2, 32, dtype=torch.long), "x: expected"),
+    ("timesteps", torch.tensor([1.0, 2.0]), "timesteps"),
+    ("timesteps", torch.tensor([1, 2, 3]), "timesteps"),
+    ("text_embeds", torch.randn(3, 32), "text_embeds"),
+    ("text_hidden_states", torch.randn(2, 76, 32), "text_hidden_states"),
+    ("text_mask", torch.ones(2, 77, dtype=torch.long), "text_mask"),
+    ("text_mask", torch.ones(2, 70, dtype=torch.bool), "text_mask"),
+])
+def test_bad_inputs(name, value, match):
+    prior, batch = _tiny(), inputs(TINY)
+    with pytest.raises(ValueError, match=match):
+        run_ours(prior, _bad(batch, **{name: value}))
+
+
+def test_qkv_permutation():
+    heads, head_dim = 2, 3
+    # original rows: head-major [h0: q0 q1 q2 k0 k1 k2 v0 v1 v2 | h1: ...]; encode (head, part, index) in the value
+    rows = torch.tensor([100 * h + 10 * part + i for h in range(heads) for part in range(3) for i in range(head_dim)])
+    ours = head_major_to_qkv_major(rows, heads)
+    expected = torch.tensor([100 * h + 10 * part + i for part in range(3) for h in range(heads) for i in range(head_dim)])
+    assert torch.equal(ours, expected)
+    assert head_major_to_qkv_major(torch.randn(18, 5), heads).shape == (18, 5)
+
+
+def test_original_converter_errors(original_fixture):
+    tensors, meta = original_fixture("prior")
+    state = prefixed(tensors, "state_dict.")
+    stats = (tensors["input.clip_mean"], tensors["input.clip_std"])
+    with pytest.raises(ValueError, match="clip_stats"):
+        from_original("prior", meta["original_config"], state)
+    with pytest.raises(ValueError, match="clip_stats"):
+        from_original("prior", meta["original_config"], state, clip_stats=(stats[0][:5], stats[1]))
+    padded = json.loads(json.dumps(meta["original_config"]))
+    padded["model"]["hparams"]["xf_padding"] = True
+    with pytest.raises(ValueError, match="xf_padding"):
+        from_original("prior", padded, state, clip_stats=stats)
+    broken = {k: v for k, v in state.items() if k != "model.final_ln.bias"}
+    broken["model.extra.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError) as info:
+        from_original("prior", meta["original_config"], broken, clip_stats=stats)
+    assert "model.extra.weight" in str(info.value) and "final_norm.bias" in str(info.value)
+    # (1, dim) statistics, as PriorDiffusionModel stores them, are accepted too
+    prior = from_original("prior", meta["original_config"], state, clip_stats=(stats[0][None], stats[1][None]))
+    torch.testing.assert_close(prior.clip_mean, stats[0], rtol=0, atol=0)
+
+
+def test_diffusers_converter_rejects_unsupported_options():
+    theirs, _ = diffusers_prior(TINY)
+    config = {"num_attention_heads": 4, "attention_head_dim": 16, "num_layers": 2, "embedding_dim": 32,
+              "num_embeddings": 77, "norm_in_type": "layer"}
+    with pytest.raises(ValueError, match="norm_in_type"):
+        from_diffusers("prior", config, theirs.state_dict())
+
+
+def test_official_manifest_shapes():
+    """Every key of the official prior_fp16.ckpt (manifest, 1.02 B parameters) converts to the right shape.
+
+    A zeros state dict of the full shapes would be 4 GB: the manifest is replayed with meta tensors
+    (shapes only) through the converter, then compared with our module built on the meta device.
+    """
+    manifest = json.loads((ROOT / "tests" / "fixtures" / "original" / "manifest_prior.json").read_text())
+    state = {k: torch.empty(v["shape"], device="meta") for k, v in manifest["keys"].items()}
+    source = Source(state, "original")
+    stats = (torch.empty(768, device="meta"), torch.empty(768, device="meta"))
+    config, converted = original("prior", OFFICIAL_ORIGINAL_CONFIGS["prior"], source, clip_stats=stats)
+    assert config == PriorConfig()
+    assert source.unused() == [] and source.missing == []
+    with torch.device("meta"):
+        expected = Prior(config).state_dict()
+    assert sorted(converted) == sorted(expected)
+    assert all(converted[k].shape == expected[k].shape for k in expected)
+    parameters = sum(v.numel() for k, v in expected.items() if k not in ("clip_mean", "clip_std"))
+    assert parameters == manifest["total_parameter_count"] == 1_022_028_544
+
+
+def test_onednn_path_keeps_parity_and_is_reversible():
+    prior, batch = _tiny(), inputs(TINY)
+    with torch.no_grad():
+        reference = run_ours(prior, batch)
+        fast = run_ours(prior.use_onednn(), batch)
+        assert all(m.onednn for m in prior.modules() if hasattr(m, "onednn") and m is not prior)
+        # same GEMMs through oneDNN instead of MKL: float32 summation-order differences only
+        _, rel = max_errors(fast, reference)
+        assert rel < 1e-5, rel
+        bf16 = run_ours(copy.deepcopy(prior).to(torch.bfloat16),
+                        {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()})
+        assert max_errors(bf16.float(), reference)[1] < 5e-2  # bf16 tolerance, as test_bfloat16_close_to_float32
+        torch.testing.assert_close(run_ours(prior.use_onednn(False), batch), reference, rtol=0, atol=0)
+    # with autograd the plain path is used, so gradients flow
+    prior.use_onednn()
+    out = run_ours(prior, batch)
+    out.sum().backward()
+    assert prior.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_official_diffusers_config_shapes():
+    """kandinsky-community/kandinsky-2-1-prior prior/config.json, replayed on the meta device (shapes only)."""
+    from diffusers import PriorTransformer
+
+    from kandinsky.convert.prior import diffusers
+
+    config = {"_class_name": "PriorTransformer", "additional_embeddings": 4, "attention_head_dim": 64, "dropout": 0.0,
+              "embedding_dim": 768, "num_attention_heads": 32, "num_embeddings": 77, "num_layers": 20}
+    with torch.device("meta"):
+        state = PriorTransformer(**{k: v for k, v in config.items() if k != "_class_name"}).state_dict()
+        expected = Prior(PriorConfig()).state_dict()
+    source = Source(state, "diffusers")
+    ours, converted = diffusers("prior", config, source)
+    assert ours == PriorConfig() and source.unused() == [] and source.missing == []
+    assert sorted(converted) == sorted(expected)
+    assert all(converted[k].shape == expected[k].shape for k in expected)
