@@ -62,7 +62,7 @@ class WeightsNotFoundError(OSError):
 _LOCAL_HINT = ("To work offline, download the files on a machine with access (e.g. `huggingface-cli download "
                "{repo}`) and pass the folder instead: Kandinsky21.from_pretrained('/path/to/folder') or "
                "`kandinsky generate --weights /path/to/folder ...` (diffusers, original or converted layout; "
-               "see notes/readme_pipeline.md).")
+               "see 'Loading weights' in README.md).")
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:

@@ -1,4 +1,4 @@
-"""Noise schedules and samplers (model-agnostic). See notes/readme_schedulers.md.
+"""Noise schedules and samplers (model-agnostic). See the "Samplers" section of README.md.
 
     from kandinsky.schedulers import NoiseSchedule, SAMPLERS, sampler_timesteps, sample, add_noise
 """

@@ -1,0 +1,120 @@
+"""The end-to-end benchmark (kandinsky/benchmark/pipeline.py) exercised at tiny configurations: every
+measurement runs, the outputs are written, the two sides share their weights. Timings are never asserted
+(this machine is shared); only that they are positive and finite.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import types
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("diffusers")
+
+from kandinsky.benchmark import main, pipeline  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: on the shared 2-core machine, intra-op threads cost more than they give."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _args(dtype: str = "float32", no_memory: bool = True):
+    return types.SimpleNamespace(repeats=1, dtype=dtype, no_memory=no_memory, config="tiny")
+
+
+def _check_timings(results) -> None:
+    assert results
+    for result in results:
+        for value in [*result.ours, *result.diffusers, result.ratio]:
+            assert math.isfinite(value) and value > 0, (result.case, value)
+
+
+def test_float32_run_measures_every_piece():
+    results = pipeline.run(_args())
+    _check_timings(results)
+    cases = [r.case for r in results]
+    for expected in ("prior stage", "decoder stage", "text encoding, prior stage", "text encoding, decoder stage",
+                     "prior step", "decoder step", "MoVQ decode", "(extrapolated)", "load + first forward: unet",
+                     "load + first forward: prior", "load + first forward: movq"):
+        assert any(expected in case for case in cases), expected
+    by_case = {r.case.split(",")[0]: r for r in results}
+    # the prior stage shares every tensor with diffusers (fused QKV pointed back into ours)
+    assert by_case["prior stage: prompt -> embeddings"].extra["ours separate GiB"] == 0
+    # same weights, same float32 arithmetic up to operation order
+    assert by_case["decoder step (UNet"].extra["UNet output max rel diff vs diffusers float32"] < 1e-4
+    assert by_case["decoder step (UNet"].extra["ours GFLOP/s"] > 0
+    # extrapolation = measured stages + the missing steps, so it exceeds the measured 2 + 2 steps
+    measured = next(r for r in results if "2 + 2 steps" in r.case)
+    extrapolated = next(r for r in results if "(extrapolated)" in r.case)
+    assert extrapolated.ours[0] > measured.ours[0] and extrapolated.diffusers[0] > measured.diffusers[0]
+
+
+def test_bfloat16_run_reports_unet_error():
+    results = pipeline.run(_args("bfloat16"))
+    _check_timings(results)
+    unet = next(r for r in results if r.case.startswith("decoder step"))
+    error = unet.extra["UNet output max rel diff vs diffusers float32"]
+    # bfloat16 weights and activations against float32: about 2^-8 per operation, well above float32 noise
+    assert 1e-4 < error <= pipeline.BF16_UNET_TARGET
+    assert not any(r.case.startswith("load") for r in results)  # the weight files are float32 on both sides
+
+
+def test_main_writes_json_and_markdown(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "CONFIG", "tiny")
+    assert main(["pipeline", "--repeats", "1", "--no-memory", "--results", str(tmp_path)]) == 0
+    (json_file,) = tmp_path.glob("pipeline-*.json")
+    (markdown_file,) = tmp_path.glob("pipeline-*.md")
+    data = json.loads(json_file.read_text())
+    assert data["results"] and all(r["component"] == "pipeline" for r in data["results"])
+    assert all(math.isfinite(r["ratio"]) and r["ratio"] > 0 for r in data["results"])
+    assert "| pipeline | text2img 32px" in markdown_file.read_text()
+
+
+def test_memory_probes_run_in_their_own_process():
+    from kandinsky.benchmark import peak_rss_gib
+
+    for side in ("ours", "diffusers"):
+        gib = peak_rss_gib("kandinsky.benchmark.pipeline:memory_probe", side, "tiny")
+        assert 0 < gib < 8  # a tiny pipeline: the interpreter, torch and diffusers, not a full model
+
+
+def test_share_weights_points_split_tensors_into_fused_ones():
+    torch.manual_seed(0)
+    theirs = nn.ModuleDict({"q": nn.Linear(4, 3), "k": nn.Linear(4, 3), "v": nn.Linear(4, 3), "other": nn.Linear(4, 4)})
+    ours = nn.ModuleDict({"qkv": nn.Linear(4, 9), "other": nn.Linear(4, 4)})
+    with torch.no_grad():
+        ours.qkv.weight.copy_(torch.cat([theirs.q.weight, theirs.k.weight, theirs.v.weight]))
+        ours.qkv.bias.copy_(torch.cat([theirs.q.bias, theirs.k.bias, theirs.v.bias]))
+    before = {k: v.clone() for k, v in theirs.state_dict().items()}
+    report = pipeline.share_weights_([ours], [theirs])
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(value, before[key])
+    assert theirs.k.weight.untyped_storage().data_ptr() == ours.qkv.weight.untyped_storage().data_ptr()
+    assert theirs.v.bias.untyped_storage().data_ptr() == ours.qkv.bias.untyped_storage().data_ptr()
+    # `other` differs in value: it stays separate, and the report counts it
+    assert report["ours separate GiB"] == pytest.approx(20 * 4 / 2**30)
+
+
+def test_cast_copy_leaves_the_original_untouched():
+    model = nn.Linear(3, 2)
+    copy = pipeline._cast_copy(model, torch.bfloat16)
+    assert copy.weight.dtype == torch.bfloat16 and model.weight.dtype == torch.float32
+    assert torch.equal(copy.weight, model.weight.to(torch.bfloat16))
+
+
+def test_bad_arguments_name_the_argument():
+    with pytest.raises(ValueError, match="config"):
+        pipeline.image_size("huge")
+    with pytest.raises(ValueError, match="stage"):
+        pipeline.build("tiny", stage="both")
+    with pytest.raises(ValueError, match="stages"):
+        pipeline.diffusers_pipelines("tiny", stages=("prior", "vae"))
