@@ -30,3 +30,16 @@ def original_fixture():
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _threads(request):
+    """Tiny models: intra-op threads cost more in synchronisation than they give (about 40x on a loaded
+    2-core machine). The full-size tier keeps every core."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -18,14 +18,6 @@ pytest.importorskip("diffusers")
 from kandinsky.benchmark import main, pipeline  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: on the shared 2-core machine, intra-op threads cost more than they give."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def _args(dtype: str = "float32", no_memory: bool = True):
     return types.SimpleNamespace(repeats=1, dtype=dtype, no_memory=no_memory, config="tiny")

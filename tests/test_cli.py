@@ -23,14 +23,6 @@ FAST = ["--height", str(SIZE), "--width", str(SIZE), "--steps", "2", "--prior-st
         "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: on the shared 2-core machine, intra-op threads cost ~40x more than they give."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):

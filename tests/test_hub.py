@@ -29,14 +29,6 @@ DECODER, PRIOR, INPAINT = ("kandinsky-community/kandinsky-2-1", "kandinsky-commu
 ARGS = dict(height=SIZE, width=SIZE, num_inference_steps=2, prior_num_inference_steps=2, output_type="np")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: on the shared 2-core machine, intra-op threads cost ~40x more than they give."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(scope="module")
 def fake_hub(tmp_path_factory):

@@ -24,14 +24,6 @@ SIZE = 32  # px; the tiny MoVQ downsamples by 2, so latents are 16 x 16
 STEPS = dict(num_inference_steps=2, prior_num_inference_steps=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: on the shared 2-core machine, intra-op threads cost ~40x more than they give."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def tiny_clip_text(seed: int = 1):
     """CLIP text tower whose hidden width equals the projection (diffusers' prior feeds hidden states
