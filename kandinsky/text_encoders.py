@@ -68,11 +68,12 @@ class MultilingualCLIP(nn.Module):
 
     @classmethod
     def from_diffusers_module(cls, mclip: nn.Module) -> MultilingualCLIP:
-        """Copy a diffusers ``pipelines.kandinsky.text_encoder.MultilingualCLIP`` (same weights, same dtype)."""
+        """Wrap the weights of a diffusers ``pipelines.kandinsky.text_encoder.MultilingualCLIP``: the tensors are
+        shared, not copied (same dtype)."""
         config = XLMRobertaConfig(**{k: v for k, v in mclip.config.to_dict().items()
                                      if k not in ("transformerDimensions", "numDims", "model_type", "architectures")})
         model = cls(config, mclip.config.numDims)
-        model.load_state_dict(mclip.state_dict(), strict=False)  # strict check below, buffers aside
+        model.load_state_dict(mclip.state_dict(), strict=False, assign=True)  # strict check below, buffers aside
         _check_keys(model, mclip.state_dict())
         return model.to(next(mclip.parameters()).dtype).eval()
 
@@ -94,7 +95,8 @@ class MultilingualCLIP(nn.Module):
         else:
             raise ValueError(f"folder: no model.safetensors or pytorch_model.bin in {folder}")
         _check_keys(model, state_dict)
-        model.load_state_dict({k: v for k, v in state_dict.items() if k not in _OPTIONAL_BUFFER_KEYS}, strict=False)
+        model.load_state_dict({k: v for k, v in state_dict.items() if k not in _OPTIONAL_BUFFER_KEYS}, strict=False,
+                              assign=True)  # memory-mapped tensors, no second copy
         return model.to(dtype).eval()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

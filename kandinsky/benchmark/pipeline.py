@@ -29,14 +29,12 @@ separate q/k/v tensors into our fused ones. ``ours separate GiB`` in the results
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import gc
 import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -242,35 +240,6 @@ def diffusers_pipelines(config: str = "full", seed: int = 0, stages: tuple[str, 
     return pipes
 
 
-@contextlib.contextmanager
-def _mclip_shared() -> Iterator[None]:
-    """While active, ``MultilingualCLIP.from_diffusers_module`` takes diffusers' tensors instead of copying
-    them (the released method copies: 2.1 GiB more at the full config, over this machine's budget)."""
-    from kandinsky.text_encoders import MultilingualCLIP
-
-    original = MultilingualCLIP.__dict__["from_diffusers_module"]
-
-    def sharing(cls, mclip: nn.Module) -> MultilingualCLIP:
-        config = {k: v for k, v in mclip.config.to_dict().items() if k not in ("transformerDimSize", "imageDimSize")}
-        config.update(transformerDimensions=mclip.config.transformerDimensions, numDims=mclip.config.numDims)
-        with torch.device("meta"):
-            model = cls.from_config(config)
-        model.load_state_dict(mclip.state_dict(), strict=False, assign=True)
-        for name, buffer in mclip.named_buffers():  # non-persistent buffers (position ids)
-            module_name, _, attr = name.rpartition(".")
-            if getattr(model.get_submodule(module_name), attr).is_meta:
-                setattr(model.get_submodule(module_name), attr, buffer)
-        if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
-            raise RuntimeError("M-CLIP: some tensors were not shared")
-        return model.eval()
-
-    MultilingualCLIP.from_diffusers_module = classmethod(sharing)
-    try:
-        yield
-    finally:
-        MultilingualCLIP.from_diffusers_module = original
-
-
 def _storages(modules) -> set[int]:
     return {t.untyped_storage().data_ptr() for m in modules for t in [*m.parameters(), *m.buffers()]}
 
@@ -343,8 +312,7 @@ def build(config: str = "full", stage: str = "decoder", seed: int = 0, dtype: to
     if stage not in STAGES:
         raise ValueError(f"stage: expected one of {list(STAGES)}, got {stage!r}")
     prior_pipe, decoder_pipe, _ = diffusers_pipelines(config, seed, stages=(stage,))
-    with _mclip_shared():
-        ours = Kandinsky21.from_diffusers(prior_pipe, decoder_pipe, device="cpu", progress=False)
+    ours = Kandinsky21.from_diffusers(prior_pipe, decoder_pipe, device="cpu", progress=False)
     sharing = share_weights_([ours.module(name) for name in STAGES[stage]],
                              _stage_modules(prior_pipe, decoder_pipe, stage))
     if dtype != torch.float32:

@@ -277,9 +277,18 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(c * mult[0], config.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(z, zq), zq)
+
+    def trunk(self, z: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
+        """The stages at latent resolution (conv_in, middle, deepest level incl. its upsampling): all the
+        attention of the official config, and small enough to run on a whole 1536 px latent."""
         x = self.conv_in(z)
         x = self.mid_block2(self.mid_attention(self.mid_block1(x, zq), zq), zq)
-        for level in reversed(self.levels):
+        return self.levels[-1](x, zq)
+
+    def head(self, x: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
+        """The remaining upsampling levels and the output conv: features at 2x latent resolution -> image."""
+        for level in reversed(self.levels[:-1]):
             x = level(x, zq)
         return self.conv_out(self.norm_out(x, zq, silu=True))
 
@@ -297,6 +306,30 @@ def _check_input(name: str, x: torch.Tensor, channels: int, multiple: int = 1) -
         raise ValueError(f"{name} height and width must be divisible by {multiple}, got {tuple(x.shape[2:])}")
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+
+
+def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Starts of tiles of length ``tile`` covering ``range(size)``, ``tile - overlap`` apart; the last one is
+    moved back to end at ``size`` (so every tile is full size; its overlap with the previous one may be larger)."""
+    if size <= tile:
+        return [0]
+    return list(range(0, size - tile, tile - overlap)) + [size - tile]
+
+
+def _blend_ramp(starts: list[int], start: int, length: int, factor: int, device: torch.device) -> torch.Tensor:
+    """1-D blending weight (length * factor output pixels) of the tile at ``start``: rises linearly across
+    the overlap with the previous tile and falls across the overlap with the next one, 1 elsewhere. Within
+    an overlap shared by two tiles only, the two ramps sum to exactly 1."""
+    index = starts.index(start)
+    pixels = torch.arange(length * factor, device=device, dtype=torch.float32) + 0.5
+    weight = torch.ones_like(pixels)
+    if index > 0:  # overlap with the previous tile: its end minus our start
+        n = (starts[index - 1] + length - start) * factor
+        weight = torch.minimum(weight, pixels / n)
+    if index + 1 < len(starts):
+        n = (start + length - starts[index + 1]) * factor
+        weight = torch.minimum(weight, (length * factor - pixels) / n)
+    return weight
 
 
 class MoVQ(nn.Module):
@@ -330,6 +363,44 @@ class MoVQ(nn.Module):
         _check_input("latents", latents, self.config.embed_dim)
         latents = latents.to(self.dtype, memory_format=torch.channels_last)
         return self.decoder(self.post_quant_conv(latents), latents).contiguous()
+
+    def decode_tiled(self, latents: torch.Tensor, tile: int = 64, overlap: int = 16) -> torch.Tensor:
+        """``decode`` for large latents: the decoder's latent-resolution trunk (middle blocks and deepest level,
+        where all the attention is) runs on the whole latent; the memory-hungry upsampling levels run on
+        overlapping ``tile`` x ``tile`` latent tiles (latent pixels; 64 = a 512 px tile), blended with linear
+        ramps across each overlap. Peak memory: the trunk plus one tile, whatever the image size.
+
+        Not identical to ``decode``: the tiled levels' GroupNorms take their statistics over their tile only
+        and see zero padding at tile borders (hidden by the overlap). See the README for measured errors.
+        A latent no larger than one tile is decoded in one piece (exactly ``decode``).
+        """
+        _check_input("latents", latents, self.config.embed_dim)
+        if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+            raise ValueError(f"tile must be a positive int (latent pixels), got {tile!r}")
+        if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < tile:
+            raise ValueError(f"overlap must be an int in [0, tile={tile}) (latent pixels), got {overlap!r}")
+        B, _, h, w = latents.shape
+        if h <= tile and w <= tile:
+            return self.decode(latents)
+        f = self.config.downsample_factor
+        latents = latents.to(self.dtype, memory_format=torch.channels_last)
+        features = self.decoder.trunk(self.post_quant_conv(latents), latents)  # (B, C, s*h, s*w)
+        s = features.shape[2] // h
+        tops, lefts = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
+        # weighted sum of the tiles and sum of the weights, in float32 (for half-precision models)
+        blended = torch.zeros(B, self.config.out_channels, h * f, w * f, device=latents.device)
+        total = torch.zeros(h * f, w * f, device=latents.device)
+        for top in tops:
+            row_weight = _blend_ramp(tops, top, min(tile, h), f, latents.device)
+            for left in lefts:
+                weight = row_weight[:, None] * _blend_ramp(lefts, left, min(tile, w), f, latents.device)
+                piece = self.decoder.head(features[:, :, top * s:(top + tile) * s, left * s:(left + tile) * s],
+                                          latents[:, :, top:top + tile, left:left + tile])
+                rows, cols = slice(top * f, top * f + piece.shape[2]), slice(left * f, left * f + piece.shape[3])
+                blended[:, :, rows, cols].add_(piece.float() * weight)
+                total[rows, cols].add_(weight)
+                del piece
+        return (blended / total).to(self.dtype)
 
     def quantize(self, latents: torch.Tensor, return_indices: bool = False
                  ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

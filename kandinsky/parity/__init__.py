@@ -13,7 +13,6 @@ import gc
 import importlib
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
