@@ -31,6 +31,7 @@ Conventions (the same in every task):
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -515,6 +516,12 @@ class Kandinsky21:
             raise ValueError(f"weights: expected one weight per item of images_and_prompts "
                              f"({len(images_and_prompts)}), got {weights!r}")
         weights = [_check_number("weights", w) for w in weights]
+        if not any(weights):
+            raise ValueError(f"weights: expected at least one non-zero weight, got {weights}")
+        if abs(sum(weights)) < 1e-6 * max(abs(w) for w in weights):
+            # Both references use the weights as given (no renormalisation): a zero sum is a pure difference.
+            warnings.warn(f"weights {weights} sum to zero: the mix is a difference of embeddings, not an average",
+                          UserWarning, stacklevel=2)
         generator = self._generator(generator)
         prior_args = dict(negative_prompt=negative_prior_prompt, num_inference_steps=num_inference_steps,
                           guidance_scale=guidance_scale, generator=generator)

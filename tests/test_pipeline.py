@@ -359,6 +359,22 @@ def test_interpolate_and_mix_match_diffusers(ours, reference):
     assert mixed.shape == (1, 3, SIZE, SIZE)
 
 
+def test_interpolate_weights(ours):
+    with pytest.raises(ValueError, match="weights"):
+        ours.interpolate(["a cat", "a dog"], [0.5])
+    with pytest.raises(ValueError, match="weights"):
+        ours.interpolate(["a cat", "a dog"], [0.0, 0.0])
+    with pytest.raises(ValueError, match="images_and_prompts"):
+        ours.interpolate([], [])
+    # a zero sum is allowed (no renormalisation, as in both references) but warned about: a - b
+    with pytest.warns(UserWarning, match="sum to zero"):
+        difference, _ = ours.interpolate(["a cat", "a dog"], [1.0, -1.0], num_inference_steps=2, generator=seed(3))
+    generator = seed(3)  # interpolate runs the prior on each prompt in turn with one generator
+    cat, _ = ours.prior("a cat", num_inference_steps=2, generator=generator)
+    dog, _ = ours.prior("a dog", num_inference_steps=2, generator=generator)
+    assert max_abs(difference, cat - dog) < 1e-6
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 
