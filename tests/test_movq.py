@@ -258,9 +258,9 @@ def tiled_case(tiny):
 
 @pytest.mark.parametrize("tile", [48, 64])
 def test_decode_tiled_is_decode_when_one_tile_covers_the_latent(tiny, tiled_case, tile):
-    latents, full = tiled_case
-    with torch.no_grad():
-        assert torch.equal(tiny.decode_tiled(latents, tile=tile, overlap=8), full)
+    latents, _ = tiled_case
+    with torch.no_grad():  # both in this test: the module fixture may have run under another thread count
+        assert torch.equal(tiny.decode_tiled(latents, tile=tile, overlap=8), tiny.decode(latents))
 
 
 def test_decode_tiled_is_close_to_decode(tiny, tiled_case):

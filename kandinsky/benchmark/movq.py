@@ -75,3 +75,16 @@ def run(args) -> list[Result]:
                 result.extra[f"{side}_peak_rss_gib"] = peak_rss_gib("kandinsky.benchmark.movq:memory_probe",
                                                                      side, case, args.dtype)
     return results
+
+
+def tiled_memory_probe(size: str = "192", tile: str = "64", overlap: str = "16") -> None:
+    """Our full-config ``decode_tiled`` of a (1, 4, size, size) latent (192 = a 1536 px image), for
+    ``peak_rss_gib("kandinsky.benchmark.movq:tiled_memory_probe", "192", "64", "16")``; ``tile="0"`` runs the
+    untiled ``decode`` instead (several GiB more at 1536 px)."""
+    model = randomize_(MoVQ(MoVQConfig()), 0).eval()
+    latents = torch.randn(1, 4, int(size), int(size), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        if int(tile):
+            model.decode_tiled(latents, tile=int(tile), overlap=int(overlap))
+        else:
+            model.decode(latents)

@@ -40,9 +40,7 @@ def memory_probe(side: str, size: str, dtype: str) -> None:
 def run(args) -> list[Result]:
     dtype = getattr(torch, args.dtype)
     config = UNetConfig()
-    # Memory first, while this process is small: on Linux a child's ru_maxrss starts from the parent's
-    # high-water mark (it is copied at fork and kept across exec), so probing after building the pair
-    # would report this process's ~10 GiB for both sides.
+    # Memory first, while this process is small (the probes run in their own processes either way).
     memory = {}
     if not args.no_memory:
         for size in SIZES:

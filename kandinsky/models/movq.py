@@ -11,6 +11,7 @@ Example::
     latents = movq.encode(images)              # (B,3,H,W) in [-1,1] -> (B,4,H/8,W/8)
     quantized, indices = movq.quantize(latents, return_indices=True)
     images = movq.decode(latents)              # no quantisation, like the original MOVQ.decode
+    big = movq.decode_tiled(big_latents)       # large images in a few GiB (approximate, see decode_tiled)
 
 Speed notes (CPU inference is dominated by the 3x3 convs; everything here keeps the rest small):
 

@@ -87,9 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown component(s) {unknown}; available: {available}")
     try:
-        import diffusers  # noqa: F401
+        import diffusers
     except ImportError:
         print("the parity report needs diffusers: pip install -e '.[test]'", file=sys.stderr)
         return 2
+    diffusers.utils.logging.set_verbosity_error()  # its schedulers warn on every bare step() call
     rows = run(components)
     return 0 if all(r.passed for r in rows) else 1
