@@ -61,6 +61,15 @@ def load_original_fixture(name: str) -> tuple[dict[str, torch.Tensor], dict]:
     return load_file(str(path)), json.loads((folder / f"{name}.json").read_text())
 
 
+def diffusers_reference_config(name: str) -> dict:
+    """A config of the official diffusers-layout repositories, e.g. ``"kandinsky-2-1.unet.config.json"``
+    (copied into ``tests/fixtures/diffusers-configs/``, see its README)."""
+    path = fixture_dir().parent / "diffusers-configs" / name
+    if not path.exists():
+        raise FileNotFoundError(f"diffusers reference config {name!r} not found in {path.parent}")
+    return json.loads(path.read_text())
+
+
 def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries of a fixture under ``prefix`` (e.g. ``"state_dict."``), with the prefix removed."""
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

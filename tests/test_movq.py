@@ -12,7 +12,7 @@ from kandinsky.convert import from_diffusers, from_original
 from kandinsky.convert.movq import OFFICIAL_ORIGINAL_CONFIGS, to_diffusers_config
 from kandinsky.models import config_from_dict, config_to_dict
 from kandinsky.models.movq import MoVQ, MoVQConfig, SpatialNorm, Upsample
-from kandinsky.testing import fixture_dir, max_errors, prefixed, randomize_
+from kandinsky.testing import diffusers_reference_config, fixture_dir, max_errors, prefixed, randomize_
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = config_from_dict("movq", json.loads((ROOT / "configs" / "movq_tiny.json").read_text()))
@@ -133,13 +133,11 @@ def test_diffusers_full_official_config():
 
 
 def test_diffusers_reference_config_maps_to_our_defaults():
-    path = Path("/work/shared/reference/diffusers-configs/kandinsky-2-1.movq.config.json")
-    if not path.exists():
-        pytest.skip("diffusers reference config not available")
+    reference = diffusers_reference_config("kandinsky-2-1.movq.config.json")
     from kandinsky.convert.core import Source
     from kandinsky.convert.movq import diffusers
 
-    ours, _ = diffusers("movq", json.loads(path.read_text()), Source({}, "diffusers"))
+    ours, _ = diffusers("movq", reference, Source({}, "diffusers"))
     assert ours == MoVQConfig()
 
 

@@ -14,7 +14,7 @@ from kandinsky.models import config_from_dict
 from kandinsky.models.unet import UNet, UNetConfig
 from kandinsky.parity.unet import (TOLERANCE_DIFFUSERS, TOLERANCE_ORIGINAL, diffusers_config, diffusers_unet,
                                    inputs, original_fixture_output, run_diffusers, run_ours)
-from kandinsky.testing import max_errors, randomize_
+from kandinsky.testing import diffusers_reference_config, max_errors, randomize_
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = config_from_dict("unet", json.loads((ROOT / "configs" / "unet_tiny.json").read_text()))
@@ -34,13 +34,11 @@ def test_configs_are_the_defaults_and_official():
         official = convert_unet._config_from_original(component, convert_unet.OFFICIAL_ORIGINAL_CONFIGS[component])
         assert official == config
     for name, config in (("kandinsky-2-1", UNetConfig()), ("kandinsky-2-1-inpaint", inpaint)):
-        path = Path("/work/shared/reference/diffusers-configs") / f"{name}.unet.config.json"
-        if path.exists():  # the real diffusers configs of the official repositories
-            assert convert_unet._config_from_diffusers(
-                "unet" if config.in_channels == 4 else "unet_inpaint", json.loads(path.read_text())) == config
-            ours = diffusers_config(config)
-            real = {k: v for k, v in json.loads(path.read_text()).items() if v is not None and not k.startswith("_")}
-            assert ours == {k: real[k] for k in ours}
+        real = diffusers_reference_config(f"{name}.unet.config.json")  # the official repositories' configs
+        assert convert_unet._config_from_diffusers("unet" if config.in_channels == 4 else "unet_inpaint", real) == config
+        real = {k: v for k, v in real.items() if v is not None and not k.startswith("_")}
+        ours = diffusers_config(config)
+        assert ours == {k: real[k] for k in ours}
 
 
 @pytest.mark.parametrize("name", ["unet", "unet_inpaint"])

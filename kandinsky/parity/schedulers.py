@@ -16,9 +16,7 @@ match the original prior sampler to 1e-6.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
 
@@ -35,9 +33,8 @@ from kandinsky.schedulers import (
     sigma_at,
     space_timesteps,
 )
-from kandinsky.testing import load_original_fixture as _load_fixture
+from kandinsky.testing import diffusers_reference_config, load_original_fixture as _load_fixture
 
-CONFIGS = Path("/work/shared/reference/diffusers-configs")
 Case = tuple[torch.Tensor, torch.Tensor, float, str]
 
 ORIGINAL_ATOL = 1e-4  # float32 trajectories up to |x| ~ 50: the fixtures' suggested_atol
@@ -276,15 +273,12 @@ def diffusers_scheduler(kind: str):
     Euler ancestral: their defaults with the decoder betas)."""
     import diffusers
 
-    def load(name):
-        return json.loads((CONFIGS / name).read_text())
-
     if kind == "ddim":
-        return diffusers.DDIMScheduler.from_config(load("kandinsky-2-1.scheduler_config.json"))
+        return diffusers.DDIMScheduler.from_config(diffusers_reference_config("kandinsky-2-1.scheduler_config.json"))
     if kind == "ddpm":
-        return diffusers.DDPMScheduler.from_config(load("kandinsky-2-1.ddpm_scheduler_config.json"))
+        return diffusers.DDPMScheduler.from_config(diffusers_reference_config("kandinsky-2-1.ddpm_scheduler_config.json"))
     if kind == "unclip":
-        return diffusers.UnCLIPScheduler.from_config(load("kandinsky-2-1-prior.scheduler_config.json"))
+        return diffusers.UnCLIPScheduler.from_config(diffusers_reference_config("kandinsky-2-1-prior.scheduler_config.json"))
     betas = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.00085, beta_end=0.012)
     if kind == "dpmpp_2m":
         return diffusers.DPMSolverMultistepScheduler(**betas)
