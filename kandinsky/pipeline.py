@@ -71,12 +71,6 @@ class Lazy:
 # ------------------------------------------------------------------------------------------- validation
 
 
-def _check_steps(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
-    return int(value)
-
-
 def _check_positive_int(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name}: expected a positive integer, got {value!r}")
@@ -446,7 +440,7 @@ class Kandinsky21:
         """
         prompts = _prompt_list(prompt)
         negatives = _negative_list(negative_prompt, len(prompts))
-        steps = _check_steps("num_inference_steps", num_inference_steps)
+        steps = _check_positive_int("num_inference_steps", num_inference_steps)
         guidance = _check_number("guidance_scale", guidance_scale)
         per_prompt = _check_positive_int("num_images_per_prompt", num_images_per_prompt)
         generator = self._generator(generator)
@@ -693,7 +687,7 @@ class Kandinsky21:
     def _plan(self, prompts, negative_prompt, steps, guidance, height, width, per_prompt, sampler, output_type):
         rounded_size(height, width)  # validates
         return dict(prompts=prompts, negatives=_negative_list(negative_prompt, len(prompts)),
-                    steps=_check_steps("num_inference_steps", steps), guidance=_check_number("guidance_scale", guidance),
+                    steps=_check_positive_int("num_inference_steps", steps), guidance=_check_number("guidance_scale", guidance),
                     requested=(int(height), int(width)),
                     per_prompt=_check_positive_int("num_images_per_prompt", per_prompt),
                     sampler=_check_sampler(sampler), output_type=_check_output_type(output_type))
