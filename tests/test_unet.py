@@ -10,7 +10,7 @@ import torch
 from kandinsky.convert import from_diffusers, from_original
 from kandinsky.convert import unet as convert_unet
 from kandinsky.convert.core import Source
-from kandinsky.models import config_from_dict
+from kandinsky.models import config_from_dict, layers
 from kandinsky.models.unet import UNet, UNetConfig
 from kandinsky.parity.unet import (TOLERANCE_DIFFUSERS, TOLERANCE_ORIGINAL, diffusers_config, diffusers_unet,
                                    inputs, original_fixture_output, run_diffusers, run_ours)
@@ -55,7 +55,10 @@ def test_original_fixture_forward(original_fixture, name):
 
 @pytest.mark.parametrize("config", [TINY, TINY_INPAINT], ids=["text2img", "inpaint"])
 @pytest.mark.parametrize("size", [(32, 32), (24, 40)])
-def test_matches_diffusers_tiny(config, size):
+@pytest.mark.parametrize("winograd", [False, True], ids=["default", "winograd"])
+def test_matches_diffusers_tiny(monkeypatch, config, size, winograd):
+    if winograd:  # the full-size model's path (>= 256 channels at 32x32 and up), forced on the tiny one
+        monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 1)
     theirs, ours = diffusers_unet(config, seed=3)
     batch = inputs(config, height=size[0], width=size[1])
     with torch.no_grad():

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kandinsky.models.layers import GroupNorm32
+from kandinsky.models.layers import Conv3x3, GroupNorm32
 
 
 @dataclass
@@ -120,9 +120,9 @@ class ResBlock(nn.Module):
             return EncoderNorm(channels, groups) if zq_channels is None else SpatialNorm(channels, zq_channels, groups)
 
         self.norm1 = norm(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv3x3(in_channels, out_channels)
         self.norm2 = norm(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv3x3(out_channels, out_channels)
         self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:

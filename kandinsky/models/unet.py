@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kandinsky.models.layers import GroupNorm32, LayerNorm32, timestep_embedding
+from kandinsky.models.layers import Conv3x3, GroupNorm32, LayerNorm32, timestep_embedding
 
 
 @dataclass
@@ -59,27 +59,6 @@ class UNetConfig:
     def size_multiple(self) -> int:
         """Latent height and width must be multiples of this (one halving per level transition)."""
         return 2 ** (len(self.channel_mult) - 1)
-
-
-class Conv3x3(nn.Conv2d):
-    """3x3 convolution with padding 1. On CPU, small feature maps (16x16 or less) run as one GEMM over the
-    nine shifted windows: there oneDNN spends much of its time re-laying out the kernel (up to 85 MB) for
-    few output pixels, while the GEMM reads the channels-last kernel as it is (measured on 2 threads:
-    ~2x faster at 8x8, ~1.5x at 16x16, slower from 32x32 on)."""
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__(in_channels, out_channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, height, width = x.shape
-        if x.device.type != "cpu" or height * width > 256:
-            return super().forward(x)
-        padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # (B, H+2, W+2, C)
-        windows = [padded[:, i:i + height, j:j + width] for i in range(3) for j in range(3)]
-        columns = torch.cat(windows, dim=-1).view(b * height * width, 9 * c)  # (B*H*W, [kh, kw, C])
-        kernel = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, 9 * c)  # a view when channels-last
-        out = torch.addmm(self.bias, columns, kernel.t())  # (B*H*W, C_out)
-        return out.view(b, height, width, -1).permute(0, 3, 1, 2)  # channels-last (B, C_out, H, W)
 
 
 class ResBlock(nn.Module):
