@@ -36,6 +36,7 @@ from torch import nn
 FORMAT = "kandinsky21"
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+CHANNELS_LAST_KEY = "channels_last"  # safetensors metadata: JSON list of the kernels stored as (O, kh, kw, I)
 _PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".th", ".bin")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -131,8 +132,9 @@ def save_converted(module: nn.Module, component: str, folder: str | os.PathLike,
     temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     previous = None
     try:
-        state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
-        save_file(state, str(temporary / MODEL_FILE), metadata={"format": FORMAT, "component": component})
+        state, channels_last = _file_layout(module.state_dict())
+        save_file(state, str(temporary / MODEL_FILE),
+                  metadata={"format": FORMAT, "component": component, CHANNELS_LAST_KEY: json.dumps(channels_last)})
         meta = {"format": FORMAT, "component": component, "config": config_to_dict(module.config),
                 "source": source_info}
         (temporary / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -150,12 +152,35 @@ def save_converted(module: nn.Module, component: str, folder: str | os.PathLike,
     return folder
 
 
+def _file_layout(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Tensors as safetensors stores them (contiguous), and the keys of the convolution kernels kept in
+    channels-last order: those are written as their (O, kh, kw, I) permutation, which is the same bytes, so
+    that loading can hand the model channels-last kernels as views of the memory-mapped file instead of
+    copying them (3.35 GiB for the UNet)."""
+    state, channels_last = {}, []
+    for key, tensor in state_dict.items():
+        tensor = tensor.detach()
+        if tensor.ndim == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
+            tensor = tensor.permute(0, 2, 3, 1)  # contiguous: no copy
+            channels_last.append(key)
+        state[key] = tensor.contiguous()
+    return state, channels_last
+
+
+def _channels_last_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as file:
+        return json.loads((file.metadata() or {}).get(CHANNELS_LAST_KEY, "[]"))
+
+
 def load_converted(folder: str | os.PathLike, *, device: str | torch.device = "cpu",
                    dtype: torch.dtype | None = None) -> nn.Module:
     """Our module from a folder written by :func:`save_converted`, in eval mode.
 
     The module is built on the meta device and takes the memory-mapped tensors as its parameters
-    (``assign=True``), so the weights are never copied when device and dtype match the file.
+    (``assign=True``), so the weights are never copied when device and dtype match the file: convolution
+    kernels that the model keeps channels-last are stored in that order, and arrive as views too.
     """
     from kandinsky.convert.core import Source, build_strict
     from kandinsky.models import config_from_dict, model_class
@@ -177,6 +202,8 @@ def load_converted(folder: str | os.PathLike, *, device: str | torch.device = "c
         state = load_file(str(model_path), device=str(device))
     except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
         raise WeightsFileError(f"cannot read {model_path} (truncated or corrupt?): {error}") from None
+    for key in _channels_last_keys(model_path):
+        state[key] = state[key].permute(0, 3, 1, 2)  # (O, kh, kw, I) on disk -> channels-last (O, I, kh, kw) view
     source = Source(state, FORMAT)
     converted = source.rename([(r"(.*)", r"\1")])
     cls = model_class(component)

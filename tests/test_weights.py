@@ -14,6 +14,7 @@ import kandinsky.weights as weights
 from kandinsky.convert.movq import to_diffusers_config
 from kandinsky.models import config_from_dict
 from kandinsky.models.movq import MoVQ
+from kandinsky.parity import unet as unet_parity
 from kandinsky.testing import max_errors, prefixed, randomize_
 from kandinsky.weights import (WeightsFileError, convert_files, convert_main, load_converted, read_state_dict,
                                save_converted)
@@ -48,6 +49,36 @@ def test_round_trip(tiny, tmp_path):
         assert torch.equal(loaded.state_dict()[key], value), key
     with torch.no_grad():
         assert torch.equal(loaded.encode(_images()), tiny.encode(_images()))
+
+
+def test_channels_last_kernels_load_as_views_of_the_file(tmp_path):
+    """The UNet keeps its kernels channels-last; the file stores them in that order, so loading neither
+    copies nor re-lays them out (the memory-mapped bytes are the parameters)."""
+    from safetensors import safe_open
+
+    from kandinsky.models.unet import UNet
+
+    config = config_from_dict("unet", json.loads((ROOT / "configs" / "unet_tiny.json").read_text()))
+    unet = randomize_(UNet(config), 0).eval()
+    folder = save_converted(unet, "unet", tmp_path / "unet")
+    key = "down_blocks.0.res.conv1.weight"
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as file:
+        stored = file.get_tensor(key)
+        assert key in json.loads(file.metadata()["channels_last"])
+    assert stored.shape == (32, 3, 3, 32)  # (O, kh, kw, I): the bytes of the channels-last kernel
+    loaded = load_converted(folder)
+    weight = loaded.get_parameter(key)
+    assert weight.shape == (32, 32, 3, 3) and weight.is_contiguous(memory_format=torch.channels_last)
+    maps = Path("/proc/self/maps")
+    if maps.exists():  # Linux: the parameter's bytes lie inside the memory mapping of the file
+        ranges = [[int(a, 16) for a in line.split()[0].split("-")] for line in maps.read_text().splitlines()
+                  if line.endswith(str((folder / "model.safetensors").resolve()))]
+        assert any(start <= weight.data_ptr() < end for start, end in ranges), ranges
+    for name, value in unet.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    batch = unet_parity.inputs(config)
+    with torch.no_grad():
+        assert torch.equal(unet_parity.run_ours(loaded, batch), unet_parity.run_ours(unet, batch))
 
 
 def test_load_with_dtype(tiny, tmp_path):

@@ -220,13 +220,9 @@ def prior_case(run: str, what: str, sampler: str = "unclip", model: Callable | N
 
 
 @functools.cache
-def tiny_prior_model() -> Callable | None:
-    """The sampler_prior fixture's tiny PriorTransformer as our Prior (None if kandinsky.models.prior is missing)."""
-    try:
-        from kandinsky.convert import from_original
-        from kandinsky.models.prior import Prior  # noqa: F401
-    except ImportError:
-        return None
+def tiny_prior_model() -> Callable:
+    """The sampler_prior fixture's tiny PriorTransformer as our Prior."""
+    from kandinsky.convert import from_original
     from kandinsky.testing import prefixed
 
     tensors, meta = load_original_fixture("sampler_prior")
@@ -430,7 +426,7 @@ def diffusers_cases() -> dict[str, Callable[[], Case]]:
 
 def checks() -> Iterator[Row]:
     """Rows for `python scripts/parity_report.py schedulers`."""
-    with_model = prior_model_cases() if tiny_prior_model() is not None else {}
+    with_model = prior_model_cases()
     for prefix, cases in (("original/schedule", schedule_cases()), ("original", original_cases()),
                           ("original", with_model), ("diffusers", diffusers_cases())):
         for name, case in cases.items():
