@@ -36,7 +36,7 @@ def test_float32_run_measures_every_piece():
     cases = [r.case for r in results]
     for expected in ("prior stage", "decoder stage", "text encoding, prior stage", "text encoding, decoder stage",
                      "prior step", "decoder step", "MoVQ decode", "(extrapolated)", "load + first forward: unet",
-                     "load + first forward: prior", "load + first forward: movq"):
+                     "load + first forward: prior", "load + first forward: movq", "load cost: unet"):
         assert any(expected in case for case in cases), expected
     by_case = {r.case.split(",")[0]: r for r in results}
     # the prior stage shares every tensor with diffusers (fused QKV pointed back into ours)
@@ -71,11 +71,13 @@ def test_main_writes_json_and_markdown(tmp_path, monkeypatch):
     assert "| pipeline | text2img 32px" in markdown_file.read_text()
 
 
-def test_memory_probes_run_in_their_own_process():
+def test_memory_probes_load_from_disk_in_their_own_process(tmp_path):
     from kandinsky.benchmark import peak_rss_gib
 
-    for side in ("ours", "diffusers"):
-        gib = peak_rss_gib("kandinsky.benchmark.pipeline:memory_probe", side, "tiny")
+    pipeline.write_folders(str(tmp_path), "tiny")
+    assert {p.name for p in tmp_path.iterdir()} == {"ours", "diffusers-prior", "diffusers-decoder"}
+    for side, offload in (("ours", ""), ("ours", "sequential"), ("diffusers", "")):
+        gib = peak_rss_gib("kandinsky.benchmark.pipeline:memory_probe", side, "tiny", "float32", str(tmp_path), offload)
         assert 0 < gib < 8  # a tiny pipeline: the interpreter, torch and diffusers, not a full model
 
 

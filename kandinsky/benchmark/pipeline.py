@@ -141,9 +141,8 @@ def image_size(config: str) -> int:
 STAGES = {"prior": ("prior", "clip_text", "clip_vision"), "decoder": ("mclip", "unet", "movq")}
 
 
-def _clip_towers(config: str, seed: int, device: str = "cpu") -> tuple[nn.Module, nn.Module]:
-    """(``CLIPTextModelWithProjection``, ``CLIPVisionModelWithProjection``) with seeded random weights
-    (``device="meta"``: shapes only)."""
+def _clip_towers(config: str, seed: int) -> tuple[nn.Module, nn.Module]:
+    """(``CLIPTextModelWithProjection``, ``CLIPVisionModelWithProjection``) with seeded random weights."""
     from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig,
                               CLIPVisionModelWithProjection)
 
@@ -157,48 +156,32 @@ def _clip_towers(config: str, seed: int, device: str = "cpu") -> tuple[nn.Module
                 "pad_token_id": vocab - 1}
         vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                   "image_size": 224, "patch_size": 32, "projection_dim": TINY_WIDTH, "hidden_act": "quick_gelu"}
-    if device == "meta":
-        with torch.device("meta"):
-            return (CLIPTextModelWithProjection(CLIPTextConfig(**text)).eval(),
-                    CLIPVisionModelWithProjection(CLIPVisionConfig(**vision)).eval())
     clip_text = randomize_(CLIPTextModelWithProjection(CLIPTextConfig(**text)), seed + 1).eval()
     clip_vision = randomize_(CLIPVisionModelWithProjection(CLIPVisionConfig(**vision)), seed + 2).eval()
     return clip_text, clip_vision
 
 
-def _diffusers_mclip(config: str, seed: int, device: str = "cpu") -> nn.Module:
-    """diffusers' ``MultilingualCLIP`` with seeded random weights (``device="meta"``: shapes only)."""
-    from diffusers.pipelines.kandinsky.text_encoder import MCLIPConfig, MultilingualCLIP
-
+def _diffusers_mclip(config: str, seed: int) -> nn.Module:
+    """diffusers' ``MultilingualCLIP`` with seeded random weights."""
     from kandinsky.parity.text_encoder import diffusers_pair
 
-    values = _diffusers_module_configs(config)["mclip"]
-    if device != "meta":
-        return diffusers_pair(values, seed)[1]
-    rest = {k: v for k, v in values.items() if k not in ("transformerDimensions", "numDims")}
-    with torch.device("meta"):
-        return MultilingualCLIP(MCLIPConfig(transformerDimSize=values["transformerDimensions"],
-                                            imageDimSize=values["numDims"], **rest)).eval()
+    return diffusers_pair(_diffusers_module_configs(config)["mclip"], seed)[1]
 
 
 DIFFUSERS_MODELS = ("prior", "unet", "movq")
 
 
-def _diffusers_models(config: str, seed: int, device: str = "cpu",
-                      names: tuple[str, ...] = DIFFUSERS_MODELS) -> dict[str, nn.Module]:
-    """diffusers' prior, UNet and MoVQ (or the ``names`` among them), on ``device`` ("meta": shapes only)
-    with seeded random weights."""
+def _diffusers_models(config: str, seed: int, names: tuple[str, ...] = DIFFUSERS_MODELS) -> dict[str, nn.Module]:
+    """diffusers' prior, UNet and MoVQ (or the ``names`` among them) with seeded random weights."""
     from diffusers import PriorTransformer, UNet2DConditionModel, VQModel
 
     configs = _diffusers_module_configs(config)
     classes = {"prior": PriorTransformer, "unet": UNet2DConditionModel, "movq": VQModel}
     with torch.device("meta"):  # skip diffusers' own (slow, full-size) initialisation
         models = {name: classes[name](**configs[name]).eval() for name in names}
-    if device == "meta":
-        return models
     for name, model in models.items():
         index = DIFFUSERS_MODELS.index(name)
-        model = model.to_empty(device=device)
+        model = model.to_empty(device="cpu")
         if name == "prior":  # its only non-persistent buffer, garbage after to_empty
             model.causal_attention_mask = torch.full_like(model.causal_attention_mask, -10000.0).triu_(1)
         randomize_(model, seed + 3 + index, overrides={"clip_std": _positive_std} if name == "prior" else None)
@@ -481,6 +464,7 @@ def _weight_loading(config: str, repeats: int, seed: int = 0) -> list[Result]:
             del ours
             gc.collect()
             load_times: dict[str, list[float]] = {"ours": [], "diffusers": []}
+            load_costs: dict[str, list[float]] = {"ours": [], "diffusers": []}
 
             def load_and_run(side: str) -> None:
                 start = time.perf_counter()
@@ -490,6 +474,10 @@ def _weight_loading(config: str, repeats: int, seed: int = 0) -> list[Result]:
                     model = classes[component].from_pretrained(str(folder / "diffusers")).eval()
                 load_times[side].append(time.perf_counter() - start)
                 forward[side](model)
+                first = time.perf_counter() - start
+                start = time.perf_counter()
+                forward[side](model)  # the weights are resident now: what every later call costs
+                load_costs[side].append(first - (time.perf_counter() - start))
 
             times = interleaved({side: (lambda s=side: load_and_run(s)) for side in ("ours", "diffusers")},
                                 repeats=repeats, warmup=0)
@@ -499,6 +487,8 @@ def _weight_loading(config: str, repeats: int, seed: int = 0) -> list[Result]:
                                       "ours load s": statistics.median(load_times["ours"]),
                                       "diffusers load s": statistics.median(load_times["diffusers"]),
                                       "ours file GiB": disk["ours"], "diffusers file GiB": disk["diffusers"]}))
+            results.append(Result("pipeline", f"load cost: {component} (load + first forward - second forward)",
+                                  load_costs["ours"], load_costs["diffusers"]))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
             gc.collect()
@@ -508,53 +498,47 @@ def _weight_loading(config: str, repeats: int, seed: int = 0) -> list[Result]:
 # ------------------------------------------------------------------------------------------- memory
 
 
-def _our_config(config: str, component: str):
-    """Our config dataclass of ``component`` at ``config``: the defaults (official) for "full", else the
-    converter's translation of the tiny diffusers config."""
-    import importlib
-
-    from kandinsky.convert.core import Source
-
-    if config == "full":
-        from kandinsky.models.movq import MoVQConfig
-        from kandinsky.models.prior import PriorConfig
-        from kandinsky.models.unet import UNetConfig
-
-        return {"prior": PriorConfig, "unet": UNetConfig, "movq": MoVQConfig}[component]()
-    model = _diffusers_models(config, 0, device="meta", names=(component,))[component]
-    converter = importlib.import_module(f"kandinsky.convert.{component}")
-    return converter.diffusers(component, dict(model.config), Source(model.state_dict(), "diffusers"))[0]
-
-
-def memory_probe(side: str, config: str = "full", dtype: str = "float32") -> None:
-    """Build one side alone with random weights and run text2img (2 + 2 steps) once; ``peak_rss_gib`` runs
-    this in a fresh process. Ours is built directly from our configs (converted on the meta device),
-    never through a diffusers copy, so its peak is its own."""
-    from kandinsky.models import model_class
+def write_folders(folder: str, config: str = "full") -> None:
+    """Both sides' pipelines with the same random weights on disk, as a user has them: diffusers'
+    ``save_pretrained`` (``folder/diffusers-prior``, ``folder/diffusers-decoder``) and ours converted
+    (``folder/ours``, read by :meth:`Kandinsky21.from_pretrained`). One stage at a time, to bound memory."""
+    from kandinsky.hub import save_component
     from kandinsky.pipeline import Kandinsky21
-    from kandinsky.text_encoders import MultilingualCLIP
 
-    torch_dtype = getattr(torch, dtype)
+    root = Path(folder)
+    for stage, tokenizer in zip(STAGES, ("clip_tokenizer", "mclip_tokenizer")):
+        prior_pipe, decoder_pipe, _ = diffusers_pipelines(config, stages=(stage,))
+        (prior_pipe if stage == "prior" else decoder_pipe).save_pretrained(str(root / f"diffusers-{stage}"))
+        ours = Kandinsky21.from_diffusers(prior_pipe, decoder_pipe, device="cpu", progress=False)
+        save_component(tokenizer, ours.tokenizer(tokenizer), root / "ours" / tokenizer)
+        for name in STAGES[stage]:
+            save_component(name, ours.module(name), root / "ours" / name)
+        del prior_pipe, decoder_pipe, ours
+        gc.collect()
+
+
+def memory_probe(side: str, config: str, dtype: str, folder: str, offload: str = "") -> None:
+    """Load one side from ``folder`` (see :func:`write_folders`) and run text2img (2 + 2 steps) once, for
+    ``peak_rss_gib``. Ours loads each component memory-mapped when the task first needs it; with
+    ``offload="sequential"`` it drops the prior stage before the decoder stage. diffusers loads both
+    pipelines with ``from_pretrained`` (memory-mapped too) and runs them as ``KandinskyCombinedPipeline``."""
+    from kandinsky.pipeline import Kandinsky21
+
+    root = Path(folder)
     size = image_size(config)
     with torch.inference_mode():
         if side == "diffusers":
-            combined = diffusers_pipelines(config)[2]
+            from diffusers import KandinskyCombinedPipeline, KandinskyPipeline, KandinskyPriorPipeline
+
+            prior = KandinskyPriorPipeline.from_pretrained(str(root / "diffusers-prior"))
+            decoder = KandinskyPipeline.from_pretrained(str(root / "diffusers-decoder"))
+            combined = KandinskyCombinedPipeline(**decoder.components,
+                                                 **{f"prior_{k}": v for k, v in prior.components.items()})
+            combined.set_progress_bar_config(disable=True)
             _text2img_diffusers(combined, size)
             return
-        mclip = randomize_(MultilingualCLIP.from_config(_diffusers_module_configs(config)["mclip"]), 0).eval()
-        mclip = mclip.to(torch_dtype)
-        gc.collect()
-        clip_text, clip_vision = _clip_towers(config, 0)
-        modules = {}
-        for index, name in enumerate(DIFFUSERS_MODELS):
-            with torch.device("meta"):
-                model = model_class(name)(_our_config(config, name)).to(torch_dtype)
-            ours = model.to_empty(device="cpu")  # keeps our memory layout (channels-last UNet kernels)
-            for buffer_name, buffer in ours.named_buffers():  # persistent buffers: clip_mean 0, clip_std 1
-                buffer.fill_(1.0 if buffer_name.endswith("std") else 0.0)
-            modules[name] = randomize_(ours, 3 + index).eval()
-        pipe = Kandinsky21(clip_tokenizer=clip_tokenizer(), clip_text=clip_text, clip_vision=clip_vision,
-                           mclip_tokenizer=mclip_tokenizer(), mclip=mclip, dtype=torch_dtype, progress=False, **modules)
+        pipe = Kandinsky21.from_pretrained(str(root / "ours"), dtype=getattr(torch, dtype), offload=offload or None,
+                                           progress=False)
         _text2img_ours(pipe, size)
 
 
@@ -599,6 +583,24 @@ def _measure_stage(stage: str, config: str, dtype: torch.dtype, repeats: int, em
     return stage_result, step, pieces, embeds
 
 
+def _peak_memory(config: str, dtype: str) -> list[Result]:
+    """Peak RSS of text2img run from disk by each side in its own process: ours as loaded by default and
+    with ``offload="sequential"``, against diffusers (always float32)."""
+    folder = tempfile.mkdtemp(prefix="kandinsky-bench-memory-")
+    try:
+        peak_rss_gib("kandinsky.benchmark.pipeline:write_folders", folder, config)  # a child: this process stays small
+        diffusers = peak_rss_gib("kandinsky.benchmark.pipeline:memory_probe", "diffusers", config, "float32", folder)
+        results = []
+        for offload in ("", "sequential"):
+            ours = peak_rss_gib("kandinsky.benchmark.pipeline:memory_probe", "ours", config, dtype, folder, offload)
+            label = f", offload={offload!r}" if offload else ""
+            results.append(Result("pipeline", f"peak RSS GiB (not s) of text2img {image_size(config)}px from disk, "
+                                  f"ours {dtype}{label}", [ours], [diffusers], {"unit": "GiB"}))
+        return results
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def run(args, config: str | None = None) -> list[Result]:
     """All measurements (see the module docstring); ``args``: ``repeats``, ``dtype``, ``no_memory`` and
     optionally ``config`` ("full" or "tiny"; default :data:`CONFIG`)."""
@@ -607,11 +609,7 @@ def run(args, config: str | None = None) -> list[Result]:
     size = image_size(config)
     results: list[Result] = []
     if not args.no_memory:  # first, while this process is small (the machine's budget counts both)
-        memory = {side: peak_rss_gib("kandinsky.benchmark.pipeline:memory_probe", side, config,
-                                     args.dtype if side == "ours" else "float32")
-                  for side in ("ours", "diffusers")}
-        results.append(Result("pipeline", f"peak RSS GiB (not s) of text2img {size}px alone, ours {args.dtype}",
-                              [memory["ours"]], [memory["diffusers"]], {"unit": "GiB"}))
+        results += _peak_memory(config, args.dtype)
     stage_results: dict[str, Result] = {}
     steps: dict[str, Result] = {}
     embeds = None
