@@ -456,6 +456,32 @@ def test_sequential_offload_keeps_one_stage(ours):
     assert torch.equal(images, ours.text2img("the cat", generator=seed(31), **args))
 
 
+def _compiled_run(ours, pipe, backend):
+    embeds, negative = ours.prior("the cat", num_inference_steps=2, generator=seed(33))
+    args = dict(num_inference_steps=2, height=SIZE, width=SIZE, output_type="pt")
+    eager = ours.decode("the cat", embeds, negative, generator=seed(34), **args)
+    pipe.compile_unet(backend=backend)
+    compiled = pipe.decode("the cat", embeds, negative, generator=seed(34), **args)
+    assert isinstance(pipe._compiled_unets["unet"][1], torch._dynamo.eval_frame.OptimizedModule)
+    return eager, compiled
+
+
+def test_compile_unet_routes_the_decoder_through_torch_compile(reference, ours):
+    pipe = Kandinsky21.from_diffusers(reference["prior"], reference["text2img"], progress=False)
+    eager, compiled = _compiled_run(ours, pipe, "eager")  # dynamo's graph capture, no code generation
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-6)
+    pipe.compile_unet(disable=True)
+    assert pipe._compile_options is None and not pipe._compiled_unets
+
+
+@pytest.mark.slow
+def test_compile_unet_with_inductor_matches_eager(reference, ours):
+    pipe = Kandinsky21.from_diffusers(reference["prior"], reference["text2img"], progress=False)
+    eager, compiled = _compiled_run(ours, pipe, "inductor")
+    # inductor fuses and reorders float32 arithmetic: rounding-level differences through 2 steps and the MoVQ
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)
+
+
 def test_bfloat16_pipeline_runs_close_to_float32(reference):
     pipe = Kandinsky21.from_diffusers(reference["prior"], reference["text2img"], dtype=torch.bfloat16, progress=False)
     assert pipe.module("unet").conv_in.weight.dtype == torch.bfloat16

@@ -11,18 +11,21 @@ What is measured (``python scripts/benchmark.py pipeline``, under the heavy-job 
   guidance), one decoder step (UNet, batch 2, 64x64 latents, with achieved GFLOP/s), one MoVQ decode.
   The default 25 + 100 steps are extrapolated as ``stages + 23 prior steps + 98 decoder steps``;
 * weight loading: our converted safetensors (:func:`~kandinsky.weights.load_converted`) against diffusers
-  ``from_pretrained`` of a ``save_pretrained`` folder, each followed by a first forward (diffusers
-  memory-maps on CPU and reads lazily, so load alone would flatter it), one component at a time in a
-  temporary folder that is deleted afterwards. The files were just written: the page cache is warm;
-* peak resident memory of each side running the full ``text2img`` (2 + 2 steps) alone in its own process;
+  ``from_pretrained`` of a ``save_pretrained`` folder, each followed by a first and a second forward
+  (diffusers memory-maps on CPU and reads lazily, so load alone would flatter it; ``load cost`` = load +
+  first forward - second forward), one component at a time in a temporary folder deleted afterwards, with
+  the page cache warm (files just written) and cold (evicted with ``posix_fadvise`` before every load);
+* peak resident memory of each side running the full ``text2img`` (2 + 2 steps) from its own folder on disk,
+  alone in its own process; ours also with ``offload="sequential"``;
 * ``--dtype bfloat16``: ours cast to bfloat16 against diffusers in float32 (the usual CPU choice), and the
   error of the full-size bfloat16 UNet output relative to diffusers' float32 output.
 
-The two stages are built one at a time (the other stage is a tiny stand-in) because both sides of both
-stages do not fit this machine's ~16 GB budget: our UNet keeps its convolution kernels channels-last, a
-second copy of 3.5 GiB. Otherwise ours shares diffusers' tensors: ``Kandinsky21.from_diffusers`` converts
-without copying except the fused attention projections, and :func:`share_weights_` then points diffusers'
-separate q/k/v tensors into our fused ones. ``ours separate GiB`` in the results says what is not shared.
+The two stages are timed one at a time (the other stage is a tiny stand-in) because both sides of both
+stages do not fit this machine's memory: our UNet keeps its convolution kernels channels-last, a second copy
+of 3.35 GiB when converted from a live diffusers model. Otherwise ours shares diffusers' tensors:
+``Kandinsky21.from_diffusers`` converts without copying except the fused attention projections, and
+:func:`share_weights_` then points diffusers' separate q/k/v tensors into our fused ones. ``ours separate
+GiB`` in the results says what is not shared.
 
 ``config="tiny"`` builds tiny components (32 px images) so that the tests exercise this code in seconds.
 """
@@ -31,10 +34,12 @@ from __future__ import annotations
 
 import copy
 import gc
+import os
 import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -425,6 +430,48 @@ def _caster(dtype: torch.dtype):
 # ------------------------------------------------------------------------------------------- load times
 
 
+def _evict_page_cache(folder: Path) -> None:
+    """Drop ``folder``'s files from the kernel's page cache (``posix_fadvise(DONTNEED)``; needs no privileges),
+    so that the next load reads them from disk."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # only clean pages can be dropped
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def _time_loading(component: str, cache: str, folder: Path, forward: dict, load: Callable, repeats: int,
+                  disk: dict[str, float]) -> list[Result]:
+    """Two results: load + first forward, and the load cost (that minus a second forward), with the page
+    cache ``"warm"`` (files just written or read) or ``"cold"`` (evicted before every load)."""
+    load_times: dict[str, list[float]] = {"ours": [], "diffusers": []}
+    first_times: dict[str, list[float]] = {"ours": [], "diffusers": []}  # load + first forward
+    load_costs: dict[str, list[float]] = {"ours": [], "diffusers": []}
+
+    def load_and_run(side: str) -> None:
+        if cache == "cold":
+            _evict_page_cache(folder / side)
+        start = time.perf_counter()
+        model = load(side, folder)
+        load_times[side].append(time.perf_counter() - start)
+        forward[side](model)
+        first_times[side].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        forward[side](model)  # the weights are resident now: what every later call costs
+        load_costs[side].append(first_times[side][-1] - (time.perf_counter() - start))
+
+    interleaved({side: (lambda s=side: load_and_run(s)) for side in ("ours", "diffusers")}, repeats=repeats, warmup=0)
+    return [Result("pipeline", f"load + first forward: {component} ({cache} page cache)", first_times["ours"],
+                   first_times["diffusers"], {"ours load s": statistics.median(load_times["ours"]),
+                                        "diffusers load s": statistics.median(load_times["diffusers"]),
+                                        "ours file GiB": disk["ours"], "diffusers file GiB": disk["diffusers"]}),
+            Result("pipeline", f"load cost: {component} ({cache} page cache; load + first forward - second forward)",
+                   load_costs["ours"], load_costs["diffusers"])]
+
+
 def _weight_loading(config: str, repeats: int, seed: int = 0) -> list[Result]:
     """Load + first forward of the converted components: ours from ``save_converted`` safetensors, diffusers
     ``from_pretrained`` from a ``save_pretrained`` folder. One component on disk at a time."""
@@ -438,6 +485,13 @@ def _weight_loading(config: str, repeats: int, seed: int = 0) -> list[Result]:
     classes = {"prior": PriorTransformer, "unet": UNet2DConditionModel, "movq": VQModel}
     size = image_size(config)
     results = []
+
+    def load(side: str, folder: Path) -> nn.Module:
+        if side == "diffusers":
+            return classes[component].from_pretrained(str(folder / "diffusers")).eval()
+        model = load_converted(folder / "ours")
+        return model.use_onednn() if component == "prior" else model  # as Kandinsky21 loads it on CPU
+
     for component in ("unet", "prior", "movq"):
         folder = Path(tempfile.mkdtemp(prefix=f"kandinsky-bench-{component}-"))
         try:
@@ -463,32 +517,9 @@ def _weight_loading(config: str, repeats: int, seed: int = 0) -> list[Result]:
                            "diffusers": lambda m: m.decode(z, force_not_quantize=True).sample}
             del ours
             gc.collect()
-            load_times: dict[str, list[float]] = {"ours": [], "diffusers": []}
-            load_costs: dict[str, list[float]] = {"ours": [], "diffusers": []}
-
-            def load_and_run(side: str) -> None:
-                start = time.perf_counter()
-                if side == "ours":
-                    model = load_converted(folder / "ours")
-                else:
-                    model = classes[component].from_pretrained(str(folder / "diffusers")).eval()
-                load_times[side].append(time.perf_counter() - start)
-                forward[side](model)
-                first = time.perf_counter() - start
-                start = time.perf_counter()
-                forward[side](model)  # the weights are resident now: what every later call costs
-                load_costs[side].append(first - (time.perf_counter() - start))
-
-            times = interleaved({side: (lambda s=side: load_and_run(s)) for side in ("ours", "diffusers")},
-                                repeats=repeats, warmup=0)
-            disk = {side: sum(f.stat().st_size for f in (folder / side).iterdir()) / 2**30 for side in load_times}
-            results.append(Result("pipeline", f"load + first forward: {component} (warm page cache)", times["ours"],
-                                  times["diffusers"], {
-                                      "ours load s": statistics.median(load_times["ours"]),
-                                      "diffusers load s": statistics.median(load_times["diffusers"]),
-                                      "ours file GiB": disk["ours"], "diffusers file GiB": disk["diffusers"]}))
-            results.append(Result("pipeline", f"load cost: {component} (load + first forward - second forward)",
-                                  load_costs["ours"], load_costs["diffusers"]))
+            disk = {side: sum(f.stat().st_size for f in (folder / side).iterdir()) / 2**30 for side in forward}
+            for cache in ("warm", "cold"):
+                results += _time_loading(component, cache, folder, forward, load, repeats, disk)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
             gc.collect()
