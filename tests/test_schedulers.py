@@ -71,10 +71,6 @@ def test_sampler_matches_diffusers(group):
 
 def test_prior_transformer_run_matches_original():
     """sampler_prior's run with the real tiny PriorTransformer, through our Prior model and the unclip sampler."""
-    try:
-        import kandinsky.models.prior  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"kandinsky.models.prior is not available ({e})")
     _check_group(P.prior_model_cases(), "prior.transformer")
 
 
