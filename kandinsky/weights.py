@@ -202,8 +202,11 @@ def load_converted(folder: str | os.PathLike, *, device: str | torch.device = "c
         state = load_file(str(model_path), device=str(device))
     except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
         raise WeightsFileError(f"cannot read {model_path} (truncated or corrupt?): {error}") from None
-    for key in _channels_last_keys(model_path):
-        state[key] = state[key].permute(0, 3, 1, 2)  # (O, kh, kw, I) on disk -> channels-last (O, I, kh, kw) view
+    try:
+        for key in _channels_last_keys(model_path):
+            state[key] = state[key].permute(0, 3, 1, 2)  # (O, kh, kw, I) on disk -> channels-last (O, I, kh, kw) view
+    except (KeyError, RuntimeError, TypeError, ValueError) as error:  # ValueError: JSONDecodeError
+        raise WeightsFileError(f"{model_path}: bad {CHANNELS_LAST_KEY!r} metadata ({type(error).__name__}: {error})") from None
     source = Source(state, FORMAT)
     converted = source.rename([(r"(.*)", r"\1")])
     cls = model_class(component)

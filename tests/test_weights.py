@@ -81,6 +81,16 @@ def test_channels_last_kernels_load_as_views_of_the_file(tmp_path):
         assert torch.equal(unet_parity.run_ours(loaded, batch), unet_parity.run_ours(unet, batch))
 
 
+@pytest.mark.parametrize("listed", ['["no.such.key"]', "not json", '["encoder.mid_attention.qkv.weight"]'])
+def test_bad_channels_last_metadata_is_a_clear_error(tiny, tmp_path, listed):
+    folder = save_converted(tiny, "movq", tmp_path / "movq")
+    state = read_state_dict(folder / "model.safetensors")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "kandinsky21", "component": "movq", "channels_last": listed})
+    with pytest.raises(WeightsFileError, match="channels_last"):
+        load_converted(folder)
+
+
 def test_load_with_dtype(tiny, tmp_path):
     loaded = load_converted(save_converted(tiny, "movq", tmp_path / "movq"), dtype=torch.bfloat16)
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
