@@ -29,6 +29,15 @@ def test_winograd_matches_direct_convolution(shape, with_bias):
     assert (out.double() - reference).abs().max() < 5e-6 * reference.abs().max()
 
 
+def test_winograd_rejects_odd_sizes_and_mismatched_kernels():
+    x, weight, bias = _case(1, 4, 8, 6, 7)
+    with pytest.raises(ValueError, match="even height and width"):
+        winograd_conv3x3(x, weight, bias)
+    x, weight, bias = _case(1, 4, 8, 6, 6)
+    with pytest.raises(ValueError, match="weight"):
+        winograd_conv3x3(x, weight[:, :3], bias)
+
+
 @pytest.mark.parametrize("size", [(32, 32), (16, 16), (8, 12), (33, 35), (40, 24)])
 def test_conv3x3_paths_match_conv2d(monkeypatch, size):
     monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 1)  # so that small test layers take it too

@@ -455,7 +455,7 @@ def _time_loading(component: str, cache: str, folder: Path, forward: dict, load:
         if cache == "cold":
             _evict_page_cache(folder / side)
         start = time.perf_counter()
-        model = load(side, folder)
+        model = load(component, side, folder)
         load_times[side].append(time.perf_counter() - start)
         forward[side](model)
         first_times[side].append(time.perf_counter() - start)
@@ -486,7 +486,7 @@ def _weight_loading(config: str, repeats: int, seed: int = 0) -> list[Result]:
     size = image_size(config)
     results = []
 
-    def load(side: str, folder: Path) -> nn.Module:
+    def load(component: str, side: str, folder: Path) -> nn.Module:
         if side == "diffusers":
             return classes[component].from_pretrained(str(folder / "diffusers")).eval()
         model = load_converted(folder / "ours")
@@ -518,7 +518,8 @@ def _weight_loading(config: str, repeats: int, seed: int = 0) -> list[Result]:
             del ours
             gc.collect()
             disk = {side: sum(f.stat().st_size for f in (folder / side).iterdir()) / 2**30 for side in forward}
-            for cache in ("warm", "cold"):
+            # cold: needs posix_fadvise (Linux and most Unixes) to evict the files from the page cache
+            for cache in ("warm", "cold") if hasattr(os, "posix_fadvise") else ("warm",):
                 results += _time_loading(component, cache, folder, forward, load, repeats, disk)
         finally:
             shutil.rmtree(folder, ignore_errors=True)

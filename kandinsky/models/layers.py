@@ -76,6 +76,10 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     and the GEMM output stay small; the kernel is transformed on every call (no second copy is kept).
     """
     b, c, height, width = x.shape
+    if height % 2 or width % 2:
+        raise ValueError(f"x: winograd_conv3x3 needs even height and width, got {height}x{width}")
+    if weight.shape[1:] != (c, 3, 3):
+        raise ValueError(f"weight: expected shape (K, {c}, 3, 3) for x with {c} channels, got {tuple(weight.shape)}")
     k = weight.shape[0]
     rows, cols = height // 2, width // 2  # output tiles of 2x2 pixels
     band = max(1, min(rows, _WINOGRAD_TILES_PER_CHUNK // (b * cols)))  # tile rows per chunk
