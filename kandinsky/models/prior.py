@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,13 @@ class PriorConfig:
     text_width: int = 768  # width of the CLIP text tower's hidden states
 
 
+@functools.cache
+def _onednn_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes oneDNN's linear kernel runs on this CPU: bfloat16 needs AVX-512 BF16 (or AMX); without
+    it oneDNN cannot build a bfloat16 primitive at all."""
+    return (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool = False) -> torch.Tensor:
     """``F.linear``, or, with ``onednn``, the same GEMM through oneDNN instead of MKL.
 
@@ -50,7 +58,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, one
     much faster; the result differs only in summation order. oneDNN is used only where it applies
     (CPU, no autograd, float32/bfloat16); everything else falls back to ``F.linear``.
     """
-    if (onednn and x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
+    if (onednn and x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in _onednn_dtypes()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
