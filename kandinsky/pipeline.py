@@ -113,12 +113,6 @@ def rounded_size(height: int, width: int, factor: int = 8) -> tuple[int, int]:
     return -(-height // multiple) * multiple, -(-width // multiple) * multiple
 
 
-def _randn(shape: Sequence[int], generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Unit Gaussian noise drawn on the generator's device in float32 (diffusers' ``randn_tensor`` order),
-    then moved to ``device``."""
-    return torch.randn(tuple(shape), generator=generator, device=generator.device, dtype=torch.float32).to(device)
-
-
 # ------------------------------------------------------------------------------------------- images in
 
 
@@ -502,7 +496,7 @@ class Kandinsky21:
             return x0
 
         rows = len(batch_prompts) * per_prompt
-        x = _randn((rows, prior.config.clip_dim), generator, self.device)
+        x = schedulers.randn((rows, prior.config.clip_dim), generator, self.device)
         timesteps = schedulers.sampler_timesteps(PRIOR_SAMPLER, self.prior_schedule, steps)
         x = schedulers.sample(PRIOR_SAMPLER, denoise, x, self.prior_schedule, timesteps, generator=generator,
                               progress=self.progress)
@@ -643,7 +637,7 @@ class Kandinsky21:
         timesteps = timesteps[start:]
         # diffusers' (and the original's) noise level: 1000 * strength - 2 (strength 1 -> t = 998)
         noise_timestep = max(int(self.img2img_schedule.num_train_timesteps * strength) - 2, 0)
-        noise = _randn(latents.shape, generator, self.device)
+        noise = schedulers.randn(latents.shape, generator, self.device)
         x = schedulers.add_noise(latents, noise, noise_timestep, self.img2img_schedule)
         return self._decoder(plan, image_embeds, negative_image_embeds, generator, crop, sampler_options,
                              x=x, timesteps=timesteps)
@@ -798,7 +792,7 @@ class Kandinsky21:
             rows = len(plan["prompts"]) * per_prompt
             height, width = self._size(plan)
             factor = self.module("movq").config.downsample_factor
-            x = _randn((rows, 4, height // factor, width // factor), generator, self.device)
+            x = schedulers.randn((rows, 4, height // factor, width // factor), generator, self.device)
         if timesteps is None:
             timesteps = schedulers.sampler_timesteps(plan["sampler"], self.decoder_schedule, plan["steps"])
         if len(timesteps) > 0:

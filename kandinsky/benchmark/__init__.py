@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-COMPONENTS = ("movq", "prior", "unet", "text_encoder", "pipeline")
+COMPONENTS = ("movq", "prior", "unet", "text_encoder", "pipeline", "gpu")
+CPU_COMPONENTS = COMPONENTS[:-1]  # what runs when no component is named; "gpu" needs CUDA
 
 
 @dataclass
@@ -85,7 +86,8 @@ def peak_rss_gib(target: str, *args: str) -> float:
 def machine() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "MALLOC_MMAP_MAX_": os.environ.get("MALLOC_MMAP_MAX_")}
+            "cpu_count": os.cpu_count(), "MALLOC_MMAP_MAX_": os.environ.get("MALLOC_MMAP_MAX_"),
+            **({"gpu": torch.cuda.get_device_name()} if torch.cuda.is_available() else {})}
 
 
 def _table(results: list[Result]) -> str:
@@ -102,21 +104,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kandinsky bench", description=__doc__.splitlines()[0])
     parser.add_argument("components", nargs="*", help=f"subset of {', '.join(COMPONENTS)}")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per side (default 3)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="CPU components: float32 (default) or bfloat16; gpu: float16 (default), bfloat16 or float32")
+    parser.add_argument("--budget", type=float, default=420.0,
+                        help="gpu: seconds after which the torch.compile measurements are skipped (default 420)")
+    parser.add_argument("--no-compile", action="store_true", help="gpu: skip the torch.compile measurements")
     parser.add_argument("--no-memory", action="store_true", help="skip the separate-process peak-memory probes")
     parser.add_argument("--results", default="results", help="folder for the JSON and Markdown tables")
     args = parser.parse_args(argv)
     available = [c for c in COMPONENTS if importlib.util.find_spec(f"kandinsky.benchmark.{c}") is not None]
-    components = args.components or available
+    components = args.components or [c for c in available if c in CPU_COMPONENTS]
     unknown = [c for c in components if c not in available]
     if unknown:
         parser.error(f"unknown component(s) {unknown}; available: {available}")
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
 
+    if args.dtype == "float16" and any(c in CPU_COMPONENTS for c in components):
+        parser.error("--dtype float16 is for the gpu component; the CPU components run float32 or bfloat16")
+
     results: list[Result] = []
     for component in components:
-        results += importlib.import_module(f"kandinsky.benchmark.{component}").run(args)
+        dtype = args.dtype or ("float16" if component == "gpu" else "float32")
+        results += importlib.import_module(f"kandinsky.benchmark.{component}").run(
+            argparse.Namespace(**{**vars(args), "dtype": dtype}))
     table = _table(results)
     print(table)
     folder = Path(args.results)

@@ -1,6 +1,6 @@
 """Noise schedules and samplers (model-agnostic). See the "Samplers" section of README.md.
 
-    from kandinsky.schedulers import NoiseSchedule, SAMPLERS, sampler_timesteps, sample, add_noise
+    from kandinsky.schedulers import NoiseSchedule, SAMPLERS, sampler_timesteps, sample, add_noise, randn
 """
 
 from .samplers import (
@@ -12,6 +12,7 @@ from .samplers import (
     dynamic_threshold,
     euler_ancestral_step,
     plms_eps,
+    randn,
     sample,
     sampler_timesteps,
     sigma_at,
@@ -26,6 +27,7 @@ __all__ = [
     "sampler_timesteps",
     "sample",
     "add_noise",
+    "randn",
     "space_timesteps",
     "spaced_timesteps",
     "ancestral_step",

@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_SPACING",
     "sampler_timesteps",
     "sample",
+    "randn",
     "ancestral_step",
     "ddim_step",
     "dpmpp_2m_step",
@@ -392,14 +393,24 @@ def sample(
         return loop(denoise, x, schedule, timesteps, steps, prediction, noise_fn, callback, **options)
 
 
-def _randn_like(generator: torch.Generator | None) -> NoiseFn:
-    def draw(like: torch.Tensor) -> torch.Tensor:
-        # As diffusers' randn_tensor: draw on the generator's device, then move (a CPU generator with CUDA latents).
-        device = like.device if generator is None else generator.device
-        out = torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype)
-        return out.to(like.device)
+def randn(shape, generator: torch.Generator | None, device: torch.device | str,
+          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Unit Gaussian noise drawn on the generator's device and moved to ``device``, as diffusers'
+    ``randn_tensor`` does: a CPU generator gives the same numbers whatever ``device`` is.
 
-    return draw
+    A CPU draw for a CUDA ``device`` is copied through pinned memory asynchronously, so that a sampling
+    loop drawing noise at every step never waits for the GPU.
+    """
+    device = torch.device(device)
+    source = device if generator is None else generator.device
+    out = torch.randn(tuple(shape), generator=generator, device=source, dtype=dtype)
+    if out.device.type == "cpu" and device.type == "cuda":
+        return out.pin_memory().to(device, non_blocking=True)
+    return out.to(device)
+
+
+def _randn_like(generator: torch.Generator | None) -> NoiseFn:
+    return lambda like: randn(like.shape, generator, like.device, like.dtype)
 
 
 def _t_batch(t, x: torch.Tensor) -> torch.Tensor:
