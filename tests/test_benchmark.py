@@ -132,7 +132,14 @@ def test_gpu_benchmark_runs_on_tiny_components():
     assert results[4].extra["ours compiled vs eager image max abs diff"] < 1e-5
 
 
-def test_gpu_component_is_not_run_by_default_and_float16_is_gpu_only(capsys):
+def test_float16_is_for_the_gpu_component_only(capsys):
     with pytest.raises(SystemExit):
         main(["movq", "--dtype", "float16"])
     assert "float16 is for the gpu component" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_gpu_component_without_cuda_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["gpu"])
+    assert "needs a CUDA device" in capsys.readouterr().err

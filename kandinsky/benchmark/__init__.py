@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
 
+    if "gpu" in components and not torch.cuda.is_available():
+        parser.error("the gpu component needs a CUDA device (torch.cuda.is_available() is False)")
     if args.dtype == "float16" and any(c in CPU_COMPONENTS for c in components):
         parser.error("--dtype float16 is for the gpu component; the CPU components run float32 or bfloat16")
 
