@@ -206,3 +206,12 @@ BAD = [
 def test_bad_input_raises_value_error_naming_the_argument(call, argument):
     with pytest.raises(ValueError, match=argument):
         call()
+
+
+def test_randn_draws_what_torch_randn_draws_with_the_generator():
+    from kandinsky.schedulers import randn
+
+    expected = torch.randn(2, 3, generator=torch.Generator().manual_seed(5))
+    drawn = randn([2, 3], torch.Generator().manual_seed(5), "cpu")
+    assert torch.equal(drawn, expected)
+    assert randn((4,), torch.Generator().manual_seed(5), torch.device("cpu"), torch.float64).dtype == torch.float64

@@ -135,7 +135,7 @@ def count_syncs(fn: Callable[[], object], sampling_loops_only: bool = False) -> 
 
 
 def _pieces(prior_pipe, decoder_pipe, ours, size: int, device: torch.device, dtype: torch.dtype) -> dict:
-    """name -> (ours callable, diffusers callable, what the outputs are compared as)."""
+    """name -> (ours callable, diffusers callable): one step of each model on the same inputs."""
     from kandinsky.parity import prior as prior_parity
     from kandinsky.parity import unet as unet_parity
 

@@ -56,7 +56,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, one
 
     On CPUs where MKL's float32/bfloat16 GEMM is slow for these shapes (e.g. AMD EPYC: ~1.7x), oneDNN's is
     much faster; the result differs only in summation order. oneDNN is used only where it applies
-    (CPU, no autograd, float32/bfloat16); everything else falls back to ``F.linear``.
+    (CPU, no autograd, float32, and bfloat16 where the CPU has bf16 instructions); everything else falls
+    back to ``F.linear``.
     """
     if (onednn and x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in _onednn_dtypes()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):

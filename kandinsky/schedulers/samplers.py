@@ -17,7 +17,7 @@ Conventions (shared by every sampler):
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -393,7 +393,7 @@ def sample(
         return loop(denoise, x, schedule, timesteps, steps, prediction, noise_fn, callback, **options)
 
 
-def randn(shape, generator: torch.Generator | None, device: torch.device | str,
+def randn(shape: Sequence[int], generator: torch.Generator | None, device: torch.device | str,
           dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Unit Gaussian noise drawn on the generator's device and moved to ``device``, as diffusers'
     ``randn_tensor`` does: a CPU generator gives the same numbers whatever ``device`` is.
