@@ -656,6 +656,10 @@ class Kandinsky21:
         ``mask_convention="repaint"`` (default, diffusers >= 0.19): 1 / white = repaint, 0 / black = keep.
         ``"legacy"`` (the original code, diffusers < 0.19): 1 / white = keep, 0 / black = repaint. In
         latent space the repaint area grows by one pixel, as in diffusers.
+
+        With ``sampler="p_sampler"`` the kept region of the predicted x0 is replaced by the image latents at
+        every step (and x0 clamped to [-2, 2]), as the original's p_sampler path does; diffusers' samplers
+        never blend. ``sampler_options={"x0_fn": ...}`` replaces that step.
         """
         if mask_convention not in MASK_CONVENTIONS:
             raise ValueError(f"mask_convention: expected one of {list(MASK_CONVENTIONS)}, got {mask_convention!r}")
@@ -680,8 +684,9 @@ class Kandinsky21:
         keep = dilate_repaint(keep)
         masked_latents = latents * keep
         condition = torch.cat([masked_latents, keep], dim=1).repeat_interleave(plan["per_prompt"], 0)
+        known = (latents.repeat_interleave(plan["per_prompt"], 0), keep.repeat_interleave(plan["per_prompt"], 0))
         return self._decoder(plan, image_embeds, negative_image_embeds, generator, crop, sampler_options,
-                             condition=condition, unet_name="unet_inpaint")
+                             condition=condition, unet_name="unet_inpaint", known=known)
 
     @torch.no_grad()
     def mix(self, images_and_prompts: Sequence, weights: Sequence[float], num_inference_steps: int = 100,
@@ -752,8 +757,9 @@ class Kandinsky21:
 
     def _decoder(self, plan, image_embeds, negative_image_embeds, generator, crop, sampler_options,
                  x: torch.Tensor | None = None, timesteps=None, condition: torch.Tensor | None = None,
-                 unet_name: str = "unet"):
-        """Guided sampling of the UNet from ``x`` (unit noise by default) and MoVQ decoding."""
+                 unet_name: str = "unet", known: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Guided sampling of the UNet from ``x`` (unit noise by default) and MoVQ decoding. ``known``:
+        (image latents, keep mask) of inpainting, for the original p_sampler's per-step blend."""
         per_prompt, guidance, dtype = plan["per_prompt"], plan["guidance"], self.dtype
         use_guidance = guidance > 1.0
         tokenizer, mclip = self.tokenizer("mclip_tokenizer"), self.module("mclip")
@@ -795,14 +801,30 @@ class Kandinsky21:
             x = schedulers.randn((rows, 4, height // factor, width // factor), generator, self.device)
         if timesteps is None:
             timesteps = schedulers.sampler_timesteps(plan["sampler"], self.decoder_schedule, plan["steps"])
+        options = dict(sampler_options or {})
+        if plan["sampler"] == "p_sampler":
+            options.setdefault("x0_fn", _original_x0_fn(known))
         if len(timesteps) > 0:
             x = schedulers.sample(plan["sampler"], denoise, x, self.decoder_schedule, timesteps,
-                                  generator=generator, progress=self.progress, **(sampler_options or {}))
+                                  generator=generator, progress=self.progress, **options)
         images = self.module("movq").decode(x.to(dtype)).float()
         if crop:
             height, width = plan["requested"]
             images = images[..., :height, :width]  # the original keeps the top-left corner
         return to_output(images, plan["output_type"])
+
+
+def _original_x0_fn(known: tuple[torch.Tensor, torch.Tensor] | None) -> Callable:
+    """The original's ``denoised_fn`` of its p_sampler path: x0 clamped to [-2, 2] at every step and, when
+    inpainting, the kept region (``keep`` = 1) replaced by the image latents."""
+    def x0_fn(x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x0 = x0.clamp(-2, 2)
+        if known is None:
+            return x0
+        latents, keep = known
+        return x0 * (1 - keep) + latents * keep
+
+    return x0_fn
 
 
 def _unit_range(name: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -494,3 +494,50 @@ def test_bfloat16_pipeline_runs_close_to_float32(reference):
     images = pipe.text2img("the cat", height=SIZE, width=SIZE, num_inference_steps=2, prior_num_inference_steps=2,
                            generator=seed(32), output_type="pt")
     assert torch.isfinite(images).all()
+
+
+# ------------------------------------------------------------------------------------------------ p_sampler
+
+
+def _recorded_x0(call, **options) -> list[torch.Tensor]:
+    """The processed x0 of every decoder step of ``call(sampler_options=...)``."""
+    steps = []
+    call(sampler_options={"callback": lambda i, t, x, x0: steps.append(x0.clone()), **options})
+    return steps
+
+
+def test_p_sampler_clamps_x0_as_the_original(ours):
+    embeds = torch.randn(1, EMBED_DIM, generator=seed(40))
+
+    def decode(sampler_options):
+        ours.decode("the cat", embeds, -embeds, num_inference_steps=3, height=SIZE, width=SIZE, sampler="p_sampler",
+                    generator=seed(41), output_type="pt", sampler_options=sampler_options)
+
+    clamped = _recorded_x0(decode, threshold=None)
+    assert max(float(x0.abs().max()) for x0 in clamped) <= 2
+    # a user x0_fn replaces the clamp: at t = 999 the unclamped x0 of random weights is far outside [-2, 2]
+    free = _recorded_x0(decode, threshold=None, x0_fn=lambda x0, t: x0)
+    assert float(free[0].abs().max()) > 2
+
+
+def test_p_sampler_inpainting_keeps_the_image_latents_every_step(ours):
+    from kandinsky.pipeline import _images_to_tensor, dilate_repaint
+
+    image, mask = random_image(5), seed_example_mask()
+    embeds = torch.randn(1, EMBED_DIM, generator=seed(42))
+
+    def inpaint(sampler_options):
+        ours.inpaint("a hat", image, mask, height=SIZE, width=SIZE, num_inference_steps=3, sampler="p_sampler",
+                     image_embeds=embeds, negative_image_embeds=-embeds, generator=seed(43), output_type="pt",
+                     sampler_options=sampler_options)
+
+    steps = _recorded_x0(inpaint, threshold=None)
+    with torch.no_grad():
+        latents = ours.module("movq").encode(_images_to_tensor(image, SIZE, SIZE)[0]).float()
+    keep = 1 - torch.from_numpy(mask)[None, None]
+    keep = dilate_repaint(torch.nn.functional.interpolate(keep, size=latents.shape[-2:], mode="nearest"))
+    assert 0 < keep.mean() < 1
+    for x0 in steps:
+        torch.testing.assert_close(x0 * keep, latents * keep, rtol=0, atol=1e-6)
+        assert float(x0.abs().max()) <= max(2.0, float(latents.abs().max()))
+    assert not torch.allclose(steps[0] * (1 - keep), steps[-1] * (1 - keep))  # the repaint area is sampled
