@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import types
 
 import pytest
@@ -69,6 +70,8 @@ def test_main_writes_json_and_markdown(tmp_path, monkeypatch):
     assert data["results"] and all(r["component"] == "pipeline" for r in data["results"])
     assert all(math.isfinite(r["ratio"]) and r["ratio"] > 0 for r in data["results"])
     assert "| pipeline | text2img 32px" in markdown_file.read_text()
+    if os.path.exists("/proc/cpuinfo"):  # Linux: the CPU that produced the numbers is named
+        assert data["machine"]["cpu_model"] and isinstance(data["machine"]["cpu_extensions"], list)
 
 
 def test_memory_probes_load_from_disk_in_their_own_process(tmp_path):

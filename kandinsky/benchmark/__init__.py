@@ -83,8 +83,19 @@ def peak_rss_gib(target: str, *args: str) -> float:
     return kib / 2**20
 
 
+def _cpu() -> dict:
+    """The CPU model and the vector extensions that decide our CPU kernels (Linux; empty elsewhere)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    return {"cpu_model": model, "cpu_extensions": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]}
+
+
 def machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(), **_cpu(),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "MALLOC_MMAP_MAX_": os.environ.get("MALLOC_MMAP_MAX_"),
             **({"gpu": torch.cuda.get_device_name()} if torch.cuda.is_available() else {})}
