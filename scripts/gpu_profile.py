@@ -62,5 +62,6 @@ def main() -> None:
             total, table = kernel_table(fn, args.top)
             print(f"{report[name]}, kernels {total:.2f} ms\n{table}", flush=True)
 
+
 if __name__ == "__main__":
     main()

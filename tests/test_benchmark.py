@@ -119,7 +119,8 @@ def test_bad_arguments_name_the_argument():
 
 def test_gpu_benchmark_runs_on_tiny_components():
     """The GPU benchmark's code on the CPU (tiny components, torch.compile with the eager backend): every
-    case is measured and the two sides produce the same images. The GPU numbers come from a GPU machine."""
+    case is measured, each model's single step matches diffusers, and compiling changes nothing. The GPU
+    numbers come from a GPU machine."""
     from kandinsky.benchmark import gpu
 
     args = types.SimpleNamespace(repeats=1, dtype="float32", config="tiny", device="cpu", budget=None)
@@ -129,9 +130,8 @@ def test_gpu_benchmark_runs_on_tiny_components():
     assert [c.split(" ")[0] for c in cases] == ["decoder", "prior", "MoVQ", "text2img", "text2img"]
     for result in results[:3]:
         assert result.extra["output max rel diff"] < 1e-4
-    # random weights make the sampling trajectory chaotic (the prior's float32 step differs from ours by
-    # ~1e-3, see the README's parity notes), so only the single-step pieces are compared above
-    assert 0 <= results[3].extra["image max abs diff (0..1)"] <= 1
+    # the whole images are not compared: random weights make the sampling trajectory chaotic (the prior's
+    # float32 step differs from ours by ~1e-3, see the README's parity notes)
     assert results[4].extra["ours compiled vs eager image max abs diff"] < 1e-5
 
 

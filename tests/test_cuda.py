@@ -85,15 +85,17 @@ def test_half_precision_unet_on_cuda_tracks_float32(pipelines):
 
     unet = pipelines[3].module("unet")
     batch = {k: v.to(CUDA) for k, v in inputs(unet.config, height=16, width=16).items()}
-    with torch.inference_mode():
-        reference = run_ours(unet, batch).float()
-        for dtype in (torch.float16, torch.bfloat16):
-            half = run_ours(unet.to(dtype), {k: v.to(dtype) if v.is_floating_point() else v
-                                              for k, v in batch.items()}).float()
-            relative = ((half - reference).abs().max() / reference.abs().max()).item()
-            # 11 (float16) / 8 (bfloat16) mantissa bits through a few layers
-            assert relative < (5e-3 if dtype == torch.float16 else 3e-2), (dtype, relative)
-    unet.float()
+    try:
+        with torch.inference_mode():
+            reference = run_ours(unet, batch).float()
+            for dtype in (torch.float16, torch.bfloat16):
+                half = run_ours(unet.to(dtype), {k: v.to(dtype) if v.is_floating_point() else v
+                                                  for k, v in batch.items()}).float()
+                relative = ((half - reference).abs().max() / reference.abs().max()).item()
+                # 11 (float16) / 8 (bfloat16) mantissa bits through a few layers
+                assert relative < (5e-3 if dtype == torch.float16 else 3e-2), (dtype, relative)
+    finally:
+        unet.float()  # the module-scoped pipeline is shared with the other tests
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
