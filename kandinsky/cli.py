@@ -1,13 +1,19 @@
-"""The ``kandinsky`` command: generate, img2img, inpaint, mix; convert, parity, bench (delegated).
+"""The ``kandinsky`` command: generate, img2img, inpaint, mix, batch, eval, convert; parity, bench (delegated).
 
     kandinsky generate "red cat, 4k photo" -o cat.png --seed 0
     kandinsky img2img "a frog" --image cat.png --strength 0.3 -o frog.png
     kandinsky inpaint "a hat" --image cat.png --mask mask.png -o hat.png
     kandinsky mix "a cat" starry_night.png --ratios 0.3 0.7 -o mix.png --grid mix-grid.png
+    kandinsky convert movq movq_final.ckpt weights/movq
+    kandinsky convert pipeline kandinsky-community/kandinsky-2-1 k21-original --to original
+    kandinsky export unet --format onnx --output unet.onnx --weights weights/
+    kandinsky batch prompts.jsonl -o out/ --batch-size 8      (also under torchrun --nproc_per_node=N -m kandinsky)
+    kandinsky eval --generated out/ --reference coco30k/reference
 
-Images are PNGs carrying the prompt, seed and settings in their text metadata. Existing files are never
-replaced without ``--overwrite``. Exit codes: 0 success, 1 runtime error (message on stderr, no
-traceback), 2 usage error, 130 interrupted.
+Images are PNGs carrying the prompt, seed and settings in their text metadata, written atomically (a
+temporary file renamed into place). Existing files are never replaced without ``--overwrite``, and
+``--overwrite`` replaces only folders this package wrote. Every error is one line on stderr,
+``kandinsky: error: ...``. Exit codes: 0 success, 1 runtime error, 2 usage error, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -20,11 +26,20 @@ from pathlib import Path
 
 PROG = "kandinsky"
 DELEGATED = {
-    "convert": ("kandinsky.weights", "convert_main", "convert official weights into this package's format"),
     "parity": ("kandinsky.parity", "main", "parity report against diffusers and the original fixtures"),
     "bench": ("kandinsky.benchmark", "main", "benchmarks against diffusers"),
+    "train": ("kandinsky.training.trainer", "main", "fine-tune the prior or a decoder UNet (full or LoRA, torchrun)"),
 }
+NEEDS_DIFFUSERS = ("parity", "bench")  # delegated commands that compare against diffusers
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+# = kandinsky.schedulers.SAMPLERS without "unclip", kandinsky.convert.COMPONENTS, kandinsky.export.FORMATS and
+# TARGETS, kandinsky.validation.MAX_IMAGE_SIDE: spelled out so that --help does not import torch (a test compares)
+SAMPLERS = ("p_sampler", "ddim", "plms", "ddpm", "dpmpp_2m", "euler_a")
+CONVERTED = ("movq", "prior", "unet", "unet_inpaint")
+EXPORT_FORMATS = ("pt2", "onnx")
+EXPORT_TARGETS = ("movq_decode", "movq_encode", "prior", "unet", "unet_inpaint")
+MAX_IMAGE_SIDE = 4096
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
 DEFAULT_WEIGHTS = "kandinsky-community/kandinsky-2-1"  # = kandinsky.hub.DEFAULT_WEIGHTS, without importing
 # transformers (2+ s) just to print --help
 
@@ -33,12 +48,39 @@ class CommandError(Exception):
     """A runtime error reported as one line on stderr with exit code 1."""
 
 
-def _common(parser: argparse.ArgumentParser, steps: int, guidance: float) -> None:
-    from kandinsky.schedulers import SAMPLERS
+class UsageError(CommandError):
+    """A wrong argument found after parsing: one line on stderr, exit code 2."""
 
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line errors of the rest of the command (``kandinsky: error: ...``, exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{PROG}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _seed(text: str) -> int:
+    """``--seed``: an integer in [0, 2**64 - 1]."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**64 - 1], got {text}")
+    return value
+
+
+def _common(parser: argparse.ArgumentParser, steps: int, guidance: float) -> None:
     parser.add_argument("-o", "--output", default="out.png",
                         help="output PNG (default: out.png); several images are written as NAME-0.png, NAME-1.png, ...")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    sampling = _model_options(parser, steps, guidance)
+    sampling.add_argument("--seed", type=_seed, default=None, help="random seed (default: a random one, printed)")
+    sampling.add_argument("--num-images", type=int, default=1, help="images per prompt (default: 1)")
+
+
+def _model_options(parser: argparse.ArgumentParser, steps: int, guidance: float | None):
+    """The weights, device and sampling options of every generating command; returns the sampling group."""
     weights = parser.add_argument_group("weights and device")
     weights.add_argument("--weights", default=DEFAULT_WEIGHTS,
                          help=f"hub repository (diffusers or original layout) or local folder (default: {DEFAULT_WEIGHTS})")
@@ -52,23 +94,27 @@ def _common(parser: argparse.ArgumentParser, steps: int, guidance: float) -> Non
                          help="keep only the prior or the decoder in memory at a time")
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--steps", type=int, default=steps, help=f"decoder steps (default: {steps})")
-    sampling.add_argument("--guidance", type=float, default=guidance, help=f"decoder guidance scale (default: {guidance})")
+    sampling.add_argument("--guidance", type=float, default=guidance, help="decoder guidance scale (default: "
+                          f"{guidance if guidance is not None else '7 for img2img, else 4'})")
     sampling.add_argument("--prior-steps", type=int, default=25, help="prior steps (default: 25)")
     sampling.add_argument("--prior-guidance", type=float, default=4.0, help="prior guidance scale (default: 4.0)")
-    sampling.add_argument("--height", type=int, default=512, help="height in px, rounded up to a multiple of 64 (default: 512)")
-    sampling.add_argument("--width", type=int, default=512, help="width in px, rounded up to a multiple of 64 (default: 512)")
+    for side in ("height", "width"):
+        sampling.add_argument(f"--{side}", type=int, default=512, help=f"{side} in px, at most {MAX_IMAGE_SIDE}, "
+                              "rounded up to a multiple of 64 (default: 512)")
     sampling.add_argument("--crop", action="store_true", help="crop the result back to --height x --width")
-    sampling.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
-    sampling.add_argument("--sampler", default="ddim", choices=[s for s in SAMPLERS if s != "unclip"],
+    sampling.add_argument("--sampler", default="ddim", choices=SAMPLERS,
                           help="decoder sampler (default: ddim)")
     sampling.add_argument("--negative-prompt", default=None, help="what the image should not show")
-    sampling.add_argument("--num-images", type=int, default=1, help="images per prompt (default: 1)")
-    sampling.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sampling.add_argument("--no-progress", action="store_true", help="no progress bars (loading bars included)")
+    return sampling
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Kandinsky 2.1 text-to-image, image-to-image, "
-                                     "inpainting and mixing (a PyTorch reimplementation).")
+    from kandinsky import __version__
+
+    parser = _Parser(prog=PROG, description="Kandinsky 2.1 text-to-image, image-to-image, "
+                     "inpainting and mixing (a PyTorch reimplementation).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     generate = commands.add_parser("generate", help="text to image")
     generate.add_argument("prompt")
@@ -92,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="one weight per item (default: equal weights summing to 1)")
     mix.add_argument("--grid", default=None, help="also write a PNG grid: the inputs, then the result")
     _common(mix, steps=100, guidance=4.0)
+    _batch_parser(commands)
+    _eval_parser(commands)
+    _convert_parser(commands)
+    _export_parser(commands)
     for name, (_, _, description) in DELEGATED.items():
         commands.add_parser(name, help=description, add_help=False)
     return parser
@@ -100,22 +150,353 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``kandinsky`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in DELEGATED:
-        import importlib
-
-        module, function, _ = DELEGATED[argv[0]]
-        entry = getattr(importlib.import_module(module), function)
-        return int(entry(argv[1:], prog=f"{PROG} {argv[0]}") if argv[0] == "convert" else entry(argv[1:]) or 0)
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        return _run(args, parser)
+        if argv and argv[0] in DELEGATED:
+            return _delegate(argv[0], argv[1:])
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if getattr(args, "device", None) is not None:
+            from kandinsky.validation import check_device
+
+            try:
+                check_device("--device", args.device)
+            except ValueError as error:
+                raise UsageError(str(error)) from None
+        handlers = {"convert": _convert, "export": _export, "batch": _batch, "eval": _evaluate}
+        with _progress_bars(not getattr(args, "no_progress", False)):
+            return handlers[args.command](args) if args.command in handlers else _run(args, parser)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        print(f"{PROG}: error: interrupted", file=sys.stderr)
         return 130
     except (CommandError, ValueError, OSError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(error, UsageError) else 1
+
+
+def _delegate(command: str, argv: list[str]) -> int:
+    """``parity``, ``bench``, ``train``: their own parsers, in the modules that implement them."""
+    import importlib
+
+    if command in NEEDS_DIFFUSERS and not {"-h", "--help"} & set(argv):
+        try:
+            import diffusers  # noqa: F401
+        except ImportError:
+            raise CommandError(f"{command} compares against diffusers, which is not installed: "
+                               "pip install 'kandinsky21[test]'") from None
+    module, function, _ = DELEGATED[command]
+    return int(getattr(importlib.import_module(module), function)(argv) or 0)
+
+
+class _progress_bars:
+    """Within it, transformers' and huggingface_hub's bars (loading, downloads) are on or off as asked;
+    their previous state comes back afterwards."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __enter__(self):
+        if not self.enabled:
+            from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+            from transformers.utils import logging
+
+            self.previous = (logging.is_progress_bar_enabled(), are_progress_bars_disabled())
+            logging.disable_progress_bar()
+            disable_progress_bars()
+        return self
+
+    def __exit__(self, *exc):
+        if not self.enabled:
+            from huggingface_hub.utils import enable_progress_bars
+            from transformers.utils import logging
+
+            transformers_enabled, hub_disabled = self.previous
+            if transformers_enabled:
+                logging.enable_progress_bar()
+            if not hub_disabled:
+                enable_progress_bars()
+        return False
+
+
+def _batch_parser(commands) -> None:
+    from kandinsky.batch import TASKS  # torch-free
+
+    batch = commands.add_parser(
+        "batch", help="one image per line of a prompt file (batched, resumable, torchrun)",
+        description="Generate one PNG per item of a prompt file (.txt: a prompt a line; .jsonl / .csv: prompt, id, "
+                    "seed, negative_prompt, image, mask and per-item settings) and OUTPUT/manifest.jsonl. A rerun "
+                    "skips the finished images. Under `torchrun --nproc_per_node=N -m kandinsky batch ...` the "
+                    "processes share the items.")
+    batch.add_argument("prompts", help="prompt file: .txt, .jsonl or .csv")
+    batch.add_argument("-o", "--output", required=True, help="output folder (created if needed)")
+    batch.add_argument("--task", default="text2img", choices=TASKS,
+                       help="text2img (default), or img2img / inpaint with image (and mask) paths in the file")
+    batch.add_argument("--batch-size", type=int, default=4, help="prompts per pipeline call (default: 4)")
+    batch.add_argument("--strength", type=float, default=0.3, help="img2img: how much to change (default: 0.3)")
+    batch.add_argument("--legacy-mask", action="store_true",
+                       help="inpaint: black = repaint (the original's convention)")
+    sampling = _model_options(batch, steps=100, guidance=None)
+    sampling.add_argument("--seed", type=_seed, default=0,
+                          help="item i without a seed of its own uses SEED + i (default: 0)")
+
+
+def _batch(args) -> int:
+    from kandinsky import batch
+    from kandinsky.training.distributed import start
+
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
+    settings = batch.Settings(task=args.task, steps=args.steps, guidance=args.guidance, prior_steps=args.prior_steps,
+                              prior_guidance=args.prior_guidance, height=args.height, width=args.width,
+                              sampler=args.sampler, strength=args.strength, negative_prompt=args.negative_prompt,
+                              crop=args.crop, mask_convention="legacy" if args.legacy_mask else "repaint")
+    items = batch.read_prompt_file(args.prompts, settings, seed=args.seed)  # every row checked before any work
+    processes = start(args.device)
+    try:
+        run_info = {"command": "batch", "prompts": args.prompts, "weights": args.weights, "revision": args.revision,
+                    "dtype": args.dtype, "device": processes.device.type, "batch_size": args.batch_size}
+        options = argparse.Namespace(**{**vars(args), "device": str(processes.device), "no_progress": True})
+        summary = batch.run(items, args.output, lambda: _pipeline(options), batch_size=args.batch_size,
+                            processes=processes, run_info=run_info, progress=not args.no_progress)
+    finally:
+        processes.close()
+    if processes.main:
+        print(f"{args.output}: {summary.manifest_records} of {len(items)} images in {batch.MANIFEST} "
+              f"({summary.written} made by this process, {summary.skipped} already there)")
+    return 0
+
+
+def _eval_parser(commands) -> None:
+    evaluate = commands.add_parser(
+        "eval", help="FID, KID and CLIP score of a folder of images",
+        description="FID and KID of --generated against --reference, and the CLIP score of the generated images "
+                    "against their prompts (from manifest.jsonl), with torchmetrics. Both folders are centre-cropped "
+                    "and resized to --size px. With --prepare-coco: write the COCO-30k prompts and reference set "
+                    "instead (see docs/generation.md).")
+    evaluate.add_argument("--generated", help="folder of generated images (with manifest.jsonl)")
+    evaluate.add_argument("--reference", default=None, help="folder of reference images (none: CLIP score only)")
+    evaluate.add_argument("--output", default=None, help="JSON file of the results (default: GENERATED/eval.json)")
+    evaluate.add_argument("--size", type=int, default=256, help="image side for FID and KID (default: 256)")
+    evaluate.add_argument("--batch-size", type=int, default=50, help="images per feature batch (default: 50)")
+    evaluate.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    evaluate.add_argument("--inception-weights", default=None,
+                          help="FID Inception weights file (default: torch's hub cache, downloaded if missing)")
+    evaluate.add_argument("--clip-model", default="openai/clip-vit-large-patch14",
+                          help="CLIP model for the CLIP score: hub id or local folder (default: %(default)s)")
+    evaluate.add_argument("--no-clip", action="store_true", help="skip the CLIP score")
+    evaluate.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (default: 100)")
+    evaluate.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size (default: 1000)")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
+    coco = evaluate.add_argument_group("COCO-30k inputs (instead of evaluating)")
+    coco.add_argument("--prepare-coco", metavar="DIR", default=None,
+                      help="write DIR/prompts.jsonl and DIR/reference/ from --coco-captions and --coco-images")
+    coco.add_argument("--coco-captions", default=None, help="annotations/captions_val2014.json")
+    coco.add_argument("--coco-images", default=None, help="the val2014 image folder")
+    coco.add_argument("--coco-count", type=int, default=30000, help="images (default: 30000)")
+    coco.add_argument("--coco-seed", type=int, default=0, help="seed of the random choice (default: 0)")
+
+
+def _evaluate(args) -> int:
+    if args.prepare_coco is not None:
+        if not (args.coco_captions and args.coco_images):
+            raise UsageError("--prepare-coco needs --coco-captions and --coco-images")
+        from kandinsky.eval import prepare_coco
+
+        for path in prepare_coco(args.coco_captions, args.coco_images, args.prepare_coco, args.coco_count,
+                                 args.coco_seed):
+            print(path)
+        return 0
+    if args.generated is None:
+        raise UsageError("--generated is required (or --prepare-coco)")
+    try:
+        from kandinsky.eval import evaluate
+
+        result = evaluate(args.generated, args.reference, inception_weights=args.inception_weights,
+                          clip_source=None if args.no_clip else args.clip_model, size=args.size,
+                          batch_size=args.batch_size, device=args.device, kid_subsets=args.kid_subsets,
+                          kid_subset_size=args.kid_subset_size, progress=not args.no_progress)
+    except ImportError as error:  # the metrics are an optional extra
+        hint = "" if "kandinsky21[eval]" in str(error) else " (pip install 'kandinsky21[eval]')"
+        raise CommandError(f"{error}{hint}") from None
+    output = Path(args.output) if args.output else Path(args.generated) / "eval.json"
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    for key in ("fid", "kid_mean", "kid_std", "clip_score"):
+        if key in result:
+            print(f"{key}: {result[key]:.6g}")
+    print(output)
+    return 0
+
+
+def _convert_parser(commands) -> None:
+    convert = commands.add_parser("convert", help="convert weights between this package's, diffusers' and the "
+                                  "original layouts",
+                                  description="Convert Kandinsky 2.1 weights between layouts: into this package's "
+                                  "format (default), or out of it into the diffusers or the original layout (--to). "
+                                  "COMPONENT 'pipeline' converts a whole pipeline (SOURCE: hub repository or folder).")
+    convert.add_argument("component", choices=(*CONVERTED, "pipeline"))
+    convert.add_argument("source", help="original checkpoint file (.ckpt/.pt/.safetensors), diffusers component folder "
+                                        "or converted folder; for 'pipeline' a hub repository or folder in any layout")
+    convert.add_argument("output", help="output folder (written atomically)")
+    convert.add_argument("--to", default="ours", choices=["ours", "diffusers", "original"],
+                         help="layout to write (default ours: model.safetensors + config.json)")
+    convert.add_argument("--layout", default="auto", choices=["auto", "original", "diffusers", "ours"],
+                         help="layout of SOURCE (default auto: a converted folder is ours, another folder "
+                              "diffusers, a file original)")
+    convert.add_argument("--revision", default=None, help="hub revision of a 'pipeline' SOURCE")
+    convert.add_argument("--cache-dir", default=None, help="converted-weights cache of a 'pipeline' SOURCE")
+    convert.add_argument("--config", type=_json_object, default=None,
+                         help="original constructor kwargs / diffusers config (JSON file or inline JSON); "
+                              "default: the official one / the folder's config.json")
+    convert.add_argument("--clip-stats", default=None, help="ViT-L-14_stats.th (original prior only)")
+    convert.add_argument("--dtype", default=None, choices=[d for d in DTYPES if d != "auto"],
+                         help="cast the weights (default: keep the checkpoint's dtype; float16 with --to original, "
+                              "as released)")
+    convert.add_argument("--lora", default="fuse", choices=["fuse", "separate"],
+                         help="models with LoRA adapters, --to diffusers: fused into the weights (default) or "
+                              "as separate adapter files")
+    convert.add_argument("--overwrite", action="store_true",
+                         help="replace an existing output folder, if this package wrote it (never SOURCE)")
+
+
+def _json_object(value: str) -> dict:
+    """``--config``: a JSON file path or an inline JSON object."""
+    try:
+        text = Path(value).read_text()
+    except OSError:  # not a file (an inline object may also be too long for a file name)
+        text = value
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not a JSON file or JSON object: {error}") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {type(parsed).__name__}")
+    return parsed
+
+
+def _convert(args) -> int:
+    from kandinsky.hub import COMPONENTS
+    from kandinsky.weights import check_not_source, check_output, convert_files
+
+    # before any (slow) reading: an existing output only with --overwrite and only if ours, never SOURCE
+    check_not_source(args.output, args.source)
+    if args.component == "pipeline" and args.to == "ours":  # a folder of component folders, each replaced alone
+        outputs = {name: Path(args.output) / name for name in COMPONENTS}
+    else:
+        outputs = {None if args.component == "pipeline" else args.component: Path(args.output)}
+    for component, output in outputs.items():
+        if output.exists() and not args.overwrite:
+            raise CommandError(f"output folder {output} already exists (use --overwrite)")
+        check_output(output, overwrite=args.overwrite, component=component)
+    if args.component == "pipeline":
+        folder = _convert_pipeline(args)
+    elif args.to == "ours" and args.layout != "ours":
+        try:
+            folder = convert_files(args.component, args.source, args.output, layout=args.layout, config=args.config,
+                                   clip_stats=args.clip_stats, overwrite=args.overwrite, dtype=args.dtype)
+        except KeyError as error:  # a converter indexing a --config that lacks an entry
+            raise CommandError(f"--config: missing entry {error.args[0]!r}") from None
+    else:
+        folder = _export_component(args)
+    print(folder)
+    return 0
+
+
+def _source_layout(args) -> str:
+    from kandinsky.weights import is_converted
+
+    if args.layout != "auto":
+        return args.layout
+    return "ours" if is_converted(args.source) else ("diffusers" if Path(args.source).is_dir() else "original")
+
+
+def _export_component(args) -> Path:
+    """convert COMPONENT --to diffusers|original (or an 'ours' SOURCE --to ours, a copy with another dtype)."""
+    from kandinsky.layouts import export_component
+    from kandinsky.weights import load_converted, read_official
+
+    layout = _source_layout(args)
+    if layout == "ours":
+        if args.config is not None or args.clip_stats is not None:
+            raise UsageError("--config/--clip-stats: only for original or diffusers sources")
+        module, info = load_converted(args.source), {"layout": "ours"}
+    else:
+        try:
+            module, info = read_official(args.component, args.source, layout=layout, config=args.config,
+                                         clip_stats=args.clip_stats)
+        except KeyError as error:
+            raise CommandError(f"--config: missing entry {error.args[0]!r}") from None
+    if args.to == "ours" and args.dtype:
+        import torch
+
+        module = module.to(getattr(torch, args.dtype))
+    provenance = {"source": str(Path(args.source).resolve()), "source_layout": info.get("layout", layout)}
+    options = {} if args.to == "ours" else {"dtype": args.dtype or "default", "lora": args.lora}
+    return export_component(args.component, module, args.output, layout=args.to, overwrite=args.overwrite,
+                            provenance=provenance, **options)
+
+
+def _convert_pipeline(args) -> Path:
+    """convert pipeline SOURCE OUTPUT --to ours|diffusers|original: every component SOURCE has."""
+    from kandinsky.pipeline import Kandinsky21
+
+    if args.config is not None or args.clip_stats is not None:
+        raise UsageError("--config/--clip-stats: only for one component; a pipeline uses the official configs")
+    if args.to == "ours" and args.dtype is not None:
+        raise UsageError("--dtype: with --to ours a pipeline is written as stored; convert one component to cast it")
+    layout = None if args.layout == "auto" else args.layout
+    pipe = Kandinsky21.from_pretrained(args.source, revision=args.revision, cache_dir=args.cache_dir, progress=False,
+                                       **({"layout": layout} if layout else {}))
+    if args.to == "ours":
+        pipe.save_pretrained(args.output, overwrite=args.overwrite)
+    else:
+        pipe.save_pretrained(args.output, overwrite=args.overwrite, layout=args.to, dtype=args.dtype or "default",
+                             lora=args.lora, provenance={"source": args.source, "revision": args.revision})
+    return Path(args.output)
+
+
+def _export_parser(commands) -> None:
+    export = commands.add_parser("export", help="torch.export (.pt2) or ONNX export of one model",
+                                 description="Export one model as a torch.export program (.pt2) or an ONNX graph "
+                                 "(+ FILE.data, the weights), with a dynamic batch and latent size.")
+    export.add_argument("target", choices=EXPORT_TARGETS, help="the model and method to export")
+    export.add_argument("--format", default=None, choices=EXPORT_FORMATS, help="default: from the --output suffix")
+    export.add_argument("-o", "--output", required=True, help="output file (.pt2 or .onnx)")
+    export.add_argument("--weights", default=DEFAULT_WEIGHTS,
+                        help="hub repository, pipeline folder (any layout) or one converted component folder "
+                             f"(default: {DEFAULT_WEIGHTS})")
+    export.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) to pin")
+    export.add_argument("--cache-dir", default=None, help="converted-weights cache")
+    export.add_argument("--dtype", default="float32", choices=[d for d in DTYPES if d != "auto"],
+                        help="weight dtype of the exported model (default: float32)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+
+def _export(args) -> int:
+    import torch
+
+    from kandinsky.export import FORMATS, TARGETS, export
+    from kandinsky.weights import is_converted, load_converted
+
+    output = Path(args.output)
+    format = args.format or output.suffix.lstrip(".").lower()
+    if format not in FORMATS:
+        raise CommandError(f"--format: expected one of {list(FORMATS)} (or an --output ending in .pt2 / .onnx), "
+                           f"got {args.output!r}")
+    if output.exists() and not args.overwrite:  # before the (slow) loading
+        raise CommandError(f"refusing to overwrite {output} (use --overwrite)")
+    component = TARGETS[args.target].component
+    if is_converted(args.weights):
+        stored = json.loads((Path(args.weights) / "config.json").read_text()).get("component")
+        if stored != component:
+            raise CommandError(f"--weights: {args.weights} holds a {stored}; {args.target} needs a {component}")
+        model = load_converted(args.weights)
+    else:
+        from kandinsky.hub import resolve
+
+        model = resolve(args.weights, revision=args.revision, cache_dir=args.cache_dir)[component].load()
+    # plain NCHW kernels: the memory-mapped channels-last views would be saved as views of the whole file
+    model = model.to(getattr(torch, args.dtype), memory_format=torch.contiguous_format)
+    print(export(args.target, model, output, format=format, overwrite=args.overwrite))
+    return 0
 
 
 def _outputs(output: str, count: int) -> list[Path]:
@@ -148,6 +529,20 @@ def _open_image(path: str, option: str, mode: str = "RGB"):
         raise CommandError(f"{option}: cannot read image {path!r}: {error}") from None
 
 
+def _mix_item(item: str):
+    """A ``mix`` item: an existing file is an image, a missing one with an image file extension is an error
+    (a typo would otherwise be mixed in as a text prompt), anything else a prompt."""
+    from PIL import Image
+
+    if Path(item).is_file():
+        return _open_image(item, "items")
+    Image.init()
+    readable = {suffix for suffix, format in Image.registered_extensions().items() if format in Image.OPEN}
+    if Path(item).suffix.lower() in readable:
+        raise CommandError(f"items: no such image file {item!r} (a prompt cannot end in an image file extension)")
+    return item
+
+
 def _pipeline(args):
     import torch
 
@@ -163,31 +558,25 @@ def _pipeline(args):
 
 
 def _metadata(args, seed: int, index: int):
-    from PIL.PngImagePlugin import PngInfo
-
-    from kandinsky import __version__
+    from kandinsky.png import png_metadata
 
     settings = {k: v for k, v in vars(args).items() if k not in ("output", "overwrite", "no_progress", "grid")}
     settings["seed"] = seed
-    info = PngInfo()
-    info.add_text("Software", f"kandinsky21 {__version__}")
-    info.add_text("prompt", getattr(args, "prompt", None) or " | ".join(getattr(args, "items", [])))
-    if args.negative_prompt:
-        info.add_text("negative_prompt", args.negative_prompt)
-    info.add_text("seed", str(seed))
-    info.add_text("image_index", str(index))
-    info.add_itxt("settings", json.dumps(settings, sort_keys=True))
-    return info
+    prompt = getattr(args, "prompt", None) or " | ".join(getattr(args, "items", []))
+    return png_metadata(prompt, seed, index, settings, args.negative_prompt)
 
 
 def _run(args, parser: argparse.ArgumentParser) -> int:
     import torch
 
+    from kandinsky.png import save_png
+
     for name in ("steps", "prior_steps", "num_images"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
-    if args.height < 1 or args.width < 1:
-        parser.error(f"--height/--width: expected positive integers, got {args.height} x {args.width}")
+    for name in ("height", "width"):
+        if not 1 <= getattr(args, name) <= MAX_IMAGE_SIDE:
+            parser.error(f"--{name}: expected an integer in [1, {MAX_IMAGE_SIDE}], got {getattr(args, name)}")
     if args.command == "mix" and args.ratios is not None and len(args.ratios) != len(args.items):
         parser.error(f"--ratios: expected one weight per item ({len(args.items)}), got {len(args.ratios)}")
     outputs = _outputs(args.output, args.num_images)
@@ -198,7 +587,7 @@ def _run(args, parser: argparse.ArgumentParser) -> int:
     image = _open_image(args.image, "--image") if args.command in ("img2img", "inpaint") else None
     mask = _open_image(args.mask, "--mask", "L") if args.command == "inpaint" else None
     if args.command == "mix":
-        items = [_open_image(item, "items") if Path(item).is_file() else item for item in args.items]
+        items = [_mix_item(item) for item in args.items]
         ratios = args.ratios or [1.0 / len(items)] * len(items)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     if args.seed is None:
@@ -222,11 +611,11 @@ def _run(args, parser: argparse.ArgumentParser) -> int:
         images = pipe.mix(items, ratios, negative_prompt=args.negative_prompt or "", **common)
 
     for index, (picture, path) in enumerate(zip(images, outputs)):
-        picture.save(path, pnginfo=_metadata(args, seed, index))
+        save_png(picture, path, _metadata(args, seed, index))
         print(path)
     if grid is not None:
         inputs = [i for i in items if not isinstance(i, str)]
-        _grid(inputs, images).save(grid, pnginfo=_metadata(args, seed, 0))
+        save_png(_grid(inputs, images), grid, _metadata(args, seed, 0))
         print(grid)
     return 0
 

@@ -1,4 +1,7 @@
-"""Official Kandinsky 2.1 weights: find them (hub or local folder), convert them once, load them lazily.
+"""Official Kandinsky 2.1 weights: find them (hub or local folder), convert them once, load them lazily;
+and the pipeline's component table (:data:`MODULES`, :data:`TOKENIZERS`, the two stages).
+
+Files are read, converted and written by :mod:`kandinsky.weights`; this module decides which files.
 
 Three layouts are read:
 
@@ -7,18 +10,16 @@ Three layouts are read:
 * **original**: ``ai-forever/Kandinsky_2.1`` (``decoder_fp16.ckpt``, ``inpainting_fp16.ckpt``,
   ``prior_fp16.ckpt``, ``movq_final.ckpt``, ``ViT-L-14_stats.th``, ``text_encoder/``), with CLIP ViT-L/14
   from ``openai/clip-vit-large-patch14`` (or a diffusers prior repo, ``clip_source=``);
-* **ours**: one folder per component, what the cache holds and what ``--weights`` may point at::
-
-      prior/ unet/ unet_inpaint/ movq/   converted weights (kandinsky.weights format)
-      clip_text/ clip_vision/            transformers CLIP towers (save_pretrained)
-      mclip/                             M-CLIP config.json + model.safetensors
-      clip_tokenizer/ mclip_tokenizer/   tokenizers (save_pretrained)
+* **ours**: one folder per component (see :mod:`kandinsky.weights`), what the cache holds and what
+  ``--weights`` may point at. A ``base.json`` there names where the missing components come from
+  (:func:`kandinsky.weights.write_base`): a folder of fine-tuned components on top of the official ones.
 
 A component is fetched (only its files: ``snapshot_download`` with ``allow_patterns``), converted into
 ``<cache>/<repo>@<revision>/<component>/`` the first time a task needs it, and afterwards loaded from
 there memory-mapped, without touching the network. The cache is ``cache_dir``, else
 ``$KANDINSKY21_CACHE``, else ``~/.cache/kandinsky21``. A moving revision (``main``) is converted once:
-pin ``revision=`` or delete the cache folder to refresh.
+pin ``revision=`` or delete the cache folder to refresh. Processes sharing a cache take turns on each
+component (a file lock ``.<component>.lock`` beside it): the first converts, the others wait and reuse it.
 
 Example::
 
@@ -30,24 +31,30 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from filelock import FileLock
 from huggingface_hub import snapshot_download
 
-from kandinsky.pipeline import MODULES, TOKENIZERS, Lazy
+from kandinsky.weights import (BASE_FILE, CONVERTED, convert_files, is_converted, load_component, read_base,
+                               save_component, tidy_leftovers)
+
+# The pipeline's components. Stages of the two-stage model: `offload="sequential"` keeps only one stage's
+# modules resident.
+PRIOR_STAGE = ("clip_text", "clip_vision", "prior")
+DECODER_STAGE = ("mclip", "unet", "unet_inpaint", "movq")
+MODULES = PRIOR_STAGE + DECODER_STAGE
+TOKENIZERS = ("clip_tokenizer", "mclip_tokenizer")
+COMPONENTS = MODULES + TOKENIZERS
 
 DEFAULT_SOURCE = "kandinsky-community/kandinsky-2-1"
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 ORIGINAL_REPOS = ("ai-forever/Kandinsky_2.1", "sberbank-ai/Kandinsky_2.1")
-CONVERTED = ("prior", "unet", "unet_inpaint", "movq")  # our safetensors format (kandinsky.weights)
-COMPONENTS = MODULES + TOKENIZERS
 LAYOUTS = ("diffusers", "original", "ours")
+BASE_OPTIONS = ("revision", "layout", "prior_source", "inpaint_source", "clip_source", "original_configs")  # in base.json
 # original-layout checkpoint of each converted component
 ORIGINAL_FILES = {"prior": "prior_fp16.ckpt", "unet": "decoder_fp16.ckpt", "unet_inpaint": "inpainting_fp16.ckpt",
                   "movq": "movq_final.ckpt"}
@@ -55,14 +62,38 @@ CLIP_STATS_FILE = "ViT-L-14_stats.th"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+class Lazy:
+    """A component that is loaded only when a call needs it: ``Lazy(lambda: load_component("movq", folder))``.
+
+    The loader is kept, so that ``offload="sequential"`` can drop the module and load it again later
+    (from memory-mapped files this costs little).
+    """
+
+    def __init__(self, load: Callable[[], object], description: str = ""):
+        self.load = load
+        self.description = description
+
+    def __repr__(self) -> str:
+        return f"Lazy({self.description or self.load!r})"
+
+
 class WeightsNotFoundError(OSError):
     """Weights that could not be found or downloaded; the message says what and how to point at local files."""
 
 
-_LOCAL_HINT = ("To work offline, download the files on a machine with access (e.g. `huggingface-cli download "
-               "{repo}`) and pass the folder instead: Kandinsky21.from_pretrained('/path/to/folder') or "
-               "`kandinsky generate --weights /path/to/folder ...` (diffusers, original or converted layout; "
-               "see 'Loading weights' in README.md).")
+class _DownloadError(WeightsNotFoundError):
+    """A hub download that failed; :meth:`Origin.write` adds every repository the pipeline needs."""
+
+
+_LOCAL_HINT = ("To work offline, run {commands} where the hub is reachable and copy the Hugging Face cache "
+               "(~/.cache/huggingface, or $HF_HOME) to this machine: the files are then found without network. Or "
+               "pass local folders: `kandinsky generate --weights FOLDER ...` or Kandinsky21.from_pretrained(FOLDER) "
+               "(see 'Offline use' in README.md).")
+
+
+def offline_hint(repos: Sequence[str]) -> str:
+    """How to get the hub repositories ``repos`` onto a machine without network."""
+    return _LOCAL_HINT.format(commands=", ".join(f"`hf download {repo}`" for repo in repos))
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -100,15 +131,14 @@ class Repo:
                                                 allow_patterns=list(patterns)))
             except Exception as error:  # noqa: BLE001 - huggingface_hub/requests/httpx raise many types
                 reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-                raise WeightsNotFoundError(
+                raise _DownloadError(
                     f"could not download {list(patterns)} from the hub repository {self.source!r}"
-                    f"{'' if self.revision is None else f' (revision {self.revision!r})'}: {reason}. "
-                    + _LOCAL_HINT.format(repo=self.source)) from None
+                    f"{'' if self.revision is None else f' (revision {self.revision!r})'}: {reason}.") from None
         missing = [name for name in required if not (folder / name).exists()]
         if missing:
-            where = f"folder {folder}" if self.local is not None else f"hub repository {self.source!r}"
-            raise WeightsNotFoundError(f"the {where} has no {missing}" +
-                                       ("" if self.local is not None else ". " + _LOCAL_HINT.format(repo=self.source)))
+            if self.local is not None:
+                raise WeightsNotFoundError(f"the folder {folder} has no {missing}")
+            raise _DownloadError(f"the hub repository {self.source!r} has no {missing}.")
         return folder
 
     def fetch_first(self, subfolder: str, candidates: Sequence[str], extra: Sequence[str] = ("config.json",)) -> Path:
@@ -133,81 +163,13 @@ class Repo:
 
 def detect_layout(folder: Path) -> str | None:
     """'ours', 'original', 'diffusers' (a decoder or prior folder) or None for a local folder."""
-    for name in CONVERTED:
-        config = folder / name / "config.json"
-        if config.is_file():
-            try:
-                if json.loads(config.read_text()).get("format") == "kandinsky21":
-                    return "ours"
-            except (json.JSONDecodeError, AttributeError):
-                pass
+    if (folder / BASE_FILE).is_file() or any(is_converted(folder / name) for name in CONVERTED):
+        return "ours"
     if any((folder / name).exists() for name in (*ORIGINAL_FILES.values(), "decoder.ckpt")):
         return "original"
     if (folder / "unet" / "config.json").is_file() or (folder / "prior" / "config.json").is_file():
         return "diffusers"
     return None
-
-
-# --------------------------------------------------------------------------------------------- writers
-
-
-def _atomic_folder(out: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(temporary)`` and rename the temporary folder to ``out`` (nothing partial on failure)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        write(temporary)
-        try:
-            temporary.rename(out)
-        except OSError:
-            if not out.exists():  # another process finished first: keep its copy
-                raise
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
-
-
-def save_mclip(model, folder: Path) -> None:
-    """Our M-CLIP as ``config.json`` (the M-CLIP format) + ``model.safetensors``."""
-    from safetensors.torch import save_file
-
-    config = model.config.to_dict()
-    config.update(transformerDimensions=model.config.hidden_size, numDims=model.LinearTransformation.out_features,
-                  architectures=["MultilingualCLIP"])
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-
-
-def save_component(name: str, component, folder: Path) -> None:
-    """Write one loaded component into our layout at ``folder`` (atomically; it must not exist)."""
-    if name in CONVERTED:
-        from kandinsky.weights import save_converted
-
-        save_converted(component, name, folder)
-    elif name == "mclip":
-        _atomic_folder(folder, lambda tmp: save_mclip(component, tmp))
-    else:  # tokenizers and transformers CLIP towers
-        _atomic_folder(folder, lambda tmp: component.save_pretrained(str(tmp)))
-
-
-def _load_component(name: str, folder: Path):
-    """One component from our layout."""
-    if name in CONVERTED:
-        from kandinsky.weights import load_converted
-
-        return load_converted(folder)
-    if name in TOKENIZERS:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(folder))
-    if name == "mclip":
-        from kandinsky.text_encoders import MultilingualCLIP
-
-        return MultilingualCLIP.from_pretrained(folder)
-    from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
-
-    cls = CLIPTextModelWithProjection if name == "clip_text" else CLIPVisionModelWithProjection
-    return cls.from_pretrained(str(folder)).eval()
 
 
 _WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -244,68 +206,71 @@ class Origin:
                             f"folder {base + suffix} beside it, or pass {option}=")
         return Repo(base + suffix, revision, hub_cache)
 
-    def write(self, name: str, out: Path) -> None:
-        """Produce component ``name`` in our layout at ``out`` (which must not exist)."""
-        from kandinsky.weights import convert_files
+    def repositories(self) -> dict[str, str]:
+        """The hub repositories this pipeline draws from, each with the components it provides."""
+        if self.layout == "diffusers":
+            roles = [(self.main, "UNet, MoVQ, M-CLIP"), (self.prior, "prior, CLIP"),
+                     (self.inpaint, "inpainting UNet, for inpaint only")]
+            if self.clip is not self.prior:
+                roles[1] = (self.prior, "prior")
+                roles.append((self.clip, "CLIP"))
+        else:
+            roles = [(self.main, "prior, UNets, MoVQ, M-CLIP"), (self.clip, "CLIP")]
+        found: dict[str, list[str]] = {}
+        for repo, role in roles:
+            if isinstance(repo, Repo) and repo.local is None:
+                found.setdefault(repo.source, []).append(role)
+        return {source: ", ".join(role) for source, role in found.items()}
 
-        if name in CONVERTED:
-            if self.layout == "diffusers":
-                repo = {"prior": self.prior, "unet": self.main, "unet_inpaint": self.inpaint, "movq": self.main}[name]
-                subfolder = "prior" if name == "prior" else ("movq" if name == "movq" else "unet")
-                folder = repo.fetch_first(subfolder, _DIFFUSERS_WEIGHTS)
-                _convert(lambda: convert_files(name, folder, out, layout="diffusers"), out)
-            else:
-                files = [ORIGINAL_FILES[name]] + ([CLIP_STATS_FILE] if name == "prior" else [])
-                folder = self.main.fetch(files, required=files)
-                stats = folder / CLIP_STATS_FILE if name == "prior" else None
-                _convert(lambda: convert_files(name, folder / ORIGINAL_FILES[name], out, layout="original",
-                                               config=self.original_configs.get(name), clip_stats=stats), out)
+    def write(self, name: str, out: Path) -> None:
+        """Produce component ``name`` in our layout at ``out``, unless it is there. Processes writing the same
+        ``out`` take turns (a file lock beside it): the others wait, then keep the first one's copy."""
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(out.parent / f".{out.name}.lock"):
+            tidy_leftovers(out)  # a writer killed while replacing it may have left it aside
+            if out.exists():
+                return
+            try:
+                if name in CONVERTED:
+                    self._convert(name, out)
+                else:
+                    save_component(name, load_component(name, self._fetch_text(name)), out)
+            except _DownloadError as error:
+                repositories = self.repositories()
+                needed = "; ".join(f"{repo} ({role})" for repo, role in repositories.items())
+                raise WeightsNotFoundError(f"{error} This pipeline needs the hub repositories {needed}. "
+                                           f"{offline_hint(list(repositories))}") from None
+            except FileExistsError:
+                if not out.exists():  # another writer without the lock finished first: keep its copy
+                    raise
+
+    def _convert(self, name: str, out: Path) -> None:
+        if self.layout == "diffusers":
+            repo = {"prior": self.prior, "unet": self.main, "unet_inpaint": self.inpaint, "movq": self.main}[name]
+            subfolder = "prior" if name == "prior" else ("movq" if name == "movq" else "unet")
+            convert_files(name, repo.fetch_first(subfolder, _DIFFUSERS_WEIGHTS), out, layout="diffusers")
             return
+        files = [ORIGINAL_FILES[name]] + ([CLIP_STATS_FILE] if name == "prior" else [])
+        folder = self.main.fetch(files, required=files)
+        convert_files(name, folder / ORIGINAL_FILES[name], out, layout="original",
+                      config=self.original_configs.get(name),
+                      clip_stats=folder / CLIP_STATS_FILE if name == "prior" else None)
+
+    def _fetch_text(self, name: str) -> Path:
+        """The folder holding the text encoder, CLIP tower or tokenizer ``name`` (downloaded if needed)."""
         if name in ("mclip", "mclip_tokenizer"):
             repo = self.main
-            if self.layout == "diffusers":
-                subfolder = "text_encoder" if name == "mclip" else "tokenizer"
-            else:
-                subfolder = "text_encoder"  # the original folder holds the model and its tokenizer
-            return self._write_text(name, repo, subfolder, out)
-        # CLIP: a diffusers prior repo (subfolders) or a transformers CLIP repo (one folder, both towers)
-        subfolder = {"clip_text": "text_encoder", "clip_vision": "image_encoder", "clip_tokenizer": "tokenizer"}[name]
-        if not _has_subfolders(self.clip):
-            subfolder = ""
-        return self._write_text(name, self.clip, subfolder, out)
-
-    def _write_text(self, name: str, repo: Repo, subfolder: str, out: Path) -> None:
-        prefix = f"{subfolder}/" if subfolder else ""
+            # the original folder holds the model and its tokenizer
+            subfolder = "tokenizer" if self.layout == "diffusers" and name == "mclip_tokenizer" else "text_encoder"
+        else:  # CLIP: a diffusers prior repo (subfolders) or a transformers CLIP repo (one folder, both towers)
+            repo = self.clip
+            subfolder = {"clip_text": "text_encoder", "clip_vision": "image_encoder", "clip_tokenizer": "tokenizer"}[name]
+            if not _has_subfolders(self.clip):
+                subfolder = ""
         if name in TOKENIZERS:
-            folder = repo.fetch([prefix + f for f in _TOKENIZER_FILES]) / subfolder
-            from transformers import AutoTokenizer
-
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(str(folder))
-            except Exception as error:  # noqa: BLE001
-                raise WeightsNotFoundError(f"no usable tokenizer in {folder} (from {repo.source!r}): "
-                                           f"{type(error).__name__}: {error}") from None
-            _atomic_folder(out, lambda tmp: tokenizer.save_pretrained(str(tmp)))
-            return
-        folder = repo.fetch_first(subfolder, _WEIGHTS)
-        if name == "mclip":
-            from kandinsky.text_encoders import MultilingualCLIP
-
-            model = MultilingualCLIP.from_pretrained(folder)
-            _atomic_folder(out, lambda tmp: save_mclip(model, tmp))
-            return
-        from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
-
-        from transformers.utils import logging as transformers_logging
-
-        cls = CLIPTextModelWithProjection if name == "clip_text" else CLIPVisionModelWithProjection
-        verbosity = transformers_logging.get_verbosity()
-        transformers_logging.set_verbosity_error()  # one tower of a full CLIP checkpoint: the other's keys are unused
-        try:
-            model = cls.from_pretrained(str(folder))
-        finally:
-            transformers_logging.set_verbosity(verbosity)
-        _atomic_folder(out, lambda tmp: model.save_pretrained(str(tmp)))
+            prefix = f"{subfolder}/" if subfolder else ""
+            return repo.fetch([prefix + f for f in _TOKENIZER_FILES]) / subfolder
+        return repo.fetch_first(subfolder, _WEIGHTS)
 
 
 class _Missing:
@@ -319,14 +284,6 @@ class _Missing:
         raise WeightsNotFoundError(self.message)
 
     fetch_first = fetch
-
-
-def _convert(run: Callable[[], Path], out: Path) -> None:
-    try:
-        run()
-    except FileExistsError:
-        if not out.exists():
-            raise  # a stale temporary, not a finished conversion
 
 
 def _has_subfolders(repo: Repo) -> bool:
@@ -351,6 +308,8 @@ def resolve(source: str | os.PathLike = DEFAULT_SOURCE, *, revision: str | None 
     to the ``-prior`` / ``-inpaint`` siblings of a diffusers decoder repo; ``clip_source`` (original layout)
     to ``openai/clip-vit-large-patch14``. ``hub_cache`` is huggingface_hub's download cache.
     ``original_configs`` overrides the official constructor arguments of original checkpoints (tests).
+    A folder in our layout with a ``base.json`` (``{"source": ..., **options}``, options from
+    :data:`BASE_OPTIONS`) takes the components it lacks from ``resolve(source, **options)``.
     """
     if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {list(LAYOUTS)}, got {layout!r}")
@@ -373,7 +332,7 @@ def resolve(source: str | os.PathLike = DEFAULT_SOURCE, *, revision: str | None 
             raise ValueError("layout: 'ours' needs a local folder")
 
     if layout == "ours":
-        return {name: Lazy(_folder_loader(name, local / name), f"{name} from {local / name}") for name in COMPONENTS}
+        return _ours(local, cache_dir, hub_cache)
     origin = Origin(source, layout, revision=revision, hub_cache=hub_cache, prior_source=prior_source,
                     inpaint_source=inpaint_source, clip_source=clip_source, original_configs=original_configs)
     target = cache_root(cache_dir) / origin.main.key()
@@ -381,11 +340,47 @@ def resolve(source: str | os.PathLike = DEFAULT_SOURCE, *, revision: str | None 
             for name in COMPONENTS}
 
 
+def _ours(folder: Path, cache_dir, hub_cache) -> dict[str, Lazy]:
+    """Loaders of a folder in our layout; with a ``base.json``, the components it lacks come from that base."""
+    parts = {name: Lazy(_folder_loader(name, folder / name), f"{name} from {folder / name}") for name in COMPONENTS}
+    base = read_base(folder)
+    if base is None:
+        return parts
+    _check_base_chain(folder)
+    options = {k: v for k, v in base.items() if k != "source"}
+    unknown = sorted(set(options) - set(BASE_OPTIONS))
+    if unknown:
+        raise ValueError(f"{folder / BASE_FILE}: unknown keys {unknown}; expected \"source\" and any of "
+                         f"{list(BASE_OPTIONS)}")
+    base_parts = resolve(_base_source(folder, base), cache_dir=cache_dir, hub_cache=hub_cache, **options)
+    return {name: parts[name] if (folder / name).exists() else base_parts[name] for name in COMPONENTS}
+
+
+def _base_source(folder: Path, base: dict) -> str:
+    """The base's source: a relative path is relative to the folder holding base.json; else a hub id."""
+    source = base["source"]
+    beside = folder / Path(source).expanduser()
+    return str(beside) if beside.exists() else source
+
+
+def _check_base_chain(folder: Path) -> None:
+    """Refuse local folders whose base.json files lead back to themselves."""
+    seen = [folder.resolve()]
+    while (base := read_base(folder)) is not None:
+        folder = Path(_base_source(folder, base)).expanduser()
+        if not folder.is_dir():
+            return
+        if folder.resolve() in seen:
+            raise ValueError(f"{BASE_FILE}: the bases of {seen[0]} form a cycle: "
+                             f"{' -> '.join(str(p) for p in [*seen, folder.resolve()])}")
+        seen.append(folder.resolve())
+
+
 def _folder_loader(name: str, folder: Path) -> Callable:
     def load():
         if not folder.exists():
             raise WeightsNotFoundError(f"converted weights folder {folder.parent} has no {name}/ (needed for this task)")
-        return _load_component(name, folder)
+        return load_component(name, folder)
 
     return load
 
@@ -394,7 +389,7 @@ def _cached_loader(name: str, folder: Path, origin: Origin) -> Callable:
     def load():
         if not folder.exists():
             origin.write(name, folder)
-        return _load_component(name, folder)
+        return load_component(name, folder)
 
     return load
 

@@ -9,39 +9,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from torch import nn
 
-_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm2d)
-
-
-@torch.no_grad()
-def randomize_(module: nn.Module, seed: int = 0, overrides: dict | None = None) -> nn.Module:
-    """Overwrite every parameter with seeded random values, so that no zero-initialised layer hides a bug.
-
-    Matrices and kernels ~ N(0, 1/fan_in) with fan_in = weight[0].numel(); norm weights 1 + 0.1 N(0,1);
-    every other 1-D parameter (biases, norm shifts) 0.1 N(0,1). ``overrides`` maps a parameter name to a
-    function ``(tensor, generator) -> None`` that fills it in place instead (e.g. a positive ``clip_std``).
-    This is the scheme the original fixtures used.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    norm_weights = {
-        f"{name}.weight" if name else "weight"
-        for name, m in module.named_modules()
-        if isinstance(m, _NORMS) and getattr(m, "weight", None) is not None
-    }
-    for name, param in module.named_parameters():
-        if overrides and name in overrides:
-            overrides[name](param, generator)
-            continue
-        values = torch.randn(param.shape, generator=generator, dtype=torch.float32)
-        if name in norm_weights:
-            values = 1 + 0.1 * values
-        elif param.ndim >= 2:
-            values = values / param[0].numel() ** 0.5
-        else:
-            values = 0.1 * values
-        param.copy_(values)
-    return module
+from kandinsky.tiny import randomize_  # noqa: F401  (seeded random weights: shared with the tiny pipeline)
 
 
 def fixture_dir() -> Path:

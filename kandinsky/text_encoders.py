@@ -20,16 +20,16 @@ Example::
 
 from __future__ import annotations
 
-import json
 import warnings
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import XLMRobertaConfig, XLMRobertaModel
+
+from kandinsky.validation import prompt_list
 
 CONTEXT_LENGTH = 77  # both Kandinsky 2.1 text encoders see exactly 77 tokens
 CLIP_IMAGE_SIZE = 224
@@ -67,37 +67,25 @@ class MultilingualCLIP(nn.Module):
         return cls(XLMRobertaConfig(**values), projection_dim)
 
     @classmethod
+    def from_state_dict(cls, config: dict, state_dict: Mapping[str, torch.Tensor]) -> MultilingualCLIP:
+        """Build from an M-CLIP ``config.json`` dict and a state dict, in eval mode. The tensors become the
+        parameters as they are (``assign``): memory-mapped or shared weights are not copied."""
+        model = cls.from_config(config)
+        _check_keys(model, state_dict)
+        model.load_state_dict({k: v for k, v in state_dict.items() if k not in _OPTIONAL_BUFFER_KEYS}, strict=False,
+                              assign=True)  # strict=False: the optional buffers, checked above
+        return model.eval()
+
+    @classmethod
     def from_diffusers_module(cls, mclip: nn.Module) -> MultilingualCLIP:
         """Wrap the weights of a diffusers ``pipelines.kandinsky.text_encoder.MultilingualCLIP``: the tensors are
         shared, not copied (same dtype)."""
-        config = XLMRobertaConfig(**{k: v for k, v in mclip.config.to_dict().items()
-                                     if k not in ("transformerDimensions", "numDims", "model_type", "architectures")})
-        model = cls(config, mclip.config.numDims)
-        model.load_state_dict(mclip.state_dict(), strict=False, assign=True)  # strict check below, buffers aside
-        _check_keys(model, mclip.state_dict())
-        return model.to(next(mclip.parameters()).dtype).eval()
+        return cls.from_state_dict(mclip.config.to_dict(), mclip.state_dict())
 
-    @classmethod
-    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32) -> MultilingualCLIP:
-        """Load a ``text_encoder/`` folder (diffusers ``kandinsky-2-1`` or the original M-CLIP folder):
-        ``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``."""
-        folder = Path(folder)
-        config_path = folder / "config.json"
-        if not config_path.exists():
-            raise ValueError(f"folder: expected an M-CLIP folder with config.json, got {folder}")
-        model = cls.from_config(json.loads(config_path.read_text()))
-        if (folder / "model.safetensors").exists():
-            from safetensors.torch import load_file
-
-            state_dict = load_file(str(folder / "model.safetensors"))
-        elif (folder / "pytorch_model.bin").exists():
-            state_dict = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        else:
-            raise ValueError(f"folder: no model.safetensors or pytorch_model.bin in {folder}")
-        _check_keys(model, state_dict)
-        model.load_state_dict({k: v for k, v in state_dict.items() if k not in _OPTIONAL_BUFFER_KEYS}, strict=False,
-                              assign=True)  # memory-mapped tensors, no second copy
-        return model.to(dtype).eval()
+    def to_config(self) -> dict:
+        """The M-CLIP ``config.json`` dict of this model (the inverse of :meth:`from_config`)."""
+        return {**self.config.to_dict(), "transformerDimensions": self.config.hidden_size,
+                "numDims": self.LinearTransformation.out_features, "architectures": ["MultilingualCLIP"]}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L) token ids and (B, L) 0/1 mask -> ((B, numDims) pooled projection, (B, L, hidden) states)."""
@@ -122,24 +110,13 @@ def _check_keys(model: nn.Module, state_dict: dict) -> None:
 # --------------------------------------------------------------------------------------------- tokenising
 
 
-def _prompt_list(prompts: str | Sequence[str]) -> list[str]:
-    if isinstance(prompts, str):
-        return [prompts]
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("prompts: expected a string or a non-empty list of strings, got an empty list")
-    if not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"prompts: expected strings, got {[type(p).__name__ for p in prompts]}")
-    return prompts
-
-
 def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int = CONTEXT_LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask, both (B, max_length), padded and truncated like the diffusers pipelines.
 
     A prompt longer than ``max_length`` tokens is truncated (its last kept token is then not the
     end-of-text token, as in diffusers) and a ``UserWarning`` names the dropped text.
     """
-    prompts = _prompt_list(prompts)
+    prompts = prompt_list(prompts, "prompts")
     encoded = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
                         return_attention_mask=True, add_special_tokens=True, return_tensors="pt")
     untruncated = tokenizer(prompts, add_special_tokens=True)["input_ids"]

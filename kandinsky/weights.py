@@ -1,48 +1,76 @@
-"""Weight files: reading foreign checkpoints safely, writing and loading our converted format, and the
-conversion driver behind ``scripts/convert_weights.py`` / ``kandinsky convert``.
+"""Every read and write of weight files: foreign checkpoints read safely, our folders written atomically
+and loaded memory-mapped, and the conversion of official files into our format.
 
-Our format is one folder per component::
+Our layout is one folder per component (what ``kandinsky.hub`` caches and ``Kandinsky21.save_pretrained``
+writes)::
 
-    movq/
-      config.json        {"format": "kandinsky21", "component": "movq", "config": {...}, "source": {...}}
-      model.safetensors  our state dict
+    prior/ unet/ unet_inpaint/ movq/   config.json {"format": "kandinsky21", "component", "config", "source"}
+                                       + model.safetensors (our state dict)
+    mclip/                             M-CLIP config.json + model.safetensors
+    clip_text/ clip_vision/            transformers CLIP towers (save_pretrained)
+    clip_tokenizer/ mclip_tokenizer/   tokenizers (save_pretrained)
+    base.json                          optional: where the components missing here come from
 
 Example::
 
-    from kandinsky.weights import convert_files, load_converted
+    from kandinsky.weights import convert_files, load_component, load_converted
     convert_files("movq", "movq_final.ckpt", "weights/movq")        # original layout, official config
     convert_files("movq", "kandinsky-2-1/movq", "weights/movq2")     # a diffusers component folder
     movq = load_converted("weights/movq", dtype=torch.bfloat16)
+    mclip = load_component("mclip", "weights/mclip")
 
 Safety: pickled checkpoints are read with ``torch.load(weights_only=True)``, so a file that would run
-code when unpickled is refused. Writes are atomic: a temporary sibling folder is renamed into place.
+code when unpickled is refused. Writes go through :func:`atomic_folder`: a folder is written completely
+beside its destination and renamed into place, so an interrupted write never leaves a partial folder
+and never loses the one it replaces; ``overwrite`` replaces only what this package wrote
+(:func:`replaceable`), never an arbitrary folder. Every unreadable file, wrong tensor type or malformed
+config is a :class:`WeightsFileError` that names the file.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import errno
+import glob
 import json
 import os
 import shutil
-import sys
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from kandinsky.convert import COMPONENTS as CONVERTED
+from kandinsky.convert import from_diffusers, from_original, official_original_config
+from kandinsky.convert.core import Source, build_strict
+from kandinsky.models import config_class, config_from_dict, config_to_dict, model_class
+from kandinsky.text_encoders import MultilingualCLIP
 
 FORMAT = "kandinsky21"
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+BASE_FILE = "base.json"
 CHANNELS_LAST_KEY = "channels_last"  # safetensors metadata: JSON list of the kernels stored as (O, kh, kw, I)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# how each component of the pipeline is stored in our layout
+KINDS = {**{name: "converted" for name in CONVERTED}, "mclip": "mclip", "clip_text": "transformers",
+         "clip_vision": "transformers", "clip_tokenizer": "tokenizer", "mclip_tokenizer": "tokenizer"}
+EXPORT_FILE = "kandinsky21_export.json"  # the provenance record of every export of kandinsky.layouts
+STALE_SECONDS = 300  # a temporary folder untouched this long belongs to a writer that was killed
 _PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".th", ".bin")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_MCLIP_INDEX_BUFFERS = ("transformer.embeddings.position_ids", "transformer.embeddings.token_type_ids")  # integer
 
 
 class WeightsFileError(ValueError):
     """A weight file that cannot be read: missing, truncated, corrupt, or containing code."""
+
+
+# --------------------------------------------------------------------------------------------- foreign files
 
 
 def _torch_load(path: Path):
@@ -84,19 +112,24 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except WeightsFileError:
         raise
     except Exception as error:  # noqa: BLE001 - every reader failure becomes one clear message
-        text = str(error).lower()
-        if "weights only" in text or "weights_only" in text or "unsupported global" in text:
-            raise WeightsFileError(
-                f"refusing to load {path}: it contains pickled objects other than tensors (code would run on "
-                f"load). Only plain state dicts are accepted.{_offending_global(error)}") from None
-        raise WeightsFileError(f"cannot read checkpoint {path} (truncated or corrupt?): "
-                               f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+        raise _unreadable(path, error) from None
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         kind = type(state).__name__
         raise WeightsFileError(f"checkpoint {path} is not a state dict (a mapping of names to tensors), got {kind}")
     return dict(state)
+
+
+def _unreadable(path: Path, error: Exception) -> WeightsFileError:
+    """The one-line error of a weights file that a reader (torch, safetensors, transformers) refused."""
+    text = str(error).lower()
+    if "weights only" in text or "weights_only" in text or "unsupported global" in text:
+        return WeightsFileError(
+            f"refusing to load {path}: it contains pickled objects other than tensors (code would run on "
+            f"load). Only plain state dicts are accepted.{_offending_global(error)}")
+    return WeightsFileError(f"cannot read {path} (truncated or corrupt?): "
+                            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
 
 
 def read_clip_stats(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,92 +149,248 @@ def read_clip_stats(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor
     return stats[0], stats[1]
 
 
-def save_converted(module: nn.Module, component: str, folder: str | os.PathLike, *, force: bool = False,
-                   source_info: dict | None = None) -> Path:
-    """Write ``module`` as ``folder/model.safetensors`` + ``folder/config.json``, atomically.
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise WeightsFileError(f"cannot read {path}: {error}") from None
+    if not isinstance(value, dict):
+        raise WeightsFileError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
-    Everything is written into a temporary sibling folder that is renamed into place at the end, so
-    on any failure nothing partial remains. An existing ``folder`` is only replaced with ``force``.
+
+# --------------------------------------------------------------------------------------------- the atomic writer
+
+
+def atomic_folder(folder: str | os.PathLike, write: Callable[[Path], None], *, overwrite: bool = False,
+                  component: str | None = None) -> Path:
+    """Create ``folder`` by calling ``write(temporary)`` on an empty sibling folder, then renaming it into place.
+
+    An existing ``folder`` is replaced only with ``overwrite``, only if this package wrote it
+    (:func:`replaceable`; ``component``, a key of :data:`KINDS`, is what is being written), and only after
+    the new one is complete: the old folder is moved aside (``.NAME.old-PID``), the new one renamed in, the
+    old one deleted. On any failure, disk full and Ctrl-C included, the old folder stays as it was and
+    nothing partial remains. A folder that another process creates meanwhile wins: without ``overwrite``
+    this one is discarded with a ``FileExistsError``. What a killed writer left behind is tidied first
+    (:func:`tidy_leftovers`). The folder honours the umask (``mkdtemp`` and some writers, safetensors among
+    them, create owner-only files).
     """
-    from kandinsky.models import config_to_dict
-
     folder = Path(folder)
-    if folder.exists() and not force:
-        raise FileExistsError(f"output folder {folder} already exists (use force=True / --force to replace it)")
     folder.parent.mkdir(parents=True, exist_ok=True)
+    tidy_leftovers(folder)
+    check_output(folder, overwrite=overwrite, component=component)
     temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     previous = None
     try:
-        state, channels_last = _file_layout(module.state_dict())
-        save_file(state, str(temporary / MODEL_FILE),
-                  metadata={"format": FORMAT, "component": component, CHANNELS_LAST_KEY: json.dumps(channels_last)})
-        meta = {"format": FORMAT, "component": component, "config": config_to_dict(module.config),
-                "source": source_info}
-        (temporary / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if folder.exists():  # force: move the old folder aside first, so it can be restored on failure
+        write(temporary)
+        _honour_umask(temporary)
+        if folder.exists() or folder.is_symlink():
+            if not overwrite:
+                raise FileExistsError(f"{folder} was created by another writer while this one was written: "
+                                      "theirs is kept, this one discarded")
+            check_output(folder, overwrite=True, component=component)  # what appeared meanwhile may not be ours
             previous = folder.with_name(f".{folder.name}.old-{os.getpid()}")
             folder.rename(previous)
-        temporary.rename(folder)
+        try:
+            temporary.rename(folder)
+        except OSError as error:  # a non-empty folder appeared between the check and the rename
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise FileExistsError(f"{folder} was created by another writer while this one was written: theirs "
+                                  "is kept, this one discarded") from None
     except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
         if previous is not None and not folder.exists():
             previous.rename(folder)
+        shutil.rmtree(temporary, ignore_errors=True)
         raise
     if previous is not None:
         shutil.rmtree(previous, ignore_errors=True)
     return folder
 
 
+def replaceable(folder: str | os.PathLike, component: str | None = None) -> bool:
+    """Whether ``overwrite`` may replace the existing ``folder``: an empty folder, or one this package wrote,
+    recognised by its marker: a converted component (``config.json`` in our format), an export of
+    :mod:`kandinsky.layouts` (:data:`EXPORT_FILE`), or ``component`` (a key of :data:`KINDS`) in our layout
+    (an M-CLIP, CLIP tower or tokenizer config). Never a file, a link or an arbitrary folder."""
+    folder = Path(folder)
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    if not any(folder.iterdir()) or is_converted(folder) or (folder / EXPORT_FILE).is_file():
+        return True
+    kind = KINDS.get(component)
+    if kind == "tokenizer":
+        return (folder / "tokenizer_config.json").is_file()
+    if kind in ("mclip", "transformers"):
+        try:
+            config = json.loads((folder / CONFIG_FILE).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return False
+        if not isinstance(config, dict):
+            return False
+        if kind == "mclip":
+            return config.get("architectures") == ["MultilingualCLIP"]
+        return config.get("model_type") in ("clip", "clip_text_model", "clip_vision_model")
+    return False
+
+
+def check_not_source(output: str | os.PathLike, source: str | os.PathLike) -> None:
+    """Raise if ``output`` is ``source`` (a local path; a hub id is never one) or a folder holding it."""
+    if Path(source).exists():
+        folder, given = Path(output).resolve(), Path(source).resolve()
+        if folder == given or folder in given.parents:
+            raise ValueError(f"output {output}: it is the source {source} or holds it; choose another output folder")
+
+
+def check_output(folder: str | os.PathLike, *, overwrite: bool = False, component: str | None = None) -> Path:
+    """Raise unless ``folder`` may be written: it does not exist, or ``overwrite`` is set and it is
+    :func:`replaceable`. Writers call this before their (slow) work; :func:`atomic_folder` checks again
+    before replacing anything."""
+    folder = Path(folder)
+    if not (folder.exists() or folder.is_symlink()):
+        return folder
+    if not overwrite:
+        raise FileExistsError(f"{folder} already exists (pass overwrite=True to replace it)")
+    if not replaceable(folder, component):
+        raise FileExistsError(f"refusing to replace {folder}: it is not a folder this package wrote (no "
+                              f"{CONFIG_FILE} in the {FORMAT!r} format or {EXPORT_FILE}); remove it yourself or "
+                              "choose another output")
+    return folder
+
+
+def _honour_umask(folder: Path) -> None:
+    """Give ``folder`` and everything in it the permissions a plain mkdir / open would have."""
+    mask = os.umask(0o022)  # the only portable way to read the umask is to set it
+    os.umask(mask)
+    for path in (folder, *folder.rglob("*")):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def tidy_leftovers(folder: str | os.PathLike) -> None:
+    """Restore or delete what a killed :func:`atomic_folder` on ``folder`` left beside it: an old folder moved
+    aside (``.NAME.old-PID`` of a process no longer alive) is restored if ``folder`` is missing, else deleted;
+    temporary folders (``.NAME.*.tmp``) untouched for :data:`STALE_SECONDS` are deleted."""
+    folder = Path(folder)
+    old_prefix = f".{folder.name}.old-"
+    for path in folder.parent.glob(f".{glob.escape(folder.name)}.*"):
+        if path.name.startswith(old_prefix):
+            pid = path.name[len(old_prefix):]
+            if not pid.isdigit() or _writer_alive(int(pid)):
+                continue
+            if folder.exists():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.rename(folder)  # killed between moving the old folder aside and renaming the new one in
+        elif path.name.endswith(".tmp") and time.time() - _last_modified(path) > STALE_SECONDS:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _writer_alive(pid: int) -> bool:
+    """Whether process ``pid`` may still be writing (another live process; never this one, whose writes
+    of one folder do not overlap)."""
+    if pid == os.getpid():
+        return False
+    if os.name != "posix":
+        return True  # no harmless liveness probe: leave its folders alone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _last_modified(path: Path) -> float:
+    """The newest modification time of ``path`` and everything in it (a writer touches its files)."""
+    newest = 0.0
+    for item in (path, *path.rglob("*")):
+        try:
+            newest = max(newest, item.stat().st_mtime)
+        except OSError:  # deleted meanwhile
+            pass
+    return newest
+
+
+# --------------------------------------------------------------------------------------------- converted modules
+
+
+def save_converted(module: nn.Module, component: str, folder: str | os.PathLike, *, overwrite: bool = False,
+                   source_info: dict | None = None) -> Path:
+    """Write ``module`` as ``folder/model.safetensors`` + ``folder/config.json`` with :func:`atomic_folder`.
+
+    Every 4-D floating-point tensor (a convolution kernel) is stored in channels-last byte order, as
+    (O, kh, kw, I), whatever its memory format here; :func:`load_converted` hands it back as a channels-last
+    (O, I, kh, kw) view of the memory-mapped file.
+    """
+    meta = {"format": FORMAT, "component": component, "config": config_to_dict(module.config), "source": source_info}
+
+    def write(temporary: Path) -> None:
+        state, channels_last = _file_layout(module.state_dict())
+        save_file(state, str(temporary / MODEL_FILE),
+                  metadata={"format": FORMAT, "component": component, CHANNELS_LAST_KEY: json.dumps(channels_last)})
+        (temporary / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+    return atomic_folder(folder, write, overwrite=overwrite, component=component)
+
+
 def _file_layout(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Tensors as safetensors stores them (contiguous), and the keys of the convolution kernels kept in
-    channels-last order: those are written as their (O, kh, kw, I) permutation, which is the same bytes, so
-    that loading can hand the model channels-last kernels as views of the memory-mapped file instead of
-    copying them (3.35 GiB for the UNet)."""
+    """The tensors as the file stores them (contiguous), and the keys of the kernels stored as (O, kh, kw, I).
+
+    Kernels in channels-last order are the same bytes (no copy); the others are copied once here, so that
+    every model gets channels-last kernels straight from the file.
+    """
     state, channels_last = {}, []
     for key, tensor in state_dict.items():
         tensor = tensor.detach()
-        if tensor.ndim == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
-            tensor = tensor.permute(0, 2, 3, 1)  # contiguous: no copy
+        if tensor.ndim == 4 and tensor.is_floating_point():
+            tensor = tensor.permute(0, 2, 3, 1)
             channels_last.append(key)
         state[key] = tensor.contiguous()
     return state, channels_last
 
 
 def _channels_last_keys(path: Path) -> list[str]:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as file:
         return json.loads((file.metadata() or {}).get(CHANNELS_LAST_KEY, "[]"))
 
 
+def is_converted(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a component in our converted format (its config.json says so)."""
+    config = Path(folder) / CONFIG_FILE
+    try:
+        return json.loads(config.read_text()).get("format") == FORMAT
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
+
+
 def load_converted(folder: str | os.PathLike, *, device: str | torch.device = "cpu",
-                   dtype: torch.dtype | None = None) -> nn.Module:
+                   dtype: torch.dtype | None = None, component: str | None = None) -> nn.Module:
     """Our module from a folder written by :func:`save_converted`, in eval mode.
 
     The module is built on the meta device and takes the memory-mapped tensors as its parameters
-    (``assign=True``), so the weights are never copied when device and dtype match the file: convolution
-    kernels that the model keeps channels-last are stored in that order, and arrive as views too.
+    (``assign=True``), so the weights are never copied when device and dtype match the file; the kernels
+    listed as channels-last arrive as channels-last views. Folders without that list (or with a partial
+    one) load too: their unlisted kernels are stored as (O, I, kh, kw). ``dtype`` casts the weights; by
+    default they keep the file's dtype, and a file mixing floating-point dtypes is read as float32.
+    ``component`` (e.g. ``"unet"``) refuses a folder holding another one. Every problem with the files is
+    a :class:`WeightsFileError` naming the file.
     """
-    from kandinsky.convert.core import Source, build_strict
-    from kandinsky.models import config_from_dict, model_class
-
     folder = Path(folder)
     config_path, model_path = folder / CONFIG_FILE, folder / MODEL_FILE
     if not config_path.is_file() or not model_path.is_file():
         raise WeightsFileError(f"{folder} is not a converted weights folder (needs {CONFIG_FILE} and {MODEL_FILE})")
-    try:
-        meta = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise WeightsFileError(f"cannot parse {config_path}: {error}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else None
-        raise WeightsFileError(f"{config_path} is not in the {FORMAT!r} format (format={found!r})")
-    component = meta["component"]
-    config = config_from_dict(component, meta["config"])
+    stored, config = _converted_config(config_path)
+    if component is not None and stored != component:
+        raise WeightsFileError(f"{folder} holds a {stored!r} component, not the {component!r} expected here "
+                               f"({config_path})")
     try:
         state = load_file(str(model_path), device=str(device))
     except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
         raise WeightsFileError(f"cannot read {model_path} (truncated or corrupt?): {error}") from None
+    _check_floating(state, model_path)
+    if dtype is None and len({t.dtype for t in state.values()}) > 1:
+        dtype = torch.float32  # a tensor cast by hand: one dtype for the whole module, without losing precision
     try:
         for key in _channels_last_keys(model_path):
             state[key] = state[key].permute(0, 3, 1, 2)  # (O, kh, kw, I) on disk -> channels-last (O, I, kh, kw) view
@@ -209,16 +398,181 @@ def load_converted(folder: str | os.PathLike, *, device: str | torch.device = "c
         raise WeightsFileError(f"{model_path}: bad {CHANNELS_LAST_KEY!r} metadata ({type(error).__name__}: {error})") from None
     source = Source(state, FORMAT)
     converted = source.rename([(r"(.*)", r"\1")])
-    cls = model_class(component)
-    return build_strict(component, lambda: cls(config), converted, source, dtype)
+    cls = model_class(stored)
+    try:
+        return build_strict(stored, lambda: cls(config), converted, source, dtype)
+    except (ValueError, RuntimeError, TypeError, ZeroDivisionError) as error:  # also a config no model can have
+        raise WeightsFileError(f"{model_path} does not fit {config_path}: {error}") from None
+
+
+def _converted_config(path: Path):
+    """``(component, config dataclass)`` from a converted folder's config.json, every value's type checked."""
+    meta = _read_json(path)
+    if meta.get("format") != FORMAT:
+        raise WeightsFileError(f"{path} is not in the {FORMAT!r} format (format={meta.get('format')!r})")
+    missing = [key for key in ("component", "config") if key not in meta]
+    if missing:
+        raise WeightsFileError(f"{path} has no {missing}")
+    component, values = meta["component"], meta["config"]
+    if component not in CONVERTED:
+        raise WeightsFileError(f"{path}: \"component\" must be one of {list(CONVERTED)}, got {component!r}")
+    if not isinstance(values, dict):
+        raise WeightsFileError(f"{path}: \"config\" must be a JSON object, got {type(values).__name__}")
+    for field in dataclasses.fields(config_class(component)):
+        if field.name in values and not _same_type(values[field.name], field.default):
+            raise WeightsFileError(f"{path}: config.{field.name} must be of the type of {field.default!r}, "
+                                   f"got {values[field.name]!r}")
+    try:
+        return component, config_from_dict(component, values)
+    except (TypeError, ValueError) as error:
+        raise WeightsFileError(f"{path}: {error}") from None
+
+
+def _same_type(value, default) -> bool:
+    """Whether a JSON value has the type of a config field's default (an int, a tuple of ints, ...)."""
+    if isinstance(default, tuple):
+        return isinstance(value, list) and (not default or all(_same_type(item, default[0]) for item in value))
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    return isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int))
+
+
+def _check_floating(state: Mapping[str, torch.Tensor], path: Path, optional: Sequence[str] = ()) -> None:
+    """Refuse integer and bool tensors (besides the ``optional`` keys): every weight of these models is
+    floating point, and an integer one would fail only later, as a parameter or inside a forward."""
+    wrong = [f"{key} ({tensor.dtype})" for key, tensor in state.items()
+             if not tensor.is_floating_point() and key not in optional]
+    if wrong:
+        raise WeightsFileError(f"{path}: {len(wrong)} tensor(s) not floating point, e.g. {wrong[0]}; every weight "
+                               "of this model is floating point (a corrupt or foreign file?)")
+
+
+# --------------------------------------------------------------------------------------------- every component
+
+
+def _kind(name: str) -> str:
+    if name not in KINDS:
+        raise ValueError(f"name: expected one of {list(KINDS)}, got {name!r}")
+    return KINDS[name]
+
+
+def save_component(name: str, component, folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write the pipeline component ``name`` (a key of :data:`KINDS`) into ``folder`` in our layout, with
+    :func:`atomic_folder`; :func:`load_component` reads it back."""
+    kind = _kind(name)
+    if kind == "converted":
+        return save_converted(component, name, folder, overwrite=overwrite)
+    if kind == "mclip":
+        def write(temporary: Path) -> None:
+            (temporary / CONFIG_FILE).write_text(json.dumps(component.to_config(), indent=2) + "\n")
+            save_file({k: v.detach().contiguous() for k, v in component.state_dict().items()},
+                      str(temporary / MODEL_FILE))
+    else:  # transformers CLIP towers and tokenizers
+        def write(temporary: Path) -> None:
+            component.save_pretrained(str(temporary))
+    return atomic_folder(folder, write, overwrite=overwrite, component=name)
+
+
+def load_component(name: str, folder: str | os.PathLike, *, dtype: torch.dtype | None = None):
+    """The pipeline component ``name`` from ``folder``, in eval mode, memory-mapped where the format allows.
+
+    Reads our layout, and also the foreign folders of the same formats: an M-CLIP ``text_encoder/`` folder
+    (``model.safetensors`` or ``pytorch_model.bin``), transformers CLIP folders and tokenizer folders.
+    ``dtype`` casts the floating-point weights (default: as stored); tokenizers ignore it. A folder that does
+    not hold component ``name`` (another component, missing weights, a truncated or code-carrying file) is a
+    :class:`WeightsFileError` naming it.
+    """
+    kind, folder = _kind(name), Path(folder)
+    if kind == "converted":
+        return load_converted(folder, dtype=dtype, component=name)
+    if kind == "tokenizer":
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(folder))
+        except Exception as error:  # noqa: BLE001 - transformers raises many types
+            raise WeightsFileError(f"no usable tokenizer in {folder}: {type(error).__name__}: {error}") from None
+    model = _load_mclip(folder) if kind == "mclip" else _load_transformers(name, folder)
+    return (model if dtype is None else model.to(dtype)).eval()
+
+
+def _load_mclip(folder: Path) -> MultilingualCLIP:
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise WeightsFileError(f"{folder} is not an M-CLIP folder (needs {CONFIG_FILE})")
+    weights = next((folder / f for f in (MODEL_FILE, "pytorch_model.bin") if (folder / f).is_file()), None)
+    if weights is None:
+        raise WeightsFileError(f"M-CLIP folder {folder} has no {MODEL_FILE} or pytorch_model.bin")
+    state = read_state_dict(weights)
+    _check_floating(state, weights, optional=_MCLIP_INDEX_BUFFERS)
+    if len({t.dtype for k, t in state.items() if k not in _MCLIP_INDEX_BUFFERS}) > 1:  # see load_converted
+        state = {k: t if k in _MCLIP_INDEX_BUFFERS else t.float() for k, t in state.items()}
+    try:
+        return MultilingualCLIP.from_state_dict(_read_json(config_path), state)
+    except Exception as error:  # noqa: BLE001 - XLM-R's config and module checks raise many types
+        raise WeightsFileError(f"{folder} does not hold an M-CLIP text encoder: {type(error).__name__}: "
+                               f"{str(error).splitlines()[0] if str(error) else ''}") from None
+
+
+def _load_transformers(name: str, folder: Path) -> nn.Module:
+    from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+    from transformers.utils import logging as transformers_logging
+
+    cls = CLIPTextModelWithProjection if name == "clip_text" else CLIPVisionModelWithProjection
+    weights = next((folder / f for f in (MODEL_FILE, "pytorch_model.bin") if (folder / f).is_file()), folder)
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # one tower of a full CLIP checkpoint: the other's keys are unused
+    try:
+        model, info = cls.from_pretrained(str(folder), output_loading_info=True)
+    except Exception as error:  # noqa: BLE001 - transformers, torch and safetensors raise many types
+        raise _unreadable(weights, error) from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    # transformers fills what the files lack with random weights: a folder of something else would load
+    missing = list(info["missing_keys"]) + [str(key) for key in info["mismatched_keys"]]
+    if missing:
+        raise WeightsFileError(f"{folder} does not hold a CLIP {'text' if name == 'clip_text' else 'vision'} tower: "
+                               f"{len(missing)} of its weights are missing or mis-shaped, e.g. {missing[0]}")
+    return model
+
+
+def write_base(folder: str | os.PathLike, source: str | os.PathLike, **options) -> Path:
+    """Write ``folder/base.json``: the components missing in ``folder`` are then resolved from ``source`` (a hub
+    repository id or a folder; a relative path is taken relative to ``folder``) with ``options``, keyword
+    arguments of :func:`kandinsky.hub.resolve` such as ``revision`` or ``layout``. Returns the file's path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"source": str(source), **options}, indent=2) + "\n"
+    temporary = folder / f".{BASE_FILE}.{os.getpid()}.tmp"
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, folder / BASE_FILE)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return folder / BASE_FILE
+
+
+def read_base(folder: str | os.PathLike) -> dict | None:
+    """The contents of ``folder/base.json`` (``{"source": ..., **options}``), or None if there is none."""
+    path = Path(folder) / BASE_FILE
+    if not path.is_file():
+        return None
+    base = _read_json(path)
+    if not isinstance(base.get("source"), str) or not base["source"]:
+        raise WeightsFileError(f"{path}: expected a \"source\" string (hub repository id or folder), "
+                               f"got {base.get('source')!r}")
+    return base
+
+
+# --------------------------------------------------------------------------------------------- official files
 
 
 def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
-    return _DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
 
 
 def _diffusers_weights(folder: Path) -> Path:
@@ -229,21 +583,31 @@ def _diffusers_weights(folder: Path) -> Path:
 
 
 def convert_files(component: str, source: str | os.PathLike, output: str | os.PathLike, *, layout: str = "auto",
-                  config: Mapping | None = None, clip_stats: str | os.PathLike | None = None, force: bool = False,
-                  dtype: str | torch.dtype | None = None) -> Path:
+                  config: Mapping | None = None, clip_stats: str | os.PathLike | None = None,
+                  overwrite: bool = False, dtype: str | torch.dtype | None = None) -> Path:
     """Convert official weights on disk into our format at ``output``; returns the output folder.
 
     ``source`` is an original checkpoint file (``layout="original"``; ``config`` defaults to the
     official constructor arguments, and the prior needs ``clip_stats`` = ``ViT-L-14_stats.th``) or a
     diffusers component folder with ``config.json`` (``layout="diffusers"``); ``"auto"`` picks by
     file vs folder. ``dtype`` (``"float32"``, ``"bfloat16"``, ``"float16"``) casts the weights; the
-    default keeps the checkpoint's dtype.
+    default keeps the checkpoint's dtype. An existing ``output`` is replaced only with ``overwrite`` and only if
+    this package wrote it (:func:`check_output`); ``source`` itself never.
     """
-    from kandinsky.convert import COMPONENTS, from_diffusers, from_original, official_original_config
+    check_not_source(output, source)
+    output = check_output(output, overwrite=overwrite, component=component)  # before the slow part
+    module, info = read_official(component, source, layout=layout, config=config, clip_stats=clip_stats, dtype=dtype)
+    return save_converted(module, component, output, overwrite=overwrite, source_info=info)
 
-    if component not in COMPONENTS:
-        raise ValueError(f"component must be one of {list(COMPONENTS)}, got {component!r}")
-    source, output = Path(source), Path(output)
+
+def read_official(component: str, source: str | os.PathLike, *, layout: str = "auto", config: Mapping | None = None,
+                  clip_stats: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None
+                  ) -> tuple[nn.Module, dict]:
+    """Our module from official weights on disk, and where it came from: ``(module, source_info)``; the
+    arguments are those of :func:`convert_files`, which writes the module in our format."""
+    if component not in CONVERTED:
+        raise ValueError(f"component must be one of {list(CONVERTED)}, got {component!r}")
+    source = Path(source)
     torch_dtype = _parse_dtype(dtype)
     if not source.exists():
         raise FileNotFoundError(f"source {source} does not exist")
@@ -251,8 +615,6 @@ def convert_files(component: str, source: str | os.PathLike, output: str | os.Pa
         layout = "diffusers" if source.is_dir() else "original"
     if layout not in ("original", "diffusers"):
         raise ValueError(f"layout must be 'original', 'diffusers' or 'auto', got {layout!r}")
-    if output.exists() and not force:  # fail before the (slow) conversion
-        raise FileExistsError(f"output folder {output} already exists (use --force to replace it)")
 
     if layout == "original":
         if source.is_dir():
@@ -265,64 +627,19 @@ def convert_files(component: str, source: str | os.PathLike, output: str | os.Pa
         elif component == "prior":
             raise ValueError("converting the original prior needs clip_stats (the path of ViT-L-14_stats.th)")
         state = read_state_dict(source)
+        _check_floating(state, source)
         module = from_original(component, config, state, dtype=torch_dtype, **extra)
         info = {"layout": "original", "file": source.name, "original_config": dict(config)}
     else:
         if not source.is_dir():
             raise ValueError(f"layout 'diffusers' needs a component folder with config.json, got the file {source}")
         if config is None:
-            config_path = source / "config.json"
-            if not config_path.is_file():
+            if not (source / CONFIG_FILE).is_file():
                 raise WeightsFileError(f"diffusers folder {source} has no config.json")
-            config = json.loads(config_path.read_text())
+            config = _read_json(source / CONFIG_FILE)
         weights = _diffusers_weights(source)
         state = read_state_dict(weights)
+        _check_floating(state, weights)
         module = from_diffusers(component, config, state, dtype=torch_dtype)
         info = {"layout": "diffusers", "file": weights.name, "diffusers_config": dict(config)}
-    return save_converted(module, component, output, force=force, source_info=info)
-
-
-def _json_argument(value: str) -> dict:
-    """``--config``: a JSON file path or an inline JSON object."""
-    path = Path(value)
-    text = path.read_text() if path.is_file() else value
-    try:
-        parsed = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"not a JSON file or JSON object: {error}") from None
-    if not isinstance(parsed, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object, got {type(parsed).__name__}")
-    return parsed
-
-
-def build_parser(prog: str = "convert_weights.py") -> argparse.ArgumentParser:
-    from kandinsky.convert import COMPONENTS
-
-    parser = argparse.ArgumentParser(prog=prog, description="Convert official Kandinsky 2.1 weights (original "
-                                     "checkpoint or diffusers folder) into this package's format.")
-    parser.add_argument("component", choices=COMPONENTS)
-    parser.add_argument("source",
-                        help="original checkpoint file (.ckpt/.pt/.safetensors) or diffusers component folder")
-    parser.add_argument("output", help="output folder (model.safetensors + config.json)")
-    parser.add_argument("--layout", default="auto", choices=["auto", "original", "diffusers"])
-    parser.add_argument("--config", type=_json_argument, default=None,
-                        help="original constructor kwargs / diffusers config (JSON file or inline JSON); "
-                             "default: the official one / the folder's config.json")
-    parser.add_argument("--clip-stats", default=None, help="ViT-L-14_stats.th (original prior only)")
-    parser.add_argument("--dtype", default=None, choices=list(_DTYPES), help="cast weights (default: keep)")
-    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
-    return parser
-
-
-def convert_main(argv: list[str] | None = None, prog: str = "convert_weights.py") -> int:
-    """Command-line entry point; returns the exit code (2 with a one-line message on any error)."""
-    args = build_parser(prog).parse_args(argv)
-    try:
-        folder = convert_files(args.component, args.source, args.output, layout=args.layout, config=args.config,
-                               clip_stats=args.clip_stats, force=args.force, dtype=args.dtype)
-    except (ValueError, OSError, KeyError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    print(f"wrote {folder}")
-    return 0
+    return module, info

@@ -3,7 +3,7 @@
 # root with $OUT for files to bring back). Elsewhere: `OUT=some/folder bash scripts/gpu_check.sh`.
 # diffusers is not on that machine: carry its wheel (and importlib_metadata's) in .whl/.
 set -uo pipefail
-OUT=${OUT:-results/gpu}
+OUT=${OUT:-docs/results/gpu}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1

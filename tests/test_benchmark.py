@@ -131,7 +131,7 @@ def test_gpu_benchmark_runs_on_tiny_components():
     for result in results[:3]:
         assert result.extra["output max rel diff"] < 1e-4
     # the whole images are not compared: random weights make the sampling trajectory chaotic (the prior's
-    # float32 step differs from ours by ~1e-3, see the README's parity notes)
+    # float32 step differs from ours by ~1e-3, see docs/parity.md)
     assert results[4].extra["ours compiled vs eager image max abs diff"] < 1e-5
 
 

@@ -3,22 +3,31 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import kandinsky.hub as hub
+import kandinsky.weights as weights_module
 from kandinsky.cli import main
 from kandinsky.pipeline import Kandinsky21
+from kandinsky.testing import load_original_fixture, max_errors, prefixed
+from kandinsky.weights import load_converted
 
 pytest.importorskip("diffusers")
 from test_hub import FakeSnapshots  # noqa: E402
 from test_pipeline import SIZE, build_reference, random_image, seed, seed_example_mask  # noqa: E402
 
+ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--height", str(SIZE), "--width", str(SIZE), "--steps", "2", "--prior-steps", "2", "--no-progress",
         "--device", "cpu"]
 
@@ -83,23 +92,45 @@ def test_several_images_and_random_seed_is_reported(weights, tmp_path, capsys):
     assert len(seeds) == 1 and f"seed: {seeds.pop()}" in stderr
 
 
-def test_img2img_inpaint_and_mix(weights, tmp_path, capsys):
-    random_image(1).save(tmp_path / "in.png")
+def _pixels(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image)
+
+
+def test_img2img_inpaint_and_mix_match_the_api(weights, tmp_path, capsys):
+    """Each command writes what the pipeline method gives for the same arguments and seed (its defaults
+    included), pixel for pixel."""
+    image = random_image(1)
+    image.save(tmp_path / "in.png")  # PNG is lossless: the command reads back these pixels
     Image.fromarray((seed_example_mask() * 255).astype(np.uint8)).save(tmp_path / "mask.png")
+    with Image.open(tmp_path / "mask.png") as file:
+        mask = file.convert("L")
+    pipe = Kandinsky21.from_pretrained(str(weights), progress=False)
+    api = dict(height=SIZE, width=SIZE, num_inference_steps=2, prior_num_inference_steps=2)
+
     code, _, stderr = run(capsys, "img2img", "a frog", "--image", tmp_path / "in.png", "--strength", 0.5,
                           "-o", tmp_path / "frog.png", "--weights", weights, "--seed", 0, *FAST)
     assert code == 0, stderr
+    expected = pipe.img2img("a frog", image, strength=0.5, generator=seed(0), **api)[0]
+    assert np.array_equal(_pixels(tmp_path / "frog.png"), np.asarray(expected))
+
     args = ["--image", tmp_path / "in.png", "--mask", tmp_path / "mask.png", "--weights", weights, "--seed", 0, *FAST]
     assert run(capsys, "inpaint", "a hat", "-o", tmp_path / "hat.png", *args)[0] == 0
     assert run(capsys, "inpaint", "a hat", "-o", tmp_path / "legacy.png", "--legacy-mask", *args)[0] == 0
-    with Image.open(tmp_path / "hat.png") as a, Image.open(tmp_path / "legacy.png") as b:
-        assert not np.array_equal(np.asarray(a), np.asarray(b))
+    for name, convention in (("hat", "repaint"), ("legacy", "legacy")):
+        expected = pipe.inpaint("a hat", image, mask, mask_convention=convention, generator=seed(0), **api)[0]
+        assert np.array_equal(_pixels(tmp_path / f"{name}.png"), np.asarray(expected)), name
+    assert not np.array_equal(_pixels(tmp_path / "hat.png"), _pixels(tmp_path / "legacy.png"))
+
     code, _, stderr = run(capsys, "mix", "the cat", tmp_path / "in.png", "--ratios", 0.4, 0.6, "-o",
                           tmp_path / "mix.png", "--grid", tmp_path / "grid.png", "--weights", weights, "--seed", 0,
                           *FAST)
     assert code == 0, stderr
-    with Image.open(tmp_path / "grid.png") as grid:
-        assert grid.size == (2 * SIZE, SIZE)  # the input image, then the result
+    expected = np.asarray(pipe.mix(["the cat", image], [0.4, 0.6], generator=seed(0), **api)[0])
+    assert np.array_equal(_pixels(tmp_path / "mix.png"), expected)
+    grid = _pixels(tmp_path / "grid.png")
+    assert grid.shape == (SIZE, 2 * SIZE, 3)  # the input image, then the result
+    assert np.array_equal(grid[:, :SIZE], np.asarray(image)) and np.array_equal(grid[:, SIZE:], expected)
 
 
 def test_runtime_errors_are_one_line_without_traceback(weights, tmp_path, capsys, monkeypatch):
@@ -130,12 +161,20 @@ def test_usage_errors_exit_2(capsys, argv):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
-    assert "usage" in capsys.readouterr().err
+    assert _one_error_line(capsys.readouterr().err)
+
+
+def _one_error_line(stderr: str) -> str:
+    """The single ``kandinsky: error: ...`` line that is all a failing command may print."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kandinsky: error: "), stderr
+    return lines[0]
 
 
 def test_console_entry_point_usage_error():
-    result = subprocess.run([sys.executable, "-m", "kandinsky.cli", "generate"], capture_output=True, text=True)
-    assert result.returncode == 2 and "usage: kandinsky generate" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "kandinsky", "generate"], capture_output=True, text=True)
+    assert result.returncode == 2 and "prompt" in _one_error_line(result.stderr)
+    assert "kandinsky generate --help" in result.stderr
 
 
 def test_default_weights_is_the_hub_default():
@@ -144,12 +183,276 @@ def test_default_weights_is_the_hub_default():
     assert DEFAULT_WEIGHTS == hub.DEFAULT_SOURCE
 
 
-def test_convert_is_delegated(tmp_path, capsys):
-    from kandinsky.testing import load_original_fixture, prefixed
-
+@pytest.fixture(scope="module")
+def movq_checkpoint(tmp_path_factory):
+    """The tiny original MoVQ fixture as an original-layout checkpoint, and its original config."""
     tensors, meta = load_original_fixture("movq")
-    torch.save(prefixed(tensors, "state_dict."), tmp_path / "movq.ckpt")
-    code, stdout, stderr = run(capsys, "convert", "movq", tmp_path / "movq.ckpt", tmp_path / "movq",
-                               "--config", json.dumps(meta["original_config"]))
+    path = tmp_path_factory.mktemp("original") / "movq.ckpt"
+    torch.save(prefixed(tensors, "state_dict."), path)
+    return path, meta["original_config"], tensors
+
+
+def test_convert_writes_our_format(movq_checkpoint, tmp_path, capsys):
+    checkpoint, config, tensors = movq_checkpoint
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    code, stdout, stderr = run(capsys, "convert", "movq", checkpoint, tmp_path / "movq", "--config",
+                               tmp_path / "config.json", "--dtype", "float32")
     assert code == 0, stderr
+    assert stdout.strip() == str(tmp_path / "movq")
+    with torch.no_grad():
+        encoded = load_converted(tmp_path / "movq").encode(tensors["input.image"])
+    assert max_errors(encoded, tensors["output.encode"])[0] < 1e-5  # same bound as tests/test_movq.py
+    # an existing output is replaced only with --overwrite
+    code, _, stderr = run(capsys, "convert", "movq", checkpoint, tmp_path / "movq", "--config", json.dumps(config))
+    assert code == 1 and "already exists" in stderr and "Traceback" not in stderr
+    assert run(capsys, "convert", "movq", checkpoint, tmp_path / "movq", "--config", json.dumps(config),
+               "--overwrite")[0] == 0
+
+
+def test_convert_errors_are_one_line_and_write_nothing(movq_checkpoint, tmp_path, capsys):
+    checkpoint, _, _ = movq_checkpoint
+    # the official (full-size) config does not fit the tiny checkpoint: strict error
+    code, _, stderr = run(capsys, "convert", "movq", checkpoint, tmp_path / "out")
+    assert code == 1 and "shape mismatches" in stderr and "Traceback" not in stderr
+    (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint at all")
+    code, _, stderr = run(capsys, "convert", "movq", tmp_path / "bad.ckpt", tmp_path / "out")
+    assert code == 1 and "bad.ckpt" in stderr and len(stderr.strip().splitlines()) == 1
+    tensors, _ = load_original_fixture("prior")
+    torch.save(prefixed(tensors, "state_dict."), tmp_path / "prior.ckpt")
+    torch.save((tensors["input.clip_mean"], tensors["input.clip_std"]), tmp_path / "stats.th")
+    code, _, stderr = run(capsys, "convert", "prior", tmp_path / "prior.ckpt", tmp_path / "out", "--clip-stats",
+                          tmp_path / "stats.th", "--config", '{"model": {"hparams": {}}}')
+    assert code == 1 and "--config: missing entry" in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.ckpt", "prior.ckpt", "stats.th"]
+
+
+@pytest.mark.parametrize("argv", [["convert", "movq", "a.ckpt", "out", "--config", "{not json"],
+                                  ["convert", "vae", "a.ckpt", "out"], ["convert", "movq", "a.ckpt"]])
+def test_convert_usage_errors_exit_2(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "kandinsky convert --help" in _one_error_line(capsys.readouterr().err)
+
+
+def test_scripts_are_wrappers_of_the_cli(movq_checkpoint, tmp_path):
+    checkpoint, config, _ = movq_checkpoint
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "convert_weights.py"), "movq", str(checkpoint),
+                           str(tmp_path / "movq"), "--config", json.dumps(config)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
     assert (tmp_path / "movq" / "model.safetensors").is_file()
+    for script, command in (("parity_report.py", "parity"), ("benchmark.py", "bench")):
+        done = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--help"], capture_output=True, text=True)
+        assert done.returncode == 0 and f"usage: kandinsky {command}" in done.stdout, done.stderr
+
+
+# --- one line, never a traceback (issue 13) ---------------------------------------------------------
+
+def _broken_weights(weights: Path, tmp_path: Path, breakage: str) -> Path:
+    """A copy of the tiny weights folder with one component broken as ``breakage`` says."""
+    folder = tmp_path / "broken"
+    shutil.copytree(weights, folder)
+    if breakage == "integer tensor":
+        path = folder / "movq" / "model.safetensors"
+        with safe_open(str(path), framework="pt") as file:
+            metadata, tensors = file.metadata(), {key: file.get_tensor(key) for key in file.keys()}
+        tensors["codebook.weight"] = tensors["codebook.weight"].to(torch.int32)
+        save_file(tensors, str(path), metadata=metadata)
+    elif breakage == "pickled text encoder":
+        (folder / "clip_text" / "model.safetensors").unlink()
+        torch.save({"weight": torch.zeros(1), "payload": _Exploit()}, folder / "clip_text" / "pytorch_model.bin")
+    elif breakage.startswith("truncated "):
+        path = folder / breakage.split()[1] / "model.safetensors"
+        path.write_bytes(path.read_bytes()[:1000])
+    elif breakage in ("config without component", "config with a wrong type"):
+        path = folder / "unet" / "config.json"
+        meta = json.loads(path.read_text())
+        if breakage == "config without component":
+            del meta["component"]
+        else:
+            meta["config"]["model_channels"] = "wide"
+        path.write_text(json.dumps(meta))
+    elif breakage == "movq in unet":
+        shutil.rmtree(folder / "unet")
+        shutil.copytree(folder / "movq", folder / "unet")
+    return folder
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch should-never-exist",))
+
+
+@pytest.mark.parametrize("breakage, needle", [
+    ("integer tensor", "movq/model.safetensors: 1 tensor(s) not floating point, e.g. codebook.weight (torch.int32)"),
+    ("pickled text encoder", "refusing to load"),
+    ("truncated mclip", "mclip/model.safetensors (truncated or corrupt?)"),
+    ("truncated clip_text", "clip_text/model.safetensors (truncated or corrupt?)"),
+    ("config without component", "unet/config.json has no ['component']"),
+    ("config with a wrong type", "unet/config.json: config.model_channels must be of the type of 384, got 'wide'"),
+    ("movq in unet", "holds a 'movq' component, not the 'unet' expected here"),
+])
+def test_broken_weight_files_are_one_line(weights, tmp_path, capsys, monkeypatch, breakage, needle):
+    monkeypatch.chdir(tmp_path)
+    folder = _broken_weights(weights, tmp_path, breakage)
+    code, _, stderr = run(capsys, "generate", "the cat", "-o", tmp_path / "out.png", "--weights", folder, "--seed", 0,
+                          *FAST)
+    assert code == 1 and needle in _one_error_line(stderr)
+    assert not (tmp_path / "out.png").exists() and not (tmp_path / "should-never-exist").exists()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--device", "bogus"], "--device: expected a torch device such as 'cpu', 'cuda' or 'cuda:1', got 'bogus'"),
+    (["--seed", str(2**64)], "argument --seed: expected an integer in [0, 2**64 - 1], got 18446744073709551616"),
+    (["--seed", "-1"], "argument --seed: expected an integer in [0, 2**64 - 1], got -1"),
+    (["--height", "100000"], "--height: expected an integer in [1, 4096], got 100000"),
+    (["--width", "0"], "--width: expected an integer in [1, 4096], got 0"),
+])
+def test_bad_arguments_are_one_line_usage_errors(weights, tmp_path, capsys, argv, needle):
+    argv = ["generate", "x", "-o", str(tmp_path / "out.png"), "--weights", str(weights), "--steps", "1", *argv]
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own checks exit; the others return 2
+        raise SystemExit(main(argv))
+    assert exit_info.value.code == 2 and needle in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA or without a GPU")
+def test_cuda_on_a_machine_without_it_is_one_line(capsys):
+    assert main(["generate", "x", "--device", "cuda"]) == 2
+    assert "--device: 'cuda' asked for, but CUDA is not available" in _one_error_line(capsys.readouterr().err)
+    with pytest.raises(ValueError, match="device: 'cuda:0' asked for"):
+        Kandinsky21(device="cuda:0")
+
+
+def test_a_bogus_device_in_the_api_is_a_value_error_naming_it():
+    with pytest.raises(ValueError, match="device: expected a torch device .* got 'bogus'"):
+        Kandinsky21(device="bogus")
+
+
+def test_a_size_beyond_the_documented_maximum_is_refused_before_allocating(weights):
+    pipe = Kandinsky21.from_pretrained(str(weights), progress=False)
+    for name in ("height", "width"):
+        with pytest.raises(ValueError, match=f"{name}: expected at most 4096 px"):
+            pipe.text2img("the cat", **{name: 10**6}, num_inference_steps=1, prior_num_inference_steps=1)
+    assert pipe._modules == {}  # nothing was loaded, let alone allocated
+
+
+def test_mix_item_that_looks_like_a_missing_image_is_an_error(weights, tmp_path, capsys):
+    code, _, stderr = run(capsys, "mix", "typo.png", "a dog", "-o", tmp_path / "mix.png", "--weights", weights,
+                          "--seed", 0, *FAST)
+    assert code == 1 and "items: no such image file 'typo.png'" in _one_error_line(stderr)
+    assert not (tmp_path / "mix.png").exists()
+
+
+def test_bench_and_parity_without_diffusers_are_one_line(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers now raises ImportError
+    for command in ("bench", "parity"):
+        assert main([command, "movq"]) == 1
+        assert f"{command} compares against diffusers, which is not installed" in \
+            _one_error_line(capsys.readouterr().err)
+
+
+def test_version_and_help_without_torch():
+    from kandinsky import __version__
+
+    script = ("import sys\nfrom kandinsky.cli import main\n"
+              "for argv in (['--help'], ['generate', '--help'], ['convert', '--help'], ['export', '--help'], "
+              "['batch', '--help'], ['--version']):\n"
+              "    try:\n        main(argv)\n    except SystemExit as done:\n        assert done.code == 0, argv\n"
+              "print(sorted(m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("[]")  # no heavy import to print help
+    assert f"kandinsky {__version__}" in done.stdout
+
+
+def test_the_choices_spelled_out_for_help_match_the_package():
+    import kandinsky.cli as cli
+    from kandinsky.convert import COMPONENTS
+    from kandinsky.export import FORMATS, TARGETS
+    from kandinsky.schedulers import SAMPLERS
+    from kandinsky.validation import MAX_IMAGE_SIDE
+
+    assert cli.SAMPLERS == tuple(s for s in SAMPLERS if s != "unclip")
+    assert cli.CONVERTED == COMPONENTS and cli.EXPORT_FORMATS == tuple(FORMATS)
+    assert cli.EXPORT_TARGETS == tuple(TARGETS) and cli.MAX_IMAGE_SIDE == MAX_IMAGE_SIDE
+
+
+@pytest.mark.parametrize("command, sentence", [
+    ("parity", "and against the original implementation's fixtures."),
+    ("bench", "so that machine noise hits both sides alike."),
+])
+def test_parity_and_bench_help_is_a_complete_sentence(capsys, command, sentence):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert sentence in " ".join(capsys.readouterr().out.split())
+
+
+def test_no_progress_silences_the_loading_bars(weights, tmp_path, capsys):
+    from transformers.utils import logging
+
+    before = logging.is_progress_bar_enabled()
+    code, _, stderr = run(capsys, "generate", "the cat", "-o", tmp_path / "a.png", "--weights", weights, "--seed", 0,
+                          *FAST)
+    assert code == 0 and stderr == ""  # transformers' "Loading weights" bar included
+    assert logging.is_progress_bar_enabled() == before  # restored for the rest of the process
+
+
+def test_ctrl_c_during_convert_exits_130_and_leaves_nothing(movq_checkpoint, tmp_path, capsys, monkeypatch):
+    checkpoint, config, _ = movq_checkpoint
+
+    def interrupted(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(weights_module, "save_file", interrupted)
+    code, _, stderr = run(capsys, "convert", "movq", checkpoint, tmp_path / "movq", "--config", json.dumps(config))
+    assert code == 130 and _one_error_line(stderr) == "kandinsky: error: interrupted"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_while_a_png_is_written_keeps_the_previous_image(weights, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "cat.png"
+    assert run(capsys, "generate", "the cat", "-o", out, "--weights", weights, "--seed", 0, *FAST)[0] == 0
+    good = out.read_bytes()
+
+    def interrupted(self, fp, *args, **kwargs):
+        handle = open(fp, "wb") if isinstance(fp, (str, os.PathLike)) else fp  # PIL opens a path itself
+        handle.write(b"\x89PNG\r\n\x1a\n")  # the 8 bytes an interrupted write used to leave
+        handle.flush()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", interrupted)
+    code, _, stderr = run(capsys, "generate", "the dog", "-o", out, "--overwrite", "--weights", weights, "--seed", 1,
+                          *FAST)
+    assert code == 130 and out.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["cat.png"]
+
+
+def test_convert_overwrite_replaces_only_its_own_output(movq_checkpoint, tmp_path, capsys):
+    checkpoint, config, _ = movq_checkpoint
+    documents = tmp_path / "documents"
+    documents.mkdir()
+    (documents / "thesis.tex").write_text("precious")
+    code, _, stderr = run(capsys, "convert", "movq", checkpoint, documents, "--config", json.dumps(config),
+                          "--overwrite")
+    assert code == 1 and "refusing to replace" in _one_error_line(stderr)
+    assert (documents / "thesis.tex").read_text() == "precious"
+    # nor SOURCE itself, even when it is a folder this package wrote
+    assert run(capsys, "convert", "movq", checkpoint, tmp_path / "ours", "--config", json.dumps(config))[0] == 0
+    code, _, stderr = run(capsys, "convert", "movq", tmp_path / "ours", tmp_path / "ours", "--dtype", "bfloat16",
+                          "--overwrite")
+    assert code == 1 and "it is the source" in _one_error_line(stderr)
+    assert load_converted(tmp_path / "ours").encoder.conv_in.weight.dtype == torch.float32
+    # a pipeline folder: each component folder is checked before anything is written
+    (tmp_path / "pipe" / "movq").mkdir(parents=True)
+    (tmp_path / "pipe" / "movq" / "notes.txt").write_text("precious")
+    code, _, stderr = run(capsys, "convert", "pipeline", tmp_path / "nowhere", tmp_path / "pipe", "--overwrite")
+    assert code == 1 and "refusing to replace" in _one_error_line(stderr) and "pipe/movq" in stderr
+
+
+def test_inline_config_longer_than_a_file_name(movq_checkpoint, tmp_path, capsys):
+    checkpoint, config, _ = movq_checkpoint
+    inline = json.dumps(config, indent=40)
+    assert len(inline) > 255  # longer than a file name may be: once an OSError traceback
+    code, _, stderr = run(capsys, "convert", "movq", checkpoint, tmp_path / "movq", "--config", inline)
+    assert code == 0, stderr

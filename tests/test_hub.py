@@ -5,6 +5,7 @@ fixtures) and ``snapshot_download`` is replaced by a function that copies from i
 from __future__ import annotations
 
 import fnmatch
+import json
 import shutil
 from pathlib import Path
 
@@ -16,8 +17,11 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 import kandinsky.hub as hub
 from kandinsky.convert import from_original
 from kandinsky.hub import WeightsNotFoundError, convert_all, resolve
+from kandinsky.models import config_from_dict
+from kandinsky.models.unet import UNet
 from kandinsky.pipeline import Kandinsky21
-from kandinsky.testing import load_original_fixture, prefixed
+from kandinsky.testing import load_original_fixture, prefixed, randomize_
+from kandinsky.weights import load_component, save_component, write_base
 from tiny_components import tiny_clip_text_model, tiny_clip_tokenizer, tiny_clip_vision_model, tiny_mclip, \
     tiny_xlmr_tokenizer
 
@@ -84,8 +88,8 @@ def test_diffusers_layout_from_the_hub_then_offline(fake_hub, tmp_path, monkeypa
     assert not any(name.endswith(".bin") for name in fake.files(DECODER) | fake.files(PRIOR))
     assert "scheduler/scheduler_config.json" not in fake.files(DECODER)
     cache = tmp_path / "cache" / "kandinsky-community--kandinsky-2-1@main"
-    assert {p.name for p in cache.iterdir()} == {"prior", "unet", "movq", "mclip", "mclip_tokenizer", "clip_text",
-                                                 "clip_tokenizer", "clip_vision"}
+    written = {"prior", "unet", "movq", "mclip", "mclip_tokenizer", "clip_text", "clip_tokenizer", "clip_vision"}
+    assert {p.name for p in cache.iterdir()} == written | {f".{name}.lock" for name in written}  # + the fill locks
     # converted once: a second pipeline works with the hub unreachable
     monkeypatch.setattr(hub, "snapshot_download", FakeSnapshots(root, tmp_path / "unused", fail=True))
     again = Kandinsky21.from_pretrained(DECODER, cache_dir=tmp_path / "cache", progress=False)
@@ -110,6 +114,9 @@ def test_unreachable_hub_error_names_repo_and_local_alternative(tmp_path, monkey
         pipe.text2img("the cat", **ARGS)
     message = str(error.value)
     assert PRIOR in message and "--weights" in message and "LocalEntryNotFoundError" in message
+    # every repository the pipeline needs, and today's command to fetch each (huggingface-cli is gone)
+    assert all(f"`hf download {repo}`" in message for repo in (DECODER, PRIOR, INPAINT))
+    assert "huggingface-cli" not in message and "inpaint only" in message and "\n" not in message
     assert not (tmp_path / "cache" / "kandinsky-community--kandinsky-2-1@main" / "prior").exists()
 
 
@@ -140,7 +147,7 @@ def write_original_layout(folder: Path) -> dict:
             torch.save((tensors["input.clip_mean"].reshape(-1), tensors["input.clip_std"].reshape(-1)),
                        folder / hub.CLIP_STATS_FILE)
     mclip = tiny_mclip(seed=1)
-    hub.save_mclip(mclip, folder / "text_encoder")  # config.json + weights (the original ships a .bin)
+    save_component("mclip", mclip, folder / "text_encoder")  # config.json + weights (the original ships a .bin)
     (folder / "text_encoder" / "model.safetensors").unlink()
     torch.save(mclip.state_dict(), folder / "text_encoder" / "pytorch_model.bin")
     tiny_xlmr_tokenizer().save_pretrained(folder / "text_encoder")
@@ -219,3 +226,159 @@ def test_cache_root_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("KANDINSKY21_CACHE", str(tmp_path))
     assert hub.cache_root() == tmp_path
     assert hub.cache_root(tmp_path / "x") == tmp_path / "x"
+
+
+# --- base.json: a folder of trained components on top of a base -------------------------------------------
+
+
+def _tiny_unet(seed: int) -> UNet:
+    config = json.loads((Path(__file__).resolve().parent.parent / "configs" / "unet_tiny.json").read_text())
+    return randomize_(UNet(config_from_dict("unet", config)), seed).eval()
+
+
+def _same_weights(a, b) -> bool:
+    return a.state_dict().keys() == b.state_dict().keys() and all(
+        torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_missing_components_come_from_the_base(tmp_path):
+    base_unet, trained_unet, mclip = _tiny_unet(0), _tiny_unet(1), tiny_mclip(seed=2)
+    save_component("unet", base_unet, tmp_path / "base" / "unet")
+    save_component("mclip", mclip, tmp_path / "base" / "mclip")
+    save_component("mclip_tokenizer", tiny_xlmr_tokenizer(), tmp_path / "base" / "mclip_tokenizer")
+    save_component("unet", trained_unet, tmp_path / "runs" / "trained" / "unet")
+    write_base(tmp_path / "runs" / "trained", "../../base")  # relative to the trained folder
+    assert hub.detect_layout(tmp_path / "runs" / "trained") == "ours"
+    parts = resolve(tmp_path / "runs" / "trained")
+    assert _same_weights(parts["unet"].load(), trained_unet)
+    assert _same_weights(parts["mclip"].load(), mclip)
+    assert parts["mclip_tokenizer"].load()("the cat").input_ids == tiny_xlmr_tokenizer()("the cat").input_ids
+    with pytest.raises(WeightsNotFoundError, match="has no movq/"):  # neither folder has it: the base says so
+        parts["movq"].load()
+    pipe = Kandinsky21.from_pretrained(str(tmp_path / "runs" / "trained"), progress=False)
+    assert _same_weights(pipe.module("unet"), trained_unet) and _same_weights(pipe.module("mclip"), mclip)
+    # a folder holding only base.json is a pointer to its base
+    write_base(tmp_path / "pointer", str(tmp_path / "base"))
+    assert _same_weights(resolve(tmp_path / "pointer")["unet"].load(), base_unet)
+
+
+def test_base_options_are_passed_to_resolve(tmp_path, monkeypatch):
+    fake = FakeSnapshots(tmp_path / "hub", tmp_path / "snapshots", fail=True)
+    monkeypatch.setattr(hub, "snapshot_download", fake)
+    write_base(tmp_path / "trained", DECODER, revision="v2")
+    parts = resolve(tmp_path / "trained", cache_dir=tmp_path / "cache")
+    assert "kandinsky-community--kandinsky-2-1@v2" in repr(parts["movq"])
+    with pytest.raises(WeightsNotFoundError):
+        parts["movq"].load()
+    assert fake.calls and {revision for _, revision, _ in fake.calls} == {"v2"}
+
+
+def test_bad_base_files(tmp_path):
+    write_base(tmp_path / "a", DECODER, revison="v2")
+    with pytest.raises(ValueError, match="unknown keys \\['revison'\\]"):
+        resolve(tmp_path / "a")
+    write_base(tmp_path / "b", str(tmp_path / "c"))
+    write_base(tmp_path / "c", str(tmp_path / "b"))
+    with pytest.raises(ValueError, match="cycle"):
+        resolve(tmp_path / "b")
+    write_base(tmp_path / "d", str(tmp_path / "d"))
+    with pytest.raises(ValueError, match="cycle"):
+        resolve(tmp_path / "d")
+
+
+def test_a_component_already_written_is_kept(fake_hub, tmp_path, monkeypatch):
+    """As when another process converted the same component first: its copy stays."""
+    root, _ = fake_hub
+    monkeypatch.setattr(hub, "snapshot_download", FakeSnapshots(root, tmp_path / "snapshots"))
+    origin = hub.Origin(DECODER, "diffusers")
+    origin.write("mclip_tokenizer", tmp_path / "out" / "mclip_tokenizer")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out" / "mclip_tokenizer").iterdir()}
+    origin.write("mclip_tokenizer", tmp_path / "out" / "mclip_tokenizer")  # already there: kept as it is
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out" / "mclip_tokenizer").iterdir()} == before
+    assert load_component("mclip_tokenizer", tmp_path / "out" / "mclip_tokenizer")("the cat").input_ids
+
+
+def test_save_pretrained_round_trip_and_overwrite(fake_hub, tmp_path):
+    _, reference = fake_hub
+    pipe = Kandinsky21.from_diffusers(reference["prior"], reference["text2img"], inpaint_pipeline=reference["inpaint"],
+                                      progress=False)
+    pipe.save_pretrained(tmp_path / "ours")
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == sorted(hub.COMPONENTS)
+    loaded = Kandinsky21.from_pretrained(str(tmp_path / "ours"), progress=False)
+    expected = pipe.text2img("the cat", generator=seed(3), **ARGS)
+    assert np.array_equal(loaded.text2img("the cat", generator=seed(3), **ARGS), expected)
+    before = (tmp_path / "ours" / "movq" / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        pipe.save_pretrained(tmp_path / "ours")
+    assert (tmp_path / "ours" / "movq" / "model.safetensors").stat().st_mtime_ns == before  # nothing rewritten
+    again = Kandinsky21.from_pretrained(str(tmp_path / "ours"), progress=False)  # lazy: reads the folder it replaces
+    again.save_pretrained(tmp_path / "ours", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == sorted(hub.COMPONENTS)
+    reloaded = Kandinsky21.from_pretrained(str(tmp_path / "ours"), progress=False)
+    assert np.array_equal(reloaded.text2img("the cat", generator=seed(3), **ARGS), expected)
+
+
+def test_offline_error_of_the_original_layout_names_its_repositories(tmp_path, monkeypatch):
+    monkeypatch.setattr(hub, "snapshot_download", FakeSnapshots(tmp_path, tmp_path / "s", fail=True))
+    parts = resolve("ai-forever/Kandinsky_2.1", cache_dir=tmp_path / "cache")
+    with pytest.raises(WeightsNotFoundError) as error:
+        parts["clip_text"].load()
+    message = str(error.value)
+    assert "`hf download ai-forever/Kandinsky_2.1`" in message and "`hf download openai/clip-vit-large-patch14`" in message
+
+
+def test_processes_filling_the_same_component_convert_it_once(fake_hub, tmp_path, monkeypatch):
+    """Two writers of one cache folder: the second waits for the first (file lock) and keeps its copy,
+    instead of converting again and deleting the other's folder."""
+    import threading
+    import time
+
+    root, _ = fake_hub
+    monkeypatch.setattr(hub, "snapshot_download", FakeSnapshots(root, tmp_path / "snapshots"))
+    conversions, real_convert = [], hub.convert_files
+
+    def slow_convert(*args, **kwargs):
+        conversions.append(threading.get_ident())
+        time.sleep(0.5)  # long enough for the other writer to arrive while this one works
+        return real_convert(*args, **kwargs)
+
+    monkeypatch.setattr(hub, "convert_files", slow_convert)
+    out, errors = tmp_path / "cache" / "movq", []
+
+    def fill():
+        try:
+            hub.Origin(DECODER, "diffusers").write("movq", out)
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            errors.append(error)
+
+    writers = [threading.Thread(target=fill) for _ in range(2)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join()
+    assert errors == [] and len(conversions) == 1
+    assert sorted(p.name for p in out.parent.iterdir()) == [".movq.lock", "movq"]
+    assert load_component("movq", out).config.in_channels == 3
+
+
+def test_a_writer_killed_while_replacing_leaves_the_component_restorable(fake_hub, tmp_path, monkeypatch):
+    """The cache folder moved aside by a killed writer comes back instead of being converted again."""
+    root, _ = fake_hub
+    monkeypatch.setattr(hub, "snapshot_download", FakeSnapshots(root, tmp_path / "snapshots"))
+    origin = hub.Origin(DECODER, "diffusers")
+    origin.write("mclip_tokenizer", tmp_path / "cache" / "mclip_tokenizer")
+    (tmp_path / "cache" / "mclip_tokenizer").rename(tmp_path / "cache" / ".mclip_tokenizer.old-999999999")
+    monkeypatch.setattr(hub, "snapshot_download", FakeSnapshots(root, tmp_path / "unused", fail=True))
+    origin.write("mclip_tokenizer", tmp_path / "cache" / "mclip_tokenizer")  # no download: restored
+    assert load_component("mclip_tokenizer", tmp_path / "cache" / "mclip_tokenizer")("the cat").input_ids
+
+
+def test_save_pretrained_overwrite_refuses_folders_it_did_not_write_before_writing(fake_hub, tmp_path):
+    _, reference = fake_hub
+    pipe = Kandinsky21.from_diffusers(reference["prior"], reference["text2img"], progress=False)
+    (tmp_path / "ours" / "unet").mkdir(parents=True)
+    (tmp_path / "ours" / "unet" / "notes.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="refusing to replace .*unet"):
+        pipe.save_pretrained(tmp_path / "ours", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == ["unet"]  # nothing written before the refusal
+    assert (tmp_path / "ours" / "unet" / "notes.txt").read_text() == "precious"

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from kandinsky.convert import from_diffusers, from_original
 from kandinsky.convert.movq import OFFICIAL_ORIGINAL_CONFIGS, to_diffusers_config
 from kandinsky.models import config_from_dict, config_to_dict
-from kandinsky.models.movq import MoVQ, MoVQConfig, SpatialNorm, Upsample
+from kandinsky.models.movq import MoVQ, MoVQConfig, SpatialNorm
 from kandinsky.testing import diffusers_reference_config, fixture_dir, max_errors, prefixed, randomize_
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,7 +99,7 @@ def _diffusers_pair(config: MoVQConfig, seed: int = 0):
     return ours, reference
 
 
-def _check_against_diffusers(config: MoVQConfig, batch: int):
+def _check_against_diffusers(config: MoVQConfig, batch: int, tolerance: float):
     ours, reference = _diffusers_pair(config)
     generator = torch.Generator().manual_seed(1)
     images = torch.rand(batch, 3, 64, 64, generator=generator) * 2 - 1
@@ -110,15 +110,20 @@ def _check_against_diffusers(config: MoVQConfig, batch: int):
         decoded = ours.decode(latents_ref)
         quantized_ref = reference.quantize(latents_ref)[0]
         quantized = ours.quantize(latents_ref)
-    # float32 with different (but exact-in-real-arithmetic) op orders: measured ~3e-7 (encode) and
-    # ~2e-6 (decode) relative; 1e-4 relative is the brief's bound for float32.
-    assert max_errors(latents, latents_ref)[1] < 1e-4
-    assert max_errors(decoded, decoded_ref)[1] < 1e-4
+        # Faint latents give the decoder's first norms a small variance, where GroupNorm's epsilon (1e-6)
+        # matters: 1e-5 instead moves this decode by 3e-3 relative, the one above by only 3e-5.
+        faint_ref = reference.decode(latents_ref * 0.01, force_not_quantize=True).sample
+        faint = ours.decode(latents_ref * 0.01)
+    assert max_errors(latents, latents_ref)[1] < tolerance
+    assert max_errors(decoded, decoded_ref)[1] < tolerance
+    assert max_errors(faint, faint_ref)[1] < tolerance
     assert max_errors(quantized, quantized_ref)[0] < 1e-6
 
 
 def test_diffusers_tiny():
-    _check_against_diffusers(TINY, batch=2)
+    # float32 with different (but exact-in-real-arithmetic) op orders: measured 2.1e-6 (encode), 2.2e-6
+    # (decode) and 4.1e-6 (faint decode) relative to the largest output
+    _check_against_diffusers(TINY, batch=2, tolerance=2e-5)
 
 
 def test_diffusers_state_dict_round_trip_names():
@@ -129,7 +134,8 @@ def test_diffusers_state_dict_round_trip_names():
 
 @pytest.mark.slow
 def test_diffusers_full_official_config():
-    _check_against_diffusers(MoVQConfig(), batch=1)
+    # not measured at this size on this machine: 1e-4 relative, the float32 bound of the parity report
+    _check_against_diffusers(MoVQConfig(), batch=1, tolerance=1e-4)
 
 
 def test_diffusers_reference_config_maps_to_our_defaults():
@@ -170,19 +176,6 @@ def test_spatial_norm_matches_the_plain_formula(size):
         scale, shift = norm.to_scale_shift(zq_up).chunk(2, dim=1)
         plain = F.silu(F.group_norm(x, 32, norm.norm.weight, norm.norm.bias, 1e-6) * scale + shift)
     assert max_errors(ours, plain)[0] < 1e-5  # float32, values O(1): a few ulp from the folded affine
-
-
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_upsample_equals_nearest_then_conv(channels_last):
-    upsample = randomize_(Upsample(32), 4)
-    x = torch.randn(2, 32, 5, 7, generator=torch.Generator().manual_seed(0))
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        ours = upsample(x)
-        plain = upsample.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-    # same sums of products, taps pre-added in another order: float32 rounding, values O(1)
-    assert max_errors(ours, plain)[0] < 1e-5
 
 
 # --- bad input -------------------------------------------------------------------------------------
@@ -254,11 +247,32 @@ def tiled_case(tiny):
         return latents, tiny.decode(latents)
 
 
-@pytest.mark.parametrize("tile", [48, 64])
-def test_decode_tiled_is_decode_when_one_tile_covers_the_latent(tiny, tiled_case, tile):
-    latents, _ = tiled_case
+def test_decode_tiled_is_decode_when_one_tile_covers_the_latent(tiny, tiled_case):
+    latents, _ = tiled_case  # (1, 4, 48, 48)
     with torch.no_grad():  # both in this test: the module fixture may have run under another thread count
-        assert torch.equal(tiny.decode_tiled(latents, tile=tile, overlap=8), tiny.decode(latents))
+        full = tiny.decode(latents)
+        for tile in (48, 64):  # one tile covers it, exactly or with room to spare
+            assert torch.equal(tiny.decode_tiled(latents, tile=tile, overlap=8), full), tile
+        # one latent pixel more than the tile, in either direction: the tiled path, which is not exact
+        assert not torch.equal(tiny.decode_tiled(latents, tile=47, overlap=8), full)
+        wide = latents[..., :40]
+        assert not torch.equal(tiny.decode_tiled(wide, tile=40, overlap=8), tiny.decode(wide))
+
+
+def test_decode_tiled_blend_weights_sum_to_one(tiny, tiled_case):
+    """With a constant decoder output (the last conv's weights zeroed), every tile decodes to its bias:
+    the blend of 9 overlapping tiles must give that bias everywhere, seams and corners included."""
+    import copy
+
+    latents, _ = tiled_case
+    constant = copy.deepcopy(tiny)
+    with torch.no_grad():
+        conv_out = dict(constant.named_modules())["decoder.conv_out"]
+        conv_out.weight.zero_()
+        tiled = constant.decode_tiled(latents, tile=24, overlap=8)
+    expected = conv_out.bias.detach()[None, :, None, None].expand_as(tiled)
+    # float32 weighted sum divided by the sum of the weights: measured 1.5e-8 for |bias| up to 0.15
+    torch.testing.assert_close(tiled, expected, rtol=0, atol=1e-7)
 
 
 def test_decode_tiled_is_close_to_decode(tiny, tiled_case):

@@ -113,13 +113,22 @@ def test_p_sampler_threshold_batch0_differs_from_per_sample():
 
 
 def test_p_sampler_x0_fn_is_applied_before_the_threshold():
+    """x0_fn's output goes through the batch-0 threshold: 4 and 0.5 become 4 / 4 and 0.5 / 4 (the first
+    sample's percentile, 4, for both); thresholding first would leave x0_fn's values as they are."""
     schedule = P.decoder_schedule()
     ts = sampler_timesteps("p_sampler", schedule, 4)
-    got = []
+    calls, processed = [], []
+
+    def x0_fn(x0, t):
+        calls.append(t)
+        return torch.cat([torch.full_like(x0[:1], 4.0), torch.full_like(x0[1:], 0.5)])
+
     x = 3 * torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1))
     sample("p_sampler", P.standin_learned, x, schedule, ts, generator=torch.Generator().manual_seed(0),
-           progress=False, x0_fn=lambda x0, t: (got.append(t), torch.zeros_like(x0))[1])
-    assert len(got) == 4 and got[0].shape == (2,)
+           progress=False, x0_fn=x0_fn, callback=lambda i, t, x, x0: processed.append(x0))
+    assert [t.tolist() for t in calls] == [[int(t)] * 2 for t in ts]  # (B,) original-scale timesteps
+    for x0 in processed:
+        assert torch.equal(x0[0], torch.ones_like(x0[0])) and torch.equal(x0[1], torch.full_like(x0[1], 0.125))
 
 
 def test_add_noise_matches_formula_and_diffusers_img2img_noising():

@@ -7,14 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from kandinsky import ops
 from kandinsky.convert import from_diffusers, from_original
 from kandinsky.convert import unet as convert_unet
 from kandinsky.convert.core import Source
-from kandinsky.models import config_from_dict, layers
+from kandinsky.models import config_from_dict
 from kandinsky.models.unet import UNet, UNetConfig
+from kandinsky.ops.cpu import winograd_conv3x3
 from kandinsky.parity.unet import (TOLERANCE_DIFFUSERS, TOLERANCE_ORIGINAL, diffusers_config, diffusers_unet,
                                    inputs, original_fixture_output, run_diffusers, run_ours)
 from kandinsky.testing import diffusers_reference_config, max_errors, randomize_
+from kandinsky.weights import load_converted, save_converted
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = config_from_dict("unet", json.loads((ROOT / "configs" / "unet_tiny.json").read_text()))
@@ -50,19 +53,27 @@ def test_original_fixture_forward(original_fixture, name):
     # for an output of max |2.7|, i.e. ~7e-7 relative: 1e-5 relative is ~15x that noise floor
     assert rel_err < TOLERANCE_ORIGINAL, (abs_err, rel_err)
     assert abs_err < meta["tolerance_hint"]["suggested_atol"]
-    assert meta["tolerance_hint"]["output_max_abs"] > 1  # the comparison is not trivially small
+    # the bounds mean something: the original's output is O(1) and varies (measured max 2.7, std 0.56)
+    assert float(reference.abs().max()) > 1 and float(reference.std()) > 0.1
 
 
 @pytest.mark.parametrize("config", [TINY, TINY_INPAINT], ids=["text2img", "inpaint"])
 @pytest.mark.parametrize("size", [(32, 32), (24, 40)])
-@pytest.mark.parametrize("winograd", [False, True], ids=["default", "winograd"])
-def test_matches_diffusers_tiny(monkeypatch, config, size, winograd):
-    if winograd:  # the full-size model's path (>= 256 channels at 32x32 and up), forced on the tiny one
-        monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 1)
+@pytest.mark.parametrize("path", ["plain", "optimized", "winograd"])
+def test_matches_diffusers_tiny(monkeypatch, config, size, path):
+    """The plain model, and the model as the pipeline runs it on CPU (``ops.optimize``)."""
+    winograd = []
+    if path == "winograd":  # the full-size model's path (>= 256 channels at 32x32 and up), forced on the tiny one
+        monkeypatch.setattr(ops.cpu, "WINOGRAD_MIN_CHANNELS", 1)
+        monkeypatch.setattr(ops.cpu, "winograd_conv3x3", lambda *a: winograd.append(1) or winograd_conv3x3(*a))
     theirs, ours = diffusers_unet(config, seed=3)
+    if path != "plain":
+        ops.optimize(ours, "cpu", torch.float32)
     batch = inputs(config, height=size[0], width=size[1])
     with torch.no_grad():
         out, reference = run_ours(ours, batch), run_diffusers(theirs, batch)
+    # Winograd needs maps of at least WINOGRAD_MIN_PIXELS: 32x32 latents have them at the first level, 24x40 none
+    assert bool(winograd) == (path == "winograd" and size[0] * size[1] >= ops.cpu.WINOGRAD_MIN_PIXELS)
     abs_err, rel_err = max_errors(out, reference)
     assert rel_err < TOLERANCE_DIFFUSERS, (abs_err, rel_err)  # float32 both sides: summation order only
     assert reference.abs().max() > 0.5
@@ -190,10 +201,10 @@ def test_bfloat16_close_to_float32():
     ({"x": torch.randn(2, 9, 32, 32)}, r"x: expected a \(B, 4, h, w\)"),
     ({"x": torch.randn(2, 4, 30, 32)}, r"x: latent height and width must be multiples of 4, got 30x32"),
     ({"x": torch.randn(4, 32, 32)}, r"x: expected a \(B, 4, h, w\)"),
-    ({"text_hidden_states": torch.randn(3, 77, 40)}, r"text_hidden_states: expected shape \(B=2, L, 40\).*\(3, 77, 40\)"),
+    ({"text_hidden_states": torch.randn(3, 77, 32)}, r"text_hidden_states: expected shape \(B=2, L, 32\).*\(3, 77, 32\)"),
     ({"text_hidden_states": torch.randn(2, 77, 1024)}, r"text_hidden_states: .*\(2, 77, 1024\)"),
-    ({"text_embeds": torch.randn(1, 48)}, r"text_embeds: expected shape \(B=2, 48\)"),
-    ({"image_embeds": torch.randn(2, 768)}, r"image_embeds: expected shape \(B=2, 48\).*\(2, 768\)"),
+    ({"text_embeds": torch.randn(1, 32)}, r"text_embeds: expected shape \(B=2, 32\)"),
+    ({"image_embeds": torch.randn(2, 768)}, r"image_embeds: expected shape \(B=2, 32\).*\(2, 768\)"),
     ({"image_embeds": None}, r"image_embeds: expected a tensor"),
     ({"timesteps": torch.tensor([1, 2, 3])}, r"timesteps: expected a scalar or shape \(2,\), got \(3,\)"),
 ])
@@ -209,16 +220,20 @@ def test_inpainting_checks_channels():
         run_ours(unet, inputs(TINY))
 
 
-def test_converted_weights_are_channels_last_and_reload_exactly():
-    """Our convolution kernels are kept channels-last (see the model docstring), also after a strict
-    conversion, which installs the converted tensors with load_state_dict(assign=True)."""
+def test_converted_weights_are_channels_last_and_reload_exactly(tmp_path):
+    """``ops.optimize`` makes the convolution kernels channels-last. A converted file holds them so: loaded
+    memory-mapped they are channels-last views of the file, which optimize keeps (no copy), and the
+    reloaded model gives the same output bit for bit."""
     theirs, ours = diffusers_unet(TINY, seed=4)
-    convs = [m for m in ours.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
-    state = {k: v.contiguous() for k, v in ours.state_dict().items()}  # as a safetensors file would hold them
-    fresh = UNet(TINY).eval()
-    fresh.load_state_dict(state, assign=True)
-    assert fresh.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    ops.optimize(ours, "cpu", torch.float32)
+    kernels = [v for v in ours.state_dict().values() if v.ndim == 4]
+    assert kernels and all(k.is_contiguous(memory_format=torch.channels_last) for k in kernels)
+    save_converted(ours, "unet", tmp_path / "unet")
+    fresh = load_converted(tmp_path / "unet")
+    pointers = {k: v.data_ptr() for k, v in fresh.state_dict().items()}
+    ops.optimize(fresh, "cpu", torch.float32)
+    assert {k: v.data_ptr() for k, v in fresh.state_dict().items()} == pointers
+    assert all(v.is_contiguous(memory_format=torch.channels_last) for v in fresh.state_dict().values() if v.ndim == 4)
     batch = inputs(TINY)
     with torch.no_grad():
         torch.testing.assert_close(run_ours(fresh, batch), run_ours(ours, batch), rtol=0, atol=0)

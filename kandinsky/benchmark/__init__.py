@@ -2,7 +2,7 @@
 process and interleaved (ours, theirs, ours, ...) so that machine noise hits both sides alike.
 
 Each ``kandinsky/benchmark/<component>.py`` defines ``run(args) -> list[Result]``. Results are printed
-as a table and written as JSON and Markdown under ``--results`` (default ``results/``).
+as a table and written as JSON and Markdown under ``--results`` (default ``docs/results/``).
 Run: ``kandinsky bench movq`` or ``python scripts/benchmark.py movq``.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-COMPONENTS = ("movq", "prior", "unet", "text_encoder", "pipeline", "gpu")
+COMPONENTS = ("movq", "prior", "unet", "text_encoder", "pipeline", "batch", "train", "gpu")
 CPU_COMPONENTS = COMPONENTS[:-1]  # what runs when no component is named; "gpu" needs CUDA
 
 
@@ -112,7 +112,7 @@ def _table(results: list[Result]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kandinsky bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="kandinsky bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("components", nargs="*", help=f"subset of {', '.join(COMPONENTS)}")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per side (default 3)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="gpu: seconds after which the torch.compile measurements are skipped (default 420)")
     parser.add_argument("--no-compile", action="store_true", help="gpu: skip the torch.compile measurements")
     parser.add_argument("--no-memory", action="store_true", help="skip the separate-process peak-memory probes")
-    parser.add_argument("--results", default="results", help="folder for the JSON and Markdown tables")
+    parser.add_argument("--results", default="docs/results", help="folder for the JSON and Markdown tables")
     args = parser.parse_args(argv)
     available = [c for c in COMPONENTS if importlib.util.find_spec(f"kandinsky.benchmark.{c}") is not None]
     components = args.components or [c for c in available if c in CPU_COMPONENTS]

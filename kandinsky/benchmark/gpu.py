@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from kandinsky.benchmark import Result, count_flops, interleaved
-from kandinsky.benchmark.pipeline import _check_config, _text2img_diffusers, _text2img_ours, diffusers_pipelines
+from kandinsky.benchmark.pipeline import check_config, diffusers_pipelines, text2img_diffusers, text2img_ours
 from kandinsky.testing import max_errors
 
 SIZES = {"full": 768, "tiny": 64}
@@ -77,7 +77,7 @@ def build(config: str = "full", device: str | torch.device = "cuda", dtype: torc
     both sides; ours converts the prior, UNet, MoVQ (copies) and M-CLIP (shared tensors)."""
     from kandinsky.pipeline import Kandinsky21
 
-    prior_pipe, decoder_pipe, combined = diffusers_pipelines(_check_config(config), seed)
+    prior_pipe, decoder_pipe, combined = diffusers_pipelines(check_config(config), seed)
     combined.to(device=device, dtype=dtype)  # its components are the two pipelines' objects
     ours = Kandinsky21.from_diffusers(prior_pipe, decoder_pipe, device=device, dtype=dtype, progress=False)
     return prior_pipe, decoder_pipe, combined, ours
@@ -172,7 +172,7 @@ def run(args, config: str | None = None) -> list[Result]:
     optionally ``config`` ("full" or "tiny"), ``device`` (default "cuda"), ``budget`` (seconds after which
     the compile measurements are skipped; default 420) and ``no_compile``."""
     start = time.perf_counter()
-    config = _check_config(getattr(args, "config", None) or config or "full")
+    config = check_config(getattr(args, "config", None) or config or "full")
     device = torch.device(getattr(args, "device", None) or "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("kandinsky bench gpu: no CUDA device is available (torch.cuda.is_available() is False)")
@@ -208,9 +208,9 @@ def run(args, config: str | None = None) -> list[Result]:
     def text2img(side: str) -> Callable[[], None]:
         def call():
             if side == "diffusers":
-                images[side] = _text2img_diffusers(combined, size, steps)
+                images[side] = text2img_diffusers(combined, size, steps)
             else:
-                images[side] = _text2img_ours(ours, size, steps)
+                images[side] = text2img_ours(ours, size, steps)
         return call
 
     times = interleaved({side: text2img(side) for side in ("ours", "diffusers")}, repeats=args.repeats, warmup=1)

@@ -11,6 +11,7 @@ import gc
 
 import torch
 
+from kandinsky import ops
 from kandinsky.benchmark import Result, count_flops, interleaved, peak_rss_gib
 from kandinsky.convert.movq import to_diffusers_config
 from kandinsky.models.movq import MoVQ, MoVQConfig
@@ -36,7 +37,7 @@ def memory_probe(side: str, case: str, dtype: str = "float32") -> None:
     """Build one side at the full config, run one case once (run by ``peak_rss_gib`` in its own process)."""
     torch_dtype = _DTYPES[dtype]
     if side == "ours":
-        model = randomize_(MoVQ(MoVQConfig()), 0)
+        model = ops.optimize(randomize_(MoVQ(MoVQConfig()), 0), "cpu", torch_dtype)  # as Kandinsky21 loads it
     else:
         from diffusers import VQModel
 
@@ -54,7 +55,8 @@ def run(args) -> list[Result]:
 
     dtype = _DTYPES[args.dtype]
     reference = randomize_(VQModel(**to_diffusers_config(MoVQConfig())), 0).eval().to(dtype)
-    ours = from_diffusers("movq", dict(reference.config), reference.state_dict(), dtype=dtype)
+    ours = ops.optimize(from_diffusers("movq", dict(reference.config), reference.state_dict(), dtype=dtype),
+                        "cpu", dtype)  # as Kandinsky21 loads it
     models = {"ours": ours, "diffusers": reference}
     results = []
     for case in ("decode", "encode"):
@@ -81,7 +83,7 @@ def tiled_memory_probe(size: str = "192", tile: str = "64", overlap: str = "16")
     """Our full-config ``decode_tiled`` of a (1, 4, size, size) latent (192 = a 1536 px image), for
     ``peak_rss_gib("kandinsky.benchmark.movq:tiled_memory_probe", "192", "64", "16")``; ``tile="0"`` runs the
     untiled ``decode`` instead (several GiB more at 1536 px)."""
-    model = randomize_(MoVQ(MoVQConfig()), 0).eval()
+    model = ops.optimize(randomize_(MoVQ(MoVQConfig()), 0).eval(), "cpu", torch.float32)
     latents = torch.randn(1, 4, int(size), int(size), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         if int(tile):

@@ -100,7 +100,8 @@ def mclip_tokenizer():
     return XLMRobertaTokenizer(vocab=pieces, model_max_length=512)
 
 
-def _check_config(config: str) -> str:
+def check_config(config: str) -> str:
+    """``config`` if it names a benchmark configuration (``"full"`` or ``"tiny"``), else a ValueError."""
     if config not in CONFIGS:
         raise ValueError(f"config: expected one of {list(CONFIGS)}, got {config!r}")
     return config
@@ -140,7 +141,7 @@ def _diffusers_module_configs(config: str) -> dict[str, dict]:
 
 def image_size(config: str) -> int:
     """Image side in pixels: 512 (the default) at the full config, 32 for the tiny one."""
-    return 512 if _check_config(config) == "full" else 32
+    return 512 if check_config(config) == "full" else 32
 
 
 STAGES = {"prior": ("prior", "clip_text", "clip_vision"), "decoder": ("mclip", "unet", "movq")}
@@ -202,7 +203,7 @@ def diffusers_pipelines(config: str = "full", seed: int = 0, stages: tuple[str, 
                            UnCLIPScheduler)
     from transformers import CLIPImageProcessor
 
-    _check_config(config)
+    check_config(config)
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"stages: expected a subset of {list(STAGES)}, got {list(stages)}")
@@ -314,12 +315,14 @@ def build(config: str = "full", stage: str = "decoder", seed: int = 0, dtype: to
 # ------------------------------------------------------------------------------------------- timed calls
 
 
-def _text2img_ours(ours, size: int, steps=TIMED_STEPS, output_type: str = "np"):
+def text2img_ours(ours, size: int, steps=TIMED_STEPS, output_type: str = "np"):
+    """One seeded ``Kandinsky21.text2img`` call of the benchmark prompt, (prior, decoder) ``steps``."""
     return ours.text2img(PROMPT, prior_num_inference_steps=steps[0], num_inference_steps=steps[1], height=size,
                          width=size, generator=torch.Generator().manual_seed(0), output_type=output_type)
 
 
-def _text2img_diffusers(combined, size: int, steps=TIMED_STEPS, output_type: str = "np"):
+def text2img_diffusers(combined, size: int, steps=TIMED_STEPS, output_type: str = "np"):
+    """The same call as :func:`text2img_ours` through diffusers' ``KandinskyCombinedPipeline``."""
     return combined(PROMPT, prior_num_inference_steps=steps[0], num_inference_steps=steps[1], height=size,
                     width=size, generator=torch.Generator().manual_seed(0), output_type=output_type).images
 
@@ -477,6 +480,7 @@ def _weight_loading(config: str, repeats: int, seed: int = 0) -> list[Result]:
     ``from_pretrained`` from a ``save_pretrained`` folder. One component on disk at a time."""
     from diffusers import PriorTransformer, UNet2DConditionModel, VQModel
 
+    from kandinsky import ops
     from kandinsky.convert import from_diffusers
     from kandinsky.parity import prior as prior_parity
     from kandinsky.parity import unet as unet_parity
@@ -489,8 +493,7 @@ def _weight_loading(config: str, repeats: int, seed: int = 0) -> list[Result]:
     def load(component: str, side: str, folder: Path) -> nn.Module:
         if side == "diffusers":
             return classes[component].from_pretrained(str(folder / "diffusers")).eval()
-        model = load_converted(folder / "ours")
-        return model.use_onednn() if component == "prior" else model  # as Kandinsky21 loads it on CPU
+        return ops.optimize(load_converted(folder / "ours"), "cpu", torch.float32)  # as Kandinsky21 loads it
 
     for component in ("unet", "prior", "movq"):
         folder = Path(tempfile.mkdtemp(prefix=f"kandinsky-bench-{component}-"))
@@ -534,7 +537,7 @@ def write_folders(folder: str, config: str = "full") -> None:
     """Both sides' pipelines with the same random weights on disk, as a user has them: diffusers'
     ``save_pretrained`` (``folder/diffusers-prior``, ``folder/diffusers-decoder``) and ours converted
     (``folder/ours``, read by :meth:`Kandinsky21.from_pretrained`). One stage at a time, to bound memory."""
-    from kandinsky.hub import save_component
+    from kandinsky.weights import save_component
     from kandinsky.pipeline import Kandinsky21
 
     root = Path(folder)
@@ -567,11 +570,11 @@ def memory_probe(side: str, config: str, dtype: str, folder: str, offload: str =
             combined = KandinskyCombinedPipeline(**decoder.components,
                                                  **{f"prior_{k}": v for k, v in prior.components.items()})
             combined.set_progress_bar_config(disable=True)
-            _text2img_diffusers(combined, size)
+            text2img_diffusers(combined, size)
             return
         pipe = Kandinsky21.from_pretrained(str(root / "ours"), dtype=getattr(torch, dtype), offload=offload or None,
                                            progress=False)
-        _text2img_ours(pipe, size)
+        text2img_ours(pipe, size)
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -636,7 +639,7 @@ def _peak_memory(config: str, dtype: str) -> list[Result]:
 def run(args, config: str | None = None) -> list[Result]:
     """All measurements (see the module docstring); ``args``: ``repeats``, ``dtype``, ``no_memory`` and
     optionally ``config`` ("full" or "tiny"; default :data:`CONFIG`)."""
-    config = _check_config(getattr(args, "config", None) or config or CONFIG)
+    config = check_config(getattr(args, "config", None) or config or CONFIG)
     dtype = getattr(torch, args.dtype)
     size = image_size(config)
     results: list[Result] = []

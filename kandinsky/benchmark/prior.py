@@ -1,8 +1,8 @@
 """Prior benchmark: one forward of the full official prior (batch 2) against diffusers 0.42.1
 ``PriorTransformer`` with identical weights, interleaved, in float32 or bfloat16 (``args.dtype``).
 
-Two rows: our default path (``F.linear``, i.e. MKL on CPU) and ``prior.use_onednn()`` (the same GEMMs
-through oneDNN). Peak memory is measured per side in a fresh process.
+Two rows: ours as the pipeline runs it (``ops.optimize`` for the CPU: oneDNN GEMMs, the last block for the
+prd token only) and the plain model (``ops.plain``). Peak memory is measured per side in a fresh process.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import gc
 
 import torch
 
+from kandinsky import ops
 from kandinsky.benchmark import Result, count_flops, interleaved, peak_rss_gib
 from kandinsky.models.prior import Prior, PriorConfig
 from kandinsky.parity.prior import diffusers_prior, inputs, run_diffusers, run_ours
@@ -18,7 +19,7 @@ from kandinsky.parity.prior import diffusers_prior, inputs, run_diffusers, run_o
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def memory_probe(side: str, dtype_name: str, onednn: str = "0") -> None:
+def memory_probe(side: str, dtype_name: str, optimized: str = "1") -> None:
     """Build one side at the full config (weights left at zero: values do not change memory) and run
     one forward, batch 2. Called in a separate process by :func:`kandinsky.benchmark.peak_rss_gib`."""
     dtype, config = _DTYPES[dtype_name], PriorConfig()
@@ -36,7 +37,7 @@ def memory_probe(side: str, dtype_name: str, onednn: str = "0") -> None:
             tensor.zero_()
     with torch.inference_mode():
         if side == "ours":
-            run_ours(model.use_onednn(onednn == "1"), batch)
+            run_ours(ops.optimize(model, "cpu", dtype) if optimized == "1" else model, batch)
         else:
             run_diffusers(model, batch)
 
@@ -46,23 +47,26 @@ def run(args) -> list[Result]:
     memory = {}
     if not getattr(args, "no_memory", False):
         # before any model exists here: a child's ru_maxrss starts from this process's RSS at fork time
-        memory = {"peak_rss_gib_ours": peak_rss_gib("kandinsky.benchmark.prior:memory_probe", "ours", args.dtype, "0"),
+        memory = {"peak_rss_gib_ours": peak_rss_gib("kandinsky.benchmark.prior:memory_probe", "ours", args.dtype, "1"),
                   "peak_rss_gib_diffusers": peak_rss_gib("kandinsky.benchmark.prior:memory_probe", "diffusers", args.dtype)}
     config = PriorConfig()
     theirs, ours = diffusers_prior(config, seed=0, dtype=dtype)
     batch = inputs(config, batch=2, dtype=dtype)
 
-    def plain():
-        return run_ours(ours.use_onednn(False), batch)
+    def optimized():
+        return run_ours(ops.optimize(ours, "cpu", dtype), batch)
 
-    def onednn():
-        return run_ours(ours.use_onednn(True), batch)
+    def plain():
+        return run_ours(ops.plain(ours), batch)
 
     def reference():
         return run_diffusers(theirs, batch)
 
-    gflop = {"ours": count_flops(plain) / 1e9, "diffusers": count_flops(reference) / 1e9}
-    times = interleaved({"ours": plain, "ours_onednn": onednn, "diffusers": reference}, repeats=args.repeats, warmup=1)
+    # our arithmetic with the GEMMs through F.linear, which the flop counter sees (oneDNN's it does not)
+    ops.generic.optimize(ops.plain(ours))
+    gflop = {"ours": count_flops(lambda: run_ours(ours, batch)) / 1e9, "diffusers": count_flops(reference) / 1e9}
+    times = interleaved({"ours": optimized, "ours_plain": plain, "diffusers": reference},
+                        repeats=args.repeats, warmup=1)
     del theirs, ours
     gc.collect()
 
@@ -70,6 +74,6 @@ def run(args) -> list[Result]:
     return [
         Result("prior", f"forward, full config, batch 2, {args.dtype}", times["ours"], times["diffusers"],
                {**extra, **memory}),
-        Result("prior", f"forward, full config, batch 2, {args.dtype}, use_onednn()", times["ours_onednn"],
+        Result("prior", f"forward, full config, batch 2, {args.dtype}, plain model (no ops)", times["ours_plain"],
                times["diffusers"], dict(extra)),
     ]

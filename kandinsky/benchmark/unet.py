@@ -12,6 +12,7 @@ import statistics
 
 import torch
 
+from kandinsky import ops
 from kandinsky.benchmark import Result, count_flops, interleaved, peak_rss_gib
 from kandinsky.models.unet import UNet, UNetConfig
 from kandinsky.parity.unet import diffusers_config, diffusers_unet, inputs, run_diffusers, run_ours
@@ -32,6 +33,8 @@ def memory_probe(side: str, size: str, dtype: str) -> None:
             from diffusers import UNet2DConditionModel
             model = UNet2DConditionModel(**diffusers_config(config))
     model = randomize_(model.to(torch_dtype).to_empty(device="cpu")).eval()
+    if side == "ours":
+        ops.optimize(model, "cpu", torch_dtype)  # as Kandinsky21 loads it
     batch = inputs(config, height=int(size), width=int(size), dtype=torch_dtype)
     with torch.inference_mode():
         (run_ours if side == "ours" else run_diffusers)(model, batch)
@@ -49,6 +52,7 @@ def run(args) -> list[Result]:
     theirs, ours = diffusers_unet(config, seed=0)
     if dtype != torch.float32:  # diffusers' bf16 = its weights cast, as a user would do
         theirs, ours = theirs.to(dtype), ours.to(dtype)
+    ops.optimize(ours, "cpu", dtype)  # as Kandinsky21 loads it
     gc.collect()
     results = []
     for size in SIZES:

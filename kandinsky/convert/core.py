@@ -1,16 +1,19 @@
 """The machinery every component converter shares: a source state dict that records which keys were
-read, regex renaming, and the strict final check.
+read, regex renaming, layer tables that convert in both directions, and the strict final check.
 
 A component converter (``kandinsky/convert/<component>.py``) turns a foreign config into our config
 dataclass and a foreign state dict into ours, reading the source only through :class:`Source`.
 :func:`build_strict` then checks that every source key was consumed and every parameter and buffer of
 our module was filled with a tensor of the right shape, and reports *all* problems in one ``ValueError``.
+A converter's :class:`Layer` table also writes our state dict back in the foreign layout
+(:func:`write_layers`) and pairs up the modules whose outputs the divergence tracer compares.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -129,3 +132,102 @@ def build_strict(
     if leftover:  # a non-persistent buffer would stay on the meta device: models must not have any
         raise ValueError(f"'{component}': tensors not in the state dict stayed unallocated: {leftover}")
     return module.eval()
+
+
+# --------------------------------------------------------------------------------------------- layer tables
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One module of ours (or one tensor, with ``params=("",)``) and what it is in a foreign layout.
+
+    A component converter lists its layers once per layout; the same table then converts a foreign state
+    dict into ours (:func:`read_layers`), ours back into the foreign one (:func:`write_layers`) and names the
+    modules whose outputs correspond one to one (:func:`traced_modules`, for the divergence tracer).
+
+    ``foreign`` holds several module paths when our layer fuses them: their weights' output rows are
+    concatenated in that order (separate q, k, v into one ``qkv``). ``head_major=(heads, parts)`` says that
+    the foreign rows are ordered (heads, parts, channels) where ours are (parts, heads, channels).
+    ``kernel`` gives the trailing 1-sized dimensions of a foreign weight that ours stores as a linear one
+    (a 1x1 convolution). ``traced=False`` keeps a layer out of the tracer's map when the two outputs are
+    laid out differently (a Conv1d's (B, C, T) against a Linear's (B, T, C)).
+    """
+
+    ours: str
+    foreign: tuple[str, ...]
+    params: tuple[str, ...] = ("weight", "bias")
+    head_major: tuple[int, int] | None = None
+    kernel: tuple[int, ...] = ()
+    traced: bool = True
+
+    def keys(self, param: str) -> tuple[str, list[str]]:
+        """(our key, foreign keys) of one parameter name (``""``: the paths are the keys)."""
+        def key(path: str) -> str:
+            return f"{path}.{param}" if param else path
+
+        return key(self.ours), [key(path) for path in self.foreign]
+
+    def to_ours(self, param: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        tensor = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+        if self.kernel and param == "weight" and tensor.ndim > 2:
+            tensor = tensor.flatten(1)
+        if self.head_major is not None:
+            heads, parts = self.head_major
+            tensor = tensor.unflatten(0, (heads, parts, -1)).transpose(0, 1).flatten(0, 2)
+        return tensor
+
+    def to_foreign(self, param: str, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.head_major is not None:
+            heads, parts = self.head_major
+            tensor = tensor.unflatten(0, (parts, heads, -1)).transpose(0, 1).flatten(0, 2)
+        if self.kernel and param == "weight":
+            tensor = tensor.reshape(*tensor.shape, *self.kernel)
+        return tensor.chunk(len(self.foreign)) if len(self.foreign) > 1 else (tensor,)
+
+
+def layer(ours: str, *foreign: str, **options) -> Layer:
+    """``Layer(ours, foreign, ...)`` with the foreign paths as positional arguments."""
+    return Layer(ours, tuple(foreign), **options)
+
+
+def read_layers(source: Source, layers: Iterable[Layer]) -> dict[str, torch.Tensor | None]:
+    """Our tensors from a foreign state dict (``None`` where a foreign key is absent: recorded as missing)."""
+    converted: dict[str, torch.Tensor | None] = {}
+    for item in layers:
+        for param in item.params:
+            ours, foreign = item.keys(param)
+            tensors = [source.take(key) for key in foreign]
+            converted[ours] = None if any(t is None for t in tensors) else item.to_ours(param, tensors)
+    return converted
+
+
+def write_layers(component: str, layout: str, state_dict: Mapping[str, torch.Tensor], layers: Iterable[Layer],
+                 dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The foreign state dict of our ``state_dict``: the inverse of :func:`read_layers`, exact (renames,
+    splits and row permutations only). Raises ``ValueError`` listing our keys the table does not cover and
+    the keys it expects but ``state_dict`` lacks. The tensors are fresh contiguous copies, floating-point
+    ones cast to ``dtype`` (``None``: as they are)."""
+    foreign: dict[str, torch.Tensor] = {}
+    used, absent = set(), []
+    for item in layers:
+        for param in item.params:
+            ours, keys = item.keys(param)
+            if ours not in state_dict:
+                absent.append(ours)
+                continue
+            used.add(ours)
+            for key, tensor in zip(keys, item.to_foreign(param, state_dict[ours].detach())):
+                foreign[key] = tensor.to(dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype,
+                                         memory_format=torch.contiguous_format, copy=True)
+    uncovered = sorted(set(state_dict) - used)
+    if absent or uncovered:
+        problems = ([_listing("keys the table expects but the state dict lacks", sorted(absent))] if absent else []) + \
+                   ([_listing("keys no layer covers", uncovered)] if uncovered else [])
+        raise ValueError(f"cannot write the '{component}' state dict in the {layout} layout:\n" + "\n".join(problems))
+    return foreign
+
+
+def traced_modules(layers: Iterable[Layer]) -> dict[str, str]:
+    """Our module path -> foreign module path of the layers whose outputs correspond one to one."""
+    return {item.ours: item.foreign[0] for item in layers
+            if item.traced and len(item.foreign) == 1 and item.head_major is None and item.params != ("",)}

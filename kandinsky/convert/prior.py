@@ -1,7 +1,8 @@
 """Prior conversion from the original ``PriorDiffusionModel`` (``prior_fp16.ckpt``, keys ``model.*``)
 and from diffusers ``PriorTransformer`` (``kandinsky-2-1-prior/prior``).
 
-Two layout changes beyond renaming:
+Both directions (and the divergence tracer's module pairs) come from one layer table per layout,
+:func:`layers`. Two layout changes beyond renaming:
 
 * QKV: the original's fused ``c_qkv`` output is viewed as (heads, q|k|v, head_dim), i.e. head-major;
   diffusers has separate ``to_q``/``to_k``/``to_v``. Ours is one fused linear in (q|k|v, heads,
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kandinsky.convert.core import Source
+from kandinsky.convert.core import Layer, Source, layer, read_layers, write_layers
 from kandinsky.models.prior import NUM_EXTRA_TOKENS, PriorConfig
 
 OFFICIAL_ORIGINAL_CONFIGS: dict[str, dict] = {
@@ -36,38 +37,49 @@ OFFICIAL_ORIGINAL_CONFIGS: dict[str, dict] = {
     },
 }
 
-_ORIGINAL_RULES = [
-    (r"model\.positional_embedding", "positional_embedding"),
-    (r"model\.prd_emb", "prd_token"),
-    (r"model\.time_embed\.([02])\.(weight|bias)", r"time_embed.\1.\2"),
-    (r"model\.text_enc_proj\.(weight|bias)", r"text_hidden_proj.\1"),
-    (r"model\.text_emb_proj\.(weight|bias)", r"text_embed_proj.\1"),
-    (r"model\.clip_img_proj\.(weight|bias)", r"image_embed_proj.\1"),
-    (r"model\.out_proj\.(weight|bias)", r"out_proj.\1"),
-    (r"model\.final_ln\.(weight|bias)", r"final_norm.\1"),
-    (r"model\.transformer\.resblocks\.(\d+)\.attn\.c_proj\.(weight|bias)", r"blocks.\1.attn.out.\2"),
-    (r"model\.transformer\.resblocks\.(\d+)\.ln_1\.(weight|bias)", r"blocks.\1.norm1.\2"),
-    (r"model\.transformer\.resblocks\.(\d+)\.ln_2\.(weight|bias)", r"blocks.\1.norm2.\2"),
-    (r"model\.transformer\.resblocks\.(\d+)\.mlp\.c_fc\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
-    (r"model\.transformer\.resblocks\.(\d+)\.mlp\.c_proj\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
+# (ours, original, diffusers) module paths of the layers outside the blocks, and inside block {i}
+_TOP = [
+    ("time_embed.0", "model.time_embed.0", "time_embedding.linear_1"),
+    ("time_embed.2", "model.time_embed.2", "time_embedding.linear_2"),
+    ("text_hidden_proj", "model.text_enc_proj", "encoder_hidden_states_proj"),
+    ("text_embed_proj", "model.text_emb_proj", "embedding_proj"),
+    ("image_embed_proj", "model.clip_img_proj", "proj_in"),
+    ("final_norm", "model.final_ln", "norm_out"),
+    ("out_proj", "model.out_proj", "proj_to_clip_embeddings"),
 ]
+_BLOCK = [
+    ("norm1", "ln_1", "norm1"),
+    ("attn.out", "attn.c_proj", "attn1.to_out.0"),
+    ("norm2", "ln_2", "norm3"),
+    ("mlp.fc1", "mlp.c_fc", "ff.net.0.proj"),
+    ("mlp.fc2", "mlp.c_proj", "ff.net.2"),
+]
+_TENSORS = [("positional_embedding", "model.positional_embedding", "positional_embedding"),
+            ("prd_token", "model.prd_emb", "prd_embedding")]
+_BLOCK_PREFIX = {"original": "model.transformer.resblocks", "diffusers": "transformer_blocks"}
 
-_DIFFUSERS_RULES = [
-    (r"positional_embedding", "positional_embedding"),
-    (r"prd_embedding", "prd_token"),
-    (r"time_embedding\.linear_1\.(weight|bias)", r"time_embed.0.\1"),
-    (r"time_embedding\.linear_2\.(weight|bias)", r"time_embed.2.\1"),
-    (r"encoder_hidden_states_proj\.(weight|bias)", r"text_hidden_proj.\1"),
-    (r"embedding_proj\.(weight|bias)", r"text_embed_proj.\1"),
-    (r"proj_in\.(weight|bias)", r"image_embed_proj.\1"),
-    (r"proj_to_clip_embeddings\.(weight|bias)", r"out_proj.\1"),
-    (r"norm_out\.(weight|bias)", r"final_norm.\1"),
-    (r"transformer_blocks\.(\d+)\.attn1\.to_out\.0\.(weight|bias)", r"blocks.\1.attn.out.\2"),
-    (r"transformer_blocks\.(\d+)\.norm1\.(weight|bias)", r"blocks.\1.norm1.\2"),
-    (r"transformer_blocks\.(\d+)\.norm3\.(weight|bias)", r"blocks.\1.norm2.\2"),
-    (r"transformer_blocks\.(\d+)\.ff\.net\.0\.proj\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
-    (r"transformer_blocks\.(\d+)\.ff\.net\.2\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
-]
+
+def layers(layout: str, config: PriorConfig) -> list[Layer]:
+    """The prior's layer table in ``layout`` ("original" or "diffusers"); the CLIP statistics are not in it
+    (the original keeps them in a separate file, diffusers as (1, dim) tensors)."""
+    column = {"original": 1, "diffusers": 2}[layout]
+    table = [layer("", "model" if layout == "original" else "", params=())]  # the whole model: traced only
+    table += [layer(row[0], row[column], params=("",)) for row in _TENSORS]
+    table += [layer(row[0], row[column]) for row in _TOP[:-2]]
+    for i in range(config.layers):
+        ours, theirs = f"blocks.{i}", f"{_BLOCK_PREFIX[layout]}.{i}"
+        table.append(layer(ours, theirs, params=()))  # the whole block: traced only
+        if layout == "original":
+            table += [layer(f"{ours}.attn.qkv", f"{theirs}.attn.c_qkv", head_major=(config.heads, 3)),
+                      layer(f"{ours}.attn", f"{theirs}.attn", params=()), layer(f"{ours}.mlp", f"{theirs}.mlp", params=())]
+        else:
+            table += [layer(f"{ours}.attn.qkv", *(f"{theirs}.attn1.to_{name}" for name in "qkv")),
+                      layer(f"{ours}.attn", f"{theirs}.attn1", params=()), layer(f"{ours}.mlp", f"{theirs}.ff", params=())]
+        table += [layer(f"{ours}.{row[0]}", f"{theirs}.{row[column]}") for row in _BLOCK]
+    # diffusers normalises the whole sequence, then takes the prd token: not comparable with ours
+    table += [layer(row[0], row[column], traced=not (row[0] == "final_norm" and layout == "diffusers"))
+              for row in _TOP[-2:]]
+    return table
 
 
 def head_major_to_qkv_major(tensor: torch.Tensor, heads: int) -> torch.Tensor:
@@ -102,13 +114,7 @@ def original(component: str, config: dict, source: Source, clip_stats=None) -> t
                          "as loaded from ViT-L-14_stats.th")
     our_config = PriorConfig(text_ctx=hparams["text_ctx"], width=hparams["xf_width"], layers=hparams["xf_layers"],
                              heads=hparams["xf_heads"], clip_dim=hparams["clip_dim"], text_width=hparams["clip_xf_width"])
-    converted: dict[str, torch.Tensor | None] = {}
-    for i in range(our_config.layers):
-        prefix = f"model.transformer.resblocks.{i}.attn.c_qkv"
-        for kind in ("weight", "bias"):
-            tensor = source.take(f"{prefix}.{kind}")
-            converted[f"blocks.{i}.attn.qkv.{kind}"] = None if tensor is None else head_major_to_qkv_major(tensor, our_config.heads)
-    converted.update(source.rename(_ORIGINAL_RULES))
+    converted = read_layers(source, layers("original", our_config))
     mean, std = clip_stats
     converted["clip_mean"] = _stat(mean, "mean", our_config.clip_dim)
     converted["clip_std"] = _stat(std, "std", our_config.clip_dim)
@@ -135,14 +141,49 @@ def diffusers(component: str, config: dict, source: Source) -> tuple[PriorConfig
         raise ValueError(f"config: unsupported PriorTransformer options for the Kandinsky 2.1 prior: {wrong}")
     our_config = PriorConfig(text_ctx=config.get("num_embeddings", 77), width=width, layers=config.get("num_layers", 20),
                              heads=heads, clip_dim=dim, text_width=dim)
-    converted: dict[str, torch.Tensor | None] = {}
-    for i in range(our_config.layers):
-        prefix = f"transformer_blocks.{i}.attn1"
-        for kind in ("weight", "bias"):
-            converted[f"blocks.{i}.attn.qkv.{kind}"] = source.fuse(
-                [f"{prefix}.to_{name}.{kind}" for name in "qkv"], lambda *t: torch.cat(t))
+    converted = read_layers(source, layers("diffusers", our_config))
     for name in ("clip_mean", "clip_std"):
         tensor = source.take(name)
         converted[name] = None if tensor is None else tensor.reshape(-1)
-    converted.update(source.rename(_DIFFUSERS_RULES))
     return our_config, converted
+
+
+# --------------------------------------------------------------------------------------------- ours -> foreign
+
+
+def to_original_config(config: PriorConfig) -> dict:
+    """The original ``prior.params`` dict of one of our configs (the official one for ``PriorConfig()``)."""
+    if config.width % config.heads:
+        raise ValueError(f"config: width ({config.width}) must be a multiple of heads ({config.heads})")
+    official = OFFICIAL_ORIGINAL_CONFIGS["prior"]
+    hparams = {**official["model"]["hparams"], "text_ctx": config.text_ctx, "xf_width": config.width,
+               "xf_layers": config.layers, "xf_heads": config.heads, "clip_dim": config.clip_dim,
+               "clip_xf_width": config.text_width}
+    return {"model": {**official["model"], "hparams": hparams}, "diffusion": dict(official["diffusion"])}
+
+
+def to_diffusers_config(config: PriorConfig) -> dict:
+    """The diffusers ``PriorTransformer`` constructor kwargs of one of our configs (their defaults left out)."""
+    if config.text_width != config.clip_dim:
+        raise ValueError(f"config: diffusers' PriorTransformer needs text_width == clip_dim, got {config.text_width} "
+                         f"and {config.clip_dim}")
+    return {"num_attention_heads": config.heads, "attention_head_dim": config.width // config.heads,
+            "num_layers": config.layers, "embedding_dim": config.clip_dim, "num_embeddings": config.text_ctx,
+            "additional_embeddings": NUM_EXTRA_TOKENS, "dropout": 0.0}
+
+
+def write_state(layout: str, config: PriorConfig, state_dict: dict, dtype: torch.dtype | None = None
+                ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Our state dict in ``layout``: (foreign state dict, extras). The original layout keeps the CLIP
+    statistics out of the checkpoint: ``extras["clip_stats"] = (mean, std)``, (dim,) float32 each, as in
+    ``ViT-L-14_stats.th``; diffusers stores them in the state dict as (1, dim)."""
+    state = dict(state_dict)
+    stats = [state.pop(name, None) for name in ("clip_mean", "clip_std")]
+    if any(stat is None for stat in stats):
+        raise ValueError("state_dict: the prior's clip_mean and clip_std are missing")
+    foreign = write_layers("prior", layout, state, layers(layout, config), dtype)
+    if layout == "original":
+        return foreign, {"clip_stats": tuple(stat.detach().float().clone() for stat in stats)}
+    for name, stat in zip(("clip_mean", "clip_std"), stats):
+        foreign[name] = stat.detach().reshape(1, -1).to(dtype or stat.dtype, copy=True)
+    return foreign, {}

@@ -14,12 +14,11 @@ projections change layout:
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 
-from kandinsky.convert.core import Source
-from kandinsky.models.unet import UNetConfig
+from kandinsky.convert.core import Layer, Source, layer, read_layers
+from kandinsky.models.unet import UNet, UNetConfig
 
 # The CONFIG_2_1["model_config"] of ai-forever/Kandinsky-2 with the create_model arguments the official
 # loader adds (up=False, inpainting=False/True).
@@ -68,47 +67,74 @@ def _block_layout(config: UNetConfig) -> tuple[list[tuple[int, bool, bool]], lis
     return down, up
 
 
-def _rules(top: dict[str, str], blocks: list[tuple[str, str, dict[str, str]]]) -> list[tuple[str, str]]:
-    """Regex rules ``<prefix>.<name>.(weight|bias)`` -> ours, for the top-level layers and every block."""
-    rules = [(re.escape(src) + r"\.(weight|bias)", dst + r".\1") for src, dst in top.items()]
-    for src_prefix, dst_prefix, names in blocks:
-        for src, dst in names.items():
-            rules.append((re.escape(f"{src_prefix}.{src}") + r"\.(weight|bias)", f"{dst_prefix}.{dst}.\\1"))
-    return rules
+def _attention(layout: str, src: str, dst: str, heads: int) -> list[Layer]:
+    if layout == "original":  # Conv1d projections, head-major fused rows
+        return [layer(dst, src, params=()), layer(f"{dst}.norm", f"{src}.norm"),
+                layer(f"{dst}.qkv", f"{src}.qkv", head_major=(heads, 3), kernel=(1,)),
+                layer(f"{dst}.context_kv", f"{src}.encoder_kv", head_major=(heads, 2), kernel=(1,)),
+                layer(f"{dst}.proj_out", f"{src}.proj_out", kernel=(1,), traced=False)]
+    return [layer(dst, src, params=()), layer(f"{dst}.norm", f"{src}.group_norm"),
+            layer(f"{dst}.qkv", *(f"{src}.{name}" for name in ("to_q", "to_k", "to_v"))),
+            layer(f"{dst}.context_kv", f"{src}.add_k_proj", f"{src}.add_v_proj"),
+            layer(f"{dst}.proj_out", f"{src}.to_out.0")]
 
 
-def _head_major_to_ours(n: int, heads: int):
-    """Original fused Conv1d rows ordered (heads, n, ch) -> our Linear rows (n, heads, ch); drops the
-    kernel dimension of the weight."""
-    def reorder(t: torch.Tensor) -> torch.Tensor:
-        t = t.flatten(1) if t.ndim == 3 else t
-        return t.unflatten(0, (heads, n, -1)).transpose(0, 1).flatten(0, 2)
-    return reorder
+def _res(src: str, dst: str, names: dict[str, str]) -> list[Layer]:
+    return [layer(dst, src, params=())] + [layer(f"{dst}.{ours}", f"{src}.{theirs}") for theirs, ours in names.items()]
 
 
-def _attention_original(source: Source, converted: dict, src: str, dst: str, heads: int) -> None:
-    def drop_kernel_dim(t: torch.Tensor) -> torch.Tensor:
-        return t.flatten(1) if t.ndim == 3 else t
+def layers(layout: str, cfg: UNetConfig) -> list[Layer]:
+    """The UNet's layer table in ``layout`` ("original" or "diffusers") for our config ``cfg``.
 
-    for suffix in ("weight", "bias"):
-        converted[f"{dst}.qkv.{suffix}"] = source.fuse([f"{src}.qkv.{suffix}"], _head_major_to_ours(3, heads))
-        converted[f"{dst}.context_kv.{suffix}"] = source.fuse(
-            [f"{src}.encoder_kv.{suffix}"], _head_major_to_ours(2, heads))
-        converted[f"{dst}.proj_out.{suffix}"] = source.fuse([f"{src}.proj_out.{suffix}"], drop_kernel_dim)
-        converted[f"{dst}.norm.{suffix}"] = source.take(f"{src}.norm.{suffix}")
-
-
-def _attention_diffusers(source: Source, converted: dict, src: str, dst: str) -> None:
-    def cat(*tensors: torch.Tensor) -> torch.Tensor:
-        return torch.cat(tensors)
-
-    for suffix in ("weight", "bias"):
-        converted[f"{dst}.qkv.{suffix}"] = source.fuse(
-            [f"{src}.{name}.{suffix}" for name in ("to_q", "to_k", "to_v")], cat)
-        converted[f"{dst}.context_kv.{suffix}"] = source.fuse(
-            [f"{src}.{name}.{suffix}" for name in ("add_k_proj", "add_v_proj")], cat)
-        converted[f"{dst}.proj_out.{suffix}"] = source.take(f"{src}.to_out.0.{suffix}")
-        converted[f"{dst}.norm.{suffix}"] = source.take(f"{src}.group_norm.{suffix}")
+    The original numbers its blocks flatly: ``input_blocks.0`` is the input conv, ``input_blocks.<n+1>`` our
+    ``down_blocks.<n>``, ``output_blocks.<n>`` our ``up_blocks.<n>``; inside a block ``.0`` is the residual
+    block, then ``.1`` the attention if any, then the upsampling residual block if any. diffusers groups by
+    level: ``down_blocks.<level>.{resnets,attentions}.<j>`` then ``downsamplers.0``; ``up_blocks.<u>``
+    (deepest level first) likewise with ``upsamplers.0``.
+    """
+    if layout not in ("original", "diffusers"):
+        raise ValueError(f"layout must be 'original' or 'diffusers', got {layout!r}")
+    down, up = _block_layout(cfg)
+    original = layout == "original"
+    top, res = (_ORIGINAL_TOP, _ORIGINAL_RES) if original else (_DIFFUSERS_TOP, _DIFFUSERS_RES)
+    table = [layer("", "", params=())] + [layer(ours, theirs) for theirs, ours in top.items()]
+    r, n = cfg.num_res_blocks, 0
+    for level in range(len(cfg.channel_mult)):  # diffusers' level-major numbering, ours flat
+        for j in range(r + (level != len(cfg.channel_mult) - 1)):
+            ch, has_attn, resample = down[n]
+            if original:
+                table += [layer(f"down_blocks.{n}", f"input_blocks.{n + 1}", params=())]
+                table += _res(f"input_blocks.{n + 1}.0", f"down_blocks.{n}.res", res)
+                if has_attn:
+                    table += _attention(layout, f"input_blocks.{n + 1}.1", f"down_blocks.{n}.attn", ch // cfg.head_channels)
+            else:
+                where = f"down_blocks.{level}.downsamplers.0" if resample else f"down_blocks.{level}.resnets.{j}"
+                table += _res(where, f"down_blocks.{n}.res", res)
+                if has_attn:
+                    table += _attention(layout, f"down_blocks.{level}.attentions.{j}", f"down_blocks.{n}.attn", 0)
+            n += 1
+    mid_heads = cfg.model_channels * cfg.channel_mult[-1] // cfg.head_channels
+    table += _res("middle_block.0" if original else "mid_block.resnets.0", "mid_res1", res)
+    table += _attention(layout, "middle_block.1" if original else "mid_block.attentions.0", "mid_attn", mid_heads)
+    table += _res("middle_block.2" if original else "mid_block.resnets.1", "mid_res2", res)
+    for n, (ch, has_attn, resample) in enumerate(up):
+        if original:
+            table += [layer(f"up_blocks.{n}", f"output_blocks.{n}", params=())]
+            table += _res(f"output_blocks.{n}.0", f"up_blocks.{n}.res", res)
+            if has_attn:
+                table += _attention(layout, f"output_blocks.{n}.1", f"up_blocks.{n}.attn", ch // cfg.head_channels)
+            if resample:
+                table += _res(f"output_blocks.{n}.{2 if has_attn else 1}", f"up_blocks.{n}.upsample", res)
+        else:
+            u, j = divmod(n, r + 1)
+            table += _res(f"up_blocks.{u}.resnets.{j}", f"up_blocks.{n}.res", res)
+            if has_attn:
+                table += _attention(layout, f"up_blocks.{u}.attentions.{j}", f"up_blocks.{n}.attn", 0)
+            if resample:
+                table += _res(f"up_blocks.{u}.upsamplers.0", f"up_blocks.{n}.upsample", res)
+    with torch.device("meta"):
+        present = dict(UNet(cfg).named_modules())
+    return [item for item in table if item.ours in present]  # residual blocks have a skip only when widths differ
 
 
 def _require(condition: bool, message: str) -> None:
@@ -160,55 +186,74 @@ def _config_from_original(component: str, c: dict) -> UNetConfig:
 
 
 def original(component: str, config: dict, source: Source) -> tuple[UNetConfig, dict]:
-    """Original ``create_model`` kwargs + ``decoder_fp16.ckpt``/``inpainting_fp16.ckpt`` keys -> ours.
-
-    The original numbers its blocks flatly: ``input_blocks.0`` is the input conv, ``input_blocks.<n+1>`` our
-    ``down_blocks.<n>``, ``output_blocks.<n>`` our ``up_blocks.<n>``; inside a block ``.0`` is the residual
-    block, then ``.1`` the attention if any, then the upsampling residual block if any.
-    """
+    """Original ``create_model`` kwargs + ``decoder_fp16.ckpt``/``inpainting_fp16.ckpt`` keys -> ours."""
     cfg = _config_from_original(component, config)
-    down, up = _block_layout(cfg)
-    converted: dict = {}
-    blocks = []
-    for n, (ch, has_attn, resample) in enumerate(down):
-        blocks.append((f"input_blocks.{n + 1}.0", f"down_blocks.{n}.res", _ORIGINAL_RES))
-        if has_attn:
-            _attention_original(source, converted, f"input_blocks.{n + 1}.1", f"down_blocks.{n}.attn",
-                                ch // cfg.head_channels)
-    for n, (ch, has_attn, resample) in enumerate(up):
-        blocks.append((f"output_blocks.{n}.0", f"up_blocks.{n}.res", _ORIGINAL_RES))
-        if has_attn:
-            _attention_original(source, converted, f"output_blocks.{n}.1", f"up_blocks.{n}.attn",
-                                ch // cfg.head_channels)
-        if resample:
-            blocks.append((f"output_blocks.{n}.{2 if has_attn else 1}", f"up_blocks.{n}.upsample", _ORIGINAL_RES))
-    blocks += [("middle_block.0", "mid_res1", _ORIGINAL_RES), ("middle_block.2", "mid_res2", _ORIGINAL_RES)]
-    mid_ch = cfg.model_channels * cfg.channel_mult[-1]
-    _attention_original(source, converted, "middle_block.1", "mid_attn", mid_ch // cfg.head_channels)
-    converted.update(source.rename(_rules(_ORIGINAL_TOP, blocks)))
-    return cfg, converted
+    return cfg, read_layers(source, layers("original", cfg))
+
+
+# diffusers' UNet2DConditionModel constructor defaults (0.42.1): what a config.json without the key means
+DIFFUSERS_DEFAULTS = {
+    "in_channels": 4, "out_channels": 4, "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "only_cross_attention": False, "block_out_channels": (320, 640, 1280, 1280), "layers_per_block": 2,
+    "mid_block_scale_factor": 1, "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5,
+    "cross_attention_dim": 1280, "encoder_hid_dim": None, "encoder_hid_dim_type": None, "attention_head_dim": 8,
+    "num_attention_heads": None, "class_embed_type": None, "addition_embed_type": None, "num_class_embeds": None,
+    "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
+    "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
+    "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
+    "mid_block_only_cross_attention": None, "cross_attention_norm": None, "attention_type": "default",
+}
+# Kandinsky 2.1's value of every field that changes the computation and that our UNet does not make a choice of.
+# The fields not named here or read below do nothing for these block types or at inference (sample_size, dropout,
+# downsample_padding, transformer_layers_per_block, reverse_transformer_layers_per_block, dual_cross_attention,
+# use_linear_projection, upcast_attention, addition_time_embed_dim,
+# projection_class_embeddings_input_dim, class_embeddings_concat, addition_embed_type_num_heads).
+_DIFFUSERS_FIXED = {
+    "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0,
+    "mid_block_type": "UNetMidBlock2DSimpleCrossAttn", "act_fn": "silu", "norm_eps": 1e-5,
+    "encoder_hid_dim_type": "text_image_proj", "addition_embed_type": "text_image", "num_attention_heads": None,
+    "class_embed_type": None, "num_class_embeds": None, "resnet_time_scale_shift": "scale_shift",
+    "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "mid_block_scale_factor": 1.0,
+    "time_embedding_type": "positional", "time_embedding_act_fn": None, "timestep_post_act": None,
+    "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3, "cross_attention_norm": None,
+    "attention_type": "default",  # "gated": GLIGEN's position_net
+}
+
+
+def _one_int(name: str, value) -> int:
+    """An int, or a per-block list of one repeated int (diffusers takes both)."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    _require(bool(values) and all(isinstance(v, int) and not isinstance(v, bool) and v == values[0] for v in values),
+             f"diffusers config: {name} must be one int (or a list of one repeated int), got {value!r}")
+    return values[0]
 
 
 def _config_from_diffusers(component: str, c: dict) -> UNetConfig:
-    _require_keys("diffusers", c, ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block",
-                                   "attention_head_dim", "cross_attention_dim", "encoder_hid_dim", "in_channels",
-                                   "out_channels"))
-    fixed = {"addition_embed_type": "text_image", "encoder_hid_dim_type": "text_image_proj",
-             "resnet_time_scale_shift": "scale_shift", "mid_block_type": "UNetMidBlock2DSimpleCrossAttn",
-             "time_embedding_type": "positional", "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu",
-             "only_cross_attention": False, "conv_in_kernel": 3, "conv_out_kernel": 3}
-    for key, value in fixed.items():
-        _require(c.get(key, value) == value,
-                 f"diffusers config: {key} must be {value!r} (Kandinsky 2.1), got {c.get(key)!r}")
-    for key in ("resnet_out_scale_factor", "mid_block_scale_factor"):
-        _require(float(c.get(key, 1.0)) == 1.0, f"diffusers config: {key} must be 1.0, got {c.get(key)!r}")
-    for key in ("class_embed_type", "time_cond_proj_dim", "cross_attention_norm", "timestep_post_act"):
-        _require(c.get(key) is None, f"diffusers config: {key} must be null, got {c.get(key)!r}")
-    widths = list(c["block_out_channels"])
+    def value(key: str):
+        return c.get(key, DIFFUSERS_DEFAULTS[key])
+
+    for key, expected in _DIFFUSERS_FIXED.items():
+        got = value(key)
+        same = got == expected if not isinstance(expected, float) else isinstance(got, (int, float)) and got == expected
+        _require(same, f"diffusers config: {key} must be {expected!r} (Kandinsky 2.1), got {got!r}")
+    for key in ("only_cross_attention", "mid_block_only_cross_attention"):
+        got = value(key)
+        flags = list(got) if isinstance(got, (list, tuple)) else [got]
+        _require(all(flag in (False, None) for flag in flags),
+                 f"diffusers config: {key} must be false (self- and cross-attention, Kandinsky 2.1), got {got!r}")
+    widths = list(value("block_out_channels"))
     base = widths[0]
     _require(all(w % base == 0 for w in widths), f"block_out_channels {widths} must be multiples of the first")
+    time_embed_dim = value("time_embedding_dim")
+    _require(time_embed_dim in (None, 4 * base),
+             f"diffusers config: time_embedding_dim must be 4 * block_out_channels[0] = {4 * base}, got {time_embed_dim!r}")
     last = len(widths) - 1
-    down_types, up_types = list(c["down_block_types"]), list(c["up_block_types"])
+    down_types, up_types = list(value("down_block_types")), list(value("up_block_types"))
+    _require(len(down_types) == len(up_types) == len(widths),
+             f"diffusers config: {len(widths)} down_block_types and up_block_types expected, got {down_types} / {up_types}")
     levels = []
     for level, kind in enumerate(down_types):
         _require(kind in ("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"), f"unsupported down block {kind!r}")
@@ -218,51 +263,80 @@ def _config_from_diffusers(component: str, c: dict) -> UNetConfig:
                  f"up block {mirrored!r} does not mirror down block {kind!r}")
         if attends:
             levels.append(level)
-    head_dim = c["attention_head_dim"]
-    _require(isinstance(head_dim, int), f"attention_head_dim must be one int, got {head_dim!r}")
-    groups = c.get("norm_num_groups", 32)
-    _require(groups == 32 and float(c.get("norm_eps", 1e-5)) == 1e-5, "norm_num_groups must be 32 and norm_eps 1e-5")
-    in_channels = c["in_channels"]
+    groups = value("norm_num_groups")
+    _require(isinstance(groups, int) and groups > 0 and all(w % groups == 0 for w in widths),
+             f"diffusers config: norm_num_groups must divide every block width {widths}, got {groups!r}")
+    context_dim = value("cross_attention_dim")  # a per-block list is not possible with text_image_proj
+    _require(isinstance(context_dim, int), f"diffusers config: cross_attention_dim must be an int, got {context_dim!r}")
+    text_hidden_dim = value("encoder_hid_dim")
+    _require(text_hidden_dim is not None, "diffusers UNet config lacks ['encoder_hid_dim'] (encoder_hid_dim_type "
+                                          "'text_image_proj' needs it)")
+    _require(isinstance(text_hidden_dim, int), f"diffusers config: encoder_hid_dim must be an int, got {text_hidden_dim!r}")
+    in_channels = value("in_channels")
     expected_in = 9 if component == "unet_inpaint" else 4
     _require(in_channels == expected_in, f"component {component!r} expects in_channels {expected_in}, got {in_channels}")
     return UNetConfig(
-        in_channels=in_channels, out_channels=c["out_channels"], model_channels=base,
-        channel_mult=tuple(w // base for w in widths), num_res_blocks=c["layers_per_block"],
-        attention_levels=tuple(levels), head_channels=head_dim, context_dim=c["cross_attention_dim"],
-        text_hidden_dim=c["encoder_hid_dim"], text_embed_dim=c["cross_attention_dim"],
-        image_embed_dim=c["cross_attention_dim"], num_image_tokens=10,  # fixed in diffusers' TextImageProjection
+        in_channels=in_channels, out_channels=value("out_channels"), model_channels=base,
+        channel_mult=tuple(w // base for w in widths), num_res_blocks=_one_int("layers_per_block", value("layers_per_block")),
+        attention_levels=tuple(levels), head_channels=_one_int("attention_head_dim", value("attention_head_dim")),
+        context_dim=context_dim, text_hidden_dim=text_hidden_dim, text_embed_dim=context_dim,
+        image_embed_dim=context_dim, num_image_tokens=10,  # fixed in diffusers' TextImageProjection
+        norm_groups=groups,
     )
 
 
 def diffusers(component: str, config: dict, source: Source) -> tuple[UNetConfig, dict]:
-    """diffusers ``UNet2DConditionModel`` (Kandinsky 2.1 config) -> ours.
-
-    diffusers groups by level: ``down_blocks.<level>.{resnets,attentions}.<j>`` then ``downsamplers.0``;
-    ``up_blocks.<u>`` (deepest level first) likewise with ``upsamplers.0``.
-    """
+    """diffusers ``UNet2DConditionModel`` (Kandinsky 2.1 config) -> ours."""
     cfg = _config_from_diffusers(component, config)
-    down, up = _block_layout(cfg)
-    r = cfg.num_res_blocks
-    converted: dict = {}
-    blocks = []
-    n = 0  # our down block index
-    for level in range(len(cfg.channel_mult)):
-        for j in range(r):
-            blocks.append((f"down_blocks.{level}.resnets.{j}", f"down_blocks.{n}.res", _DIFFUSERS_RES))
-            if down[n][1]:
-                _attention_diffusers(source, converted, f"down_blocks.{level}.attentions.{j}", f"down_blocks.{n}.attn")
-            n += 1
-        if level != len(cfg.channel_mult) - 1:
-            blocks.append((f"down_blocks.{level}.downsamplers.0", f"down_blocks.{n}.res", _DIFFUSERS_RES))
-            n += 1
-    for n, (_, has_attn, resample) in enumerate(up):
-        u, j = divmod(n, r + 1)
-        blocks.append((f"up_blocks.{u}.resnets.{j}", f"up_blocks.{n}.res", _DIFFUSERS_RES))
-        if has_attn:
-            _attention_diffusers(source, converted, f"up_blocks.{u}.attentions.{j}", f"up_blocks.{n}.attn")
-        if resample:
-            blocks.append((f"up_blocks.{u}.upsamplers.0", f"up_blocks.{n}.upsample", _DIFFUSERS_RES))
-    blocks += [("mid_block.resnets.0", "mid_res1", _DIFFUSERS_RES), ("mid_block.resnets.1", "mid_res2", _DIFFUSERS_RES)]
-    _attention_diffusers(source, converted, "mid_block.attentions.0", "mid_attn")
-    converted.update(source.rename(_rules(_DIFFUSERS_TOP, blocks)))
-    return cfg, converted
+    return cfg, read_layers(source, layers("diffusers", cfg))
+
+
+# --------------------------------------------------------------------------------------------- ours -> foreign
+
+
+def to_original_config(component: str, cfg: UNetConfig) -> dict:
+    """The original ``create_model`` kwargs of one of our configs (the official ones for ``UNetConfig()``)."""
+    inpainting = component == "unet_inpaint"
+    _require(cfg.norm_groups == 32, f"config: the original UNet has 32 norm groups, got {cfg.norm_groups}")
+    _require(not inpainting or cfg.in_channels % 2 == 1,
+             f"config: an inpainting UNet takes 2 * latent channels + 1 inputs, got {cfg.in_channels}")
+    image_size = _MODEL_CONFIG_2_1["image_size"]
+    _require(2 ** max(cfg.attention_levels, default=0) <= image_size,
+             f"config: attention levels {cfg.attention_levels} too deep for the original's image_size {image_size}")
+    return {
+        **OFFICIAL_ORIGINAL_CONFIGS[component],
+        "num_channels": cfg.model_channels, "num_res_blocks": cfg.num_res_blocks,
+        "channel_mult": "" if cfg.channel_mult == (1, 2, 3, 4) else ",".join(map(str, cfg.channel_mult)),
+        "attention_resolutions": ",".join(str(image_size // 2 ** level) for level in sorted(cfg.attention_levels)),
+        "num_head_channels": cfg.head_channels, "model_dim": cfg.context_dim,
+        "text_encoder_in_dim1": cfg.text_hidden_dim, "text_encoder_in_dim2": cfg.text_embed_dim,
+        "image_encoder_in_dim": cfg.image_embed_dim, "num_image_embs": cfg.num_image_tokens,
+        "in_channels": (cfg.in_channels - 1) // 2 if inpainting else cfg.in_channels,
+        "out_channels": cfg.out_channels,
+    }
+
+
+def to_diffusers_config(cfg: UNetConfig) -> dict:
+    """The diffusers ``UNet2DConditionModel`` config of one of our configs (the official one by default,
+    equal to kandinsky-community/kandinsky-2-1[-inpaint]/unet/config.json apart from null-valued keys)."""
+    _require(cfg.text_embed_dim == cfg.image_embed_dim == cfg.context_dim,
+             "config: diffusers ties text_embed_dim and image_embed_dim to cross_attention_dim (context_dim)")
+    _require(cfg.num_image_tokens == 10, "config: diffusers' TextImageProjection always makes 10 image tokens")
+    attends = [level in cfg.attention_levels for level in range(len(cfg.channel_mult))]
+    return {
+        "act_fn": "silu", "addition_embed_type": "text_image", "addition_embed_type_num_heads": 64,
+        "attention_head_dim": cfg.head_channels,
+        "block_out_channels": [cfg.model_channels * m for m in cfg.channel_mult],
+        "center_input_sample": False, "conv_in_kernel": 3, "conv_out_kernel": 3,
+        "cross_attention_dim": cfg.context_dim,
+        "down_block_types": ["SimpleCrossAttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in attends],
+        "downsample_padding": 1, "dual_cross_attention": False, "encoder_hid_dim": cfg.text_hidden_dim,
+        "encoder_hid_dim_type": "text_image_proj", "flip_sin_to_cos": True, "freq_shift": 0,
+        "in_channels": cfg.in_channels, "layers_per_block": cfg.num_res_blocks,
+        "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DSimpleCrossAttn", "norm_eps": 1e-05,
+        "norm_num_groups": cfg.norm_groups, "only_cross_attention": False, "out_channels": cfg.out_channels,
+        "resnet_out_scale_factor": 1.0, "resnet_skip_time_act": False, "resnet_time_scale_shift": "scale_shift",
+        "sample_size": 64, "time_embedding_type": "positional", "upcast_attention": False,
+        "up_block_types": ["SimpleCrossAttnUpBlock2D" if a else "ResnetUpsampleBlock2D" for a in reversed(attends)],
+        "use_linear_projection": False,
+    }

@@ -13,16 +13,12 @@ Example::
     images = movq.decode(latents)              # no quantisation, like the original MOVQ.decode
     big = movq.decode_tiled(big_latents)       # large images in a few GiB (approximate, see decode_tiled)
 
-Speed notes (CPU inference is dominated by the 3x3 convs; everything here keeps the rest small):
+Two exact rewrites in the spatial norm keep it small next to the 3x3 convs:
 
-* a spatial norm computes its two 1x1 convs on the small latent and broadcasts the resulting
-  per-latent-pixel scale/shift over the nearest-upsampled blocks: a 1x1 conv commutes with nearest
-  upsampling, so this is exact and avoids 4-channel convs at full resolution;
-* the GroupNorm affine is folded into that scale/shift, and norm + modulation + SiLU run in place
-  on the one tensor ``group_norm`` allocates;
-* nearest x2 upsampling + 3x3 conv runs as four 2x2 convs on the low-resolution input (16/36 of the work);
-* activations are channels-last (oneDNN convs need no layout reorders; attention tokens are a free view).
-  ``encode``/``decode`` return ordinary contiguous tensors.
+* its two 1x1 convs run on the small latent, and the per-latent-pixel scale/shift is broadcast over the
+  nearest-upsampled blocks: a 1x1 conv commutes with nearest upsampling;
+* the GroupNorm affine is folded into that scale/shift, and norm + modulation + SiLU run in place on the
+  one tensor ``group_norm`` allocates.
 """
 
 from __future__ import annotations
@@ -33,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kandinsky.models.layers import Conv3x3, GroupNorm32
+from kandinsky.models.layers import GroupNorm32
 
 
 @dataclass
@@ -120,9 +116,9 @@ class ResBlock(nn.Module):
             return EncoderNorm(channels, groups) if zq_channels is None else SpatialNorm(channels, zq_channels, groups)
 
         self.norm1 = norm(in_channels)
-        self.conv1 = Conv3x3(in_channels, out_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = norm(out_channels)
-        self.conv2 = Conv3x3(out_channels, out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
@@ -161,44 +157,15 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
-def _subpixel_kernels(weight: torch.Tensor) -> torch.Tensor:
-    """(O, I, 3, 3) kernel of a conv applied after nearest x2 upsampling -> (4*O, I, 2, 2): one 2x2 kernel
-    on the low-resolution input per output phase (row parity a, column parity b), phases major.
-
-    Output row 2i+a of the upsampled conv reads upsampled rows 2i+a-1..2i+a+1, i.e. low-res rows
-    (i-1, i, i) for a=0 and (i, i, i+1) for a=1: taps that land on the same low-res row are summed.
-    """
-    def fold(w: torch.Tensor, dim: int) -> torch.Tensor:  # 3 taps along `dim` -> (2 phases, 2 taps)
-        t0, t1, t2 = w.unbind(dim)
-        return torch.stack([torch.stack([t0, t1 + t2], dim), torch.stack([t0 + t1, t2], dim)])
-
-    rows = fold(weight, 2)  # (2a, O, I, 2, 3)
-    both = fold(rows, 4)  # (2b, 2a, O, I, 2, 2)
-    return both.transpose(0, 1).flatten(0, 2)  # (a, b, O) -> 4*O
-
-
 class Upsample(nn.Module):
-    """Nearest x2 upsampling followed by a 3x3 conv, computed as four 2x2 convs on the low-resolution
-    input (one per output phase), then interleaved: the same result with 16/36 of the multiply-adds."""
+    """Nearest x2 upsampling followed by a 3x3 conv."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, _, h, w = x.shape
-        O = self.conv.out_channels
-        # taps summed in float32 (matters for bf16 weights), then back to the weights' dtype
-        kernels = _subpixel_kernels(self.conv.weight.float()).to(x.dtype, memory_format=torch.channels_last)
-        # padding 1 on every side: phase a=0 reads rows (i-1, i) = output row i, a=1 reads (i, i+1) = row i+1
-        phases = F.conv2d(F.pad(x, (1, 1, 1, 1)), kernels, self.conv.bias.repeat(4))  # (B, 4*O, h+1, w+1)
-        phases = phases.unflatten(1, (2, 2, O))
-        out = torch.empty(B, O, 2 * h, 2 * w, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-        blocks = out.view(B, O, h, 2, w, 2)  # output pixel (2i+a, 2j+b) = blocks[..., i, a, j, b]
-        for a in (0, 1):
-            for b in (0, 1):
-                blocks[:, :, :, a, :, b] = phases[:, a, b, :, a:a + h, b:b + w]
-        return out
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2h, 2w)
 
 
 class Level(nn.Module):
@@ -355,14 +322,14 @@ class MoVQ(nn.Module):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1], H and W divisible by 8 -> latents (B, 4, H/8, W/8), not quantised."""
         _check_input("images", images, self.config.in_channels, self.config.downsample_factor)
-        images = images.to(self.dtype, memory_format=torch.channels_last)
+        images = images.to(self.dtype)
         return self.quant_conv(self.encoder(images)).contiguous()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (B, 4, h, w) -> images (B, 3, 8h, 8w), roughly in [-1, 1]. The latents are NOT
         quantised (they are also the spatial norms' conditioning), as the original ``MOVQ.decode``."""
         _check_input("latents", latents, self.config.embed_dim)
-        latents = latents.to(self.dtype, memory_format=torch.channels_last)
+        latents = latents.to(self.dtype)
         return self.decoder(self.post_quant_conv(latents), latents).contiguous()
 
     def decode_tiled(self, latents: torch.Tensor, tile: int = 64, overlap: int = 16) -> torch.Tensor:
@@ -372,7 +339,7 @@ class MoVQ(nn.Module):
         ramps across each overlap. Peak memory: the trunk plus one tile, whatever the image size.
 
         Not identical to ``decode``: the tiled levels' GroupNorms take their statistics over their tile only
-        and see zero padding at tile borders (hidden by the overlap). See the README for measured errors.
+        and see zero padding at tile borders (hidden by the overlap). Measured errors: docs/parity.md.
         A latent no larger than one tile is decoded in one piece (exactly ``decode``).
         """
         _check_input("latents", latents, self.config.embed_dim)
@@ -384,7 +351,7 @@ class MoVQ(nn.Module):
         if h <= tile and w <= tile:
             return self.decode(latents)
         f = self.config.downsample_factor
-        latents = latents.to(self.dtype, memory_format=torch.channels_last)
+        latents = latents.to(self.dtype)
         features = self.decoder.trunk(self.post_quant_conv(latents), latents)  # (B, C, s*h, s*w)
         s = features.shape[2] // h
         tops, lefts = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)

@@ -20,7 +20,6 @@ Example::
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -44,36 +43,6 @@ class PriorConfig:
     text_width: int = 768  # width of the CLIP text tower's hidden states
 
 
-@functools.cache
-def _onednn_dtypes() -> tuple[torch.dtype, ...]:
-    """The dtypes oneDNN's linear kernel runs on this CPU: bfloat16 needs AVX-512 BF16 (or AMX); without
-    it oneDNN cannot build a bfloat16 primitive at all."""
-    return (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool = False) -> torch.Tensor:
-    """``F.linear``, or, with ``onednn``, the same GEMM through oneDNN instead of MKL.
-
-    On CPUs where MKL's float32/bfloat16 GEMM is slow for these shapes (e.g. AMD EPYC: ~1.7x), oneDNN's is
-    much faster; the result differs only in summation order. oneDNN is used only where it applies
-    (CPU, no autograd, float32, and bfloat16 where the CPU has bf16 instructions); everything else falls
-    back to ``F.linear``.
-    """
-    if (onednn and x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in _onednn_dtypes()
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` that can route its GEMM through oneDNN (see :func:`linear`, :meth:`Prior.use_onednn`)."""
-
-    onednn: bool = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.onednn)
-
-
 class Attention(nn.Module):
     """Multi-head self-attention with one fused QKV projection (output rows ordered q | k | v, each
     head-major) and ``scaled_dot_product_attention``."""
@@ -81,32 +50,23 @@ class Attention(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.qkv = Linear(width, 3 * width)
-        self.out = Linear(width, width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, last_query_only: bool = False) -> torch.Tensor:
-        """(B, L, W) -> (B, L, W), or (B, 1, W) for the last position only with ``last_query_only``."""
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
-        split = (batch, -1, self.heads, width // self.heads)
-        if last_query_only:
-            # the q rows come first in the fused weight: slicing them is a view, not a copy
-            w, b = self.qkv.weight, self.qkv.bias
-            q = linear(x[:, -1:], w[:width], b[:width], self.qkv.onednn).view(split).transpose(1, 2)  # (B, heads, 1, D)
-            k, v = linear(x, w[width:], b[width:], self.qkv.onednn).view(batch, length, 2, *split[2:]).permute(2, 0, 3, 1, 4)
-            attn_mask = attn_mask[..., -1:, :]
-        else:
-            # (B, L, 3W) -> 3 x (B, heads, L, head_dim)
-            q, k, v = self.qkv(x).view(batch, length, 3, *split[2:]).permute(2, 0, 3, 1, 4)
+        # (B, L, 3W) -> 3 x (B, heads, L, head_dim)
+        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
         # the CPU kernels accumulate the softmax in float32 for bf16/fp16 inputs
-        h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, Lq, head_dim)
-        return self.out(h.transpose(1, 2).reshape(batch, -1, width))
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, L, head_dim)
+        return self.out(h.transpose(1, 2).reshape(batch, length, width))
 
 
 class MLP(nn.Module):
     def __init__(self, width: int):
         super().__init__()
-        self.fc1 = Linear(width, 4 * width)
-        self.fc2 = Linear(4 * width, width)
+        self.fc1 = nn.Linear(width, 4 * width)
+        self.fc2 = nn.Linear(4 * width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as both references
@@ -122,10 +82,9 @@ class Block(nn.Module):
         self.norm2 = LayerNorm32(width)
         self.mlp = MLP(width)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, last_query_only: bool = False) -> torch.Tensor:
-        """(B, L, W) -> (B, L, W); with ``last_query_only`` only the last position is computed: (B, 1, W)."""
-        h = self.attn(self.norm1(x), attn_mask, last_query_only)
-        x = (x[:, -1:] if last_query_only else x) + h
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, W) -> (B, L, W)."""
+        x = x + self.attn(self.norm1(x), attn_mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -143,29 +102,18 @@ class Prior(nn.Module):
         if c.width % c.heads:
             raise ValueError(f"config: width ({c.width}) must be a multiple of heads ({c.heads})")
         length = c.text_ctx + NUM_EXTRA_TOKENS
-        self.time_embed = nn.Sequential(Linear(c.width, c.width), nn.SiLU(), Linear(c.width, c.width))
-        self.text_hidden_proj = Linear(c.text_width, c.width)
-        self.text_embed_proj = Linear(c.clip_dim, c.width)
-        self.image_embed_proj = Linear(c.clip_dim, c.width)
+        self.time_embed = nn.Sequential(nn.Linear(c.width, c.width), nn.SiLU(), nn.Linear(c.width, c.width))
+        self.text_hidden_proj = nn.Linear(c.text_width, c.width)
+        self.text_embed_proj = nn.Linear(c.clip_dim, c.width)
+        self.image_embed_proj = nn.Linear(c.clip_dim, c.width)
         self.prd_token = nn.Parameter(torch.zeros(1, 1, c.width))
         self.positional_embedding = nn.Parameter(torch.zeros(1, length, c.width))
         self.blocks = nn.ModuleList([Block(c.width, c.heads) for _ in range(c.layers)])
         self.final_norm = LayerNorm32(c.width)
-        self.out_proj = Linear(c.width, c.clip_dim)
+        self.out_proj = nn.Linear(c.width, c.clip_dim)
         # identity statistics until real ones are loaded
         self.register_buffer("clip_mean", torch.zeros(c.clip_dim))
         self.register_buffer("clip_std", torch.ones(c.clip_dim))
-
-    def use_onednn(self, enabled: bool = True) -> Prior:
-        """Route every linear layer's GEMM through oneDNN instead of MKL (inference only; reversible with
-        ``use_onednn(False)``). Same weights, no extra memory, results equal up to float summation order
-        (measured: ~1e-6 relative in float32). Worth it on CPUs where MKL is slow, e.g. AMD EPYC."""
-        if enabled and not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
-            raise RuntimeError("use_onednn: this torch build has no oneDNN linear kernel (torch.ops.mkldnn._linear_pointwise)")
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.onednn = enabled
-        return self
 
     def normalize(self, embeds: torch.Tensor) -> torch.Tensor:
         """CLIP image embeddings -> the prior's normalised space: (embeds - mean) / std."""
@@ -239,7 +187,6 @@ class Prior(nn.Module):
             self.prd_token.to(dtype).expand(batch, -1, -1),
         ], dim=1) + self.positional_embedding.to(dtype)  # (B, 81, W)
         attn_mask = self.attention_mask(text_mask, batch, x.device)
-        # only the prd token's output is read: the last block computes that position alone (4% fewer FLOPs)
-        for i, block in enumerate(self.blocks):
-            tokens = block(tokens, attn_mask, last_query_only=i == len(self.blocks) - 1)
-        return self.out_proj(self.final_norm(tokens[:, -1]))  # (B, clip_dim)
+        for block in self.blocks:
+            tokens = block(tokens, attn_mask)
+        return self.out_proj(self.final_norm(tokens[:, -1]))  # the prd token: (B, clip_dim)

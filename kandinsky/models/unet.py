@@ -15,10 +15,6 @@ Example::
 
     unet = UNet(UNetConfig())
     out = unet(latents, timesteps, text_hidden_states=hidden, text_embeds=pooled, image_embeds=image)
-
-Layout: the network runs in channels-last memory format (activations and convolution weights), so that the
-attention layers read and write (B, H*W, C) token views of the feature maps without copies and the
-convolutions take their fastest CPU path. The returned tensor is ordinary (contiguous) NCHW.
 """
 
 from __future__ import annotations
@@ -29,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kandinsky.models.layers import Conv3x3, GroupNorm32, LayerNorm32, timestep_embedding
+from kandinsky.models.layers import GroupNorm32, LayerNorm32, timestep_embedding
 
 
 @dataclass
@@ -73,10 +69,10 @@ class ResBlock(nn.Module):
         super().__init__()
         self.resample = resample
         self.norm1 = GroupNorm32(groups, in_channels)
-        self.conv1 = Conv3x3(in_channels, out_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.emb_proj = nn.Linear(time_embed_dim, 2 * out_channels)
         self.norm2 = GroupNorm32(groups, out_channels)
-        self.conv2 = Conv3x3(out_channels, out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def _resample(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,8 +108,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, height, width = x.shape
         heads, ch = self.heads, c // self.heads
-        # channels-last feature maps make this (B, H*W, C) token view free
-        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, height * width, c)
+        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, height * width, c)  # (B, T = H*W, C)
         q, k, v = self.qkv(tokens).unflatten(-1, (3, heads, ch)).permute(2, 0, 3, 1, 4)  # (B, heads, T, ch) each
         context_k, context_v = self.context_kv(context).unflatten(-1, (2, heads, ch)).permute(2, 0, 3, 1, 4)
         k = torch.cat([context_k, k], dim=2)  # (B, heads, S + T, ch): context first, as in the original
@@ -139,10 +134,6 @@ class Block(nn.Module):
         if self.upsample is not None:
             x = self.upsample(x, emb)
         return x
-
-
-def _channels_last_after_load(module: nn.Module, incompatible_keys) -> None:
-    module.to(memory_format=torch.channels_last)  # a no-op for tensors already channels-last
 
 
 class UNet(nn.Module):
@@ -199,12 +190,6 @@ class UNet(nn.Module):
         self.norm_out = GroupNorm32(groups, ch)
         self.conv_out = nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
 
-        # Channels-last convolution weights: with channels-last activations the CPU (oneDNN) convolutions
-        # then skip a per-call re-layout of each kernel (up to 85 MB at the lowest resolution). Re-applied
-        # after load_state_dict, since loading with assign=True installs the given tensors as they are.
-        self.to(memory_format=torch.channels_last)
-        self.register_load_state_dict_post_hook(_channels_last_after_load)
-
     def _check_inputs(self, x, timesteps, text_hidden_states, text_embeds, image_embeds) -> torch.Tensor:
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
@@ -259,7 +244,7 @@ class UNet(nn.Module):
         image_tokens = self.image_to_tokens(image_embeds).view(b, cfg.num_image_tokens, cfg.context_dim)
         context = torch.cat([image_tokens, self.text_to_context(text_hidden_states)], dim=1)
 
-        h = self.conv_in(x.to(dtype).contiguous(memory_format=torch.channels_last))
+        h = self.conv_in(x.to(dtype))
         skips = [h]
         for block in self.down_blocks:
             h = block(h, emb, context)
@@ -268,4 +253,4 @@ class UNet(nn.Module):
         for block in self.up_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
         h = self.conv_out(F.silu(self.norm_out(h)))
-        return h.contiguous()
+        return h.contiguous()  # plain NCHW also when the kernels are channels-last (as converted files hold them)

@@ -78,7 +78,14 @@ def available_components() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kandinsky parity", description=__doc__.splitlines()[0])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["trace"]:  # kandinsky parity trace COMPONENT: the divergence tracer
+        from kandinsky.parity.trace import main as trace_main
+
+        return trace_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="kandinsky parity", description=__doc__.split("\n\n")[0],
+                                     epilog="kandinsky parity trace COMPONENT: where ours and the reference first "
+                                            "differ, module by module (kandinsky parity trace --help)")
     parser.add_argument("components", nargs="*", help=f"subset of {', '.join(COMPONENTS)} (default: all available)")
     args = parser.parse_args(argv)
     available = available_components()

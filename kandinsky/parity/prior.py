@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
+from kandinsky import ops
 from kandinsky.models.prior import PriorConfig
 from kandinsky.parity import Row, compare
 from kandinsky.testing import load_original_fixture, prefixed, randomize_
@@ -95,8 +96,9 @@ def checks() -> Iterator[Row]:
         gc.collect()
         # 20 float32 layers of width 2048 with separate vs fused GEMMs: summation-order noise only
         yield compare("prior", "diffusers full config, fp32, batch 2", run_ours(ours, batch), reference, 1e-4)
-        yield compare("prior", "same, ours with use_onednn()", run_ours(ours.use_onednn(), batch), reference, 1e-4)
-        ours.use_onednn(False)
+        yield compare("prior", "same, ours as the pipeline runs it (ops.optimize, CPU)",
+                      run_ours(ops.optimize(ours, "cpu", torch.float32), batch), reference, 1e-4)
+        ops.plain(ours)
         bf16 = ours.to(torch.bfloat16)
         out = run_ours(bf16, {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()})
         # bf16 weights and activations (8-bit mantissa) through 20 layers: ~1e-2 relative is the expected drift

@@ -1,6 +1,7 @@
 """Decoder UNet parity: the full official configurations (text-to-image and inpainting) against
 diffusers 0.42.1 ``UNet2DConditionModel`` (same random weights, converted with our diffusers converter),
-and the original implementation's fixtures ``unet`` / ``unet_inpaint``.
+plain and as the pipeline runs them on CPU (``ops.optimize``), and the original implementation's fixtures
+``unet`` / ``unet_inpaint``.
 
 Also the helpers the UNet tests and benchmark share: :func:`diffusers_config`, :func:`diffusers_unet`,
 :func:`inputs`, :func:`run_ours`, :func:`run_diffusers`, :func:`original_fixture_output`.
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
+from kandinsky import ops
 from kandinsky.models.unet import UNetConfig
 from kandinsky.parity import Row, compare
 from kandinsky.testing import load_original_fixture, prefixed, randomize_
@@ -25,31 +27,10 @@ TOLERANCE_ORIGINAL = 1e-5
 
 
 def diffusers_config(config: UNetConfig = UNetConfig()) -> dict:
-    """The diffusers ``UNet2DConditionModel`` config of one of our configs (the official one by default,
-    equal to kandinsky-community/kandinsky-2-1[-inpaint]/unet/config.json apart from null-valued keys)."""
-    if not config.text_embed_dim == config.image_embed_dim == config.context_dim:
-        raise ValueError("diffusers ties text_embed_dim and image_embed_dim to cross_attention_dim (context_dim)")
-    if config.num_image_tokens != 10:
-        raise ValueError("diffusers' TextImageProjection always makes 10 image tokens")
-    levels = range(len(config.channel_mult))
-    attends = [level in config.attention_levels for level in levels]
-    return {
-        "act_fn": "silu", "addition_embed_type": "text_image", "addition_embed_type_num_heads": 64,
-        "attention_head_dim": config.head_channels,
-        "block_out_channels": [config.model_channels * m for m in config.channel_mult],
-        "center_input_sample": False, "conv_in_kernel": 3, "conv_out_kernel": 3,
-        "cross_attention_dim": config.context_dim,
-        "down_block_types": ["SimpleCrossAttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in attends],
-        "downsample_padding": 1, "dual_cross_attention": False, "encoder_hid_dim": config.text_hidden_dim,
-        "encoder_hid_dim_type": "text_image_proj", "flip_sin_to_cos": True, "freq_shift": 0,
-        "in_channels": config.in_channels, "layers_per_block": config.num_res_blocks,
-        "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DSimpleCrossAttn", "norm_eps": 1e-05,
-        "norm_num_groups": config.norm_groups, "only_cross_attention": False, "out_channels": config.out_channels,
-        "resnet_out_scale_factor": 1.0, "resnet_skip_time_act": False, "resnet_time_scale_shift": "scale_shift",
-        "sample_size": 64, "time_embedding_type": "positional", "upcast_attention": False,
-        "up_block_types": ["SimpleCrossAttnUpBlock2D" if a else "ResnetUpsampleBlock2D" for a in reversed(attends)],
-        "use_linear_projection": False,
-    }
+    """The diffusers ``UNet2DConditionModel`` config of one of our configs (the official one by default)."""
+    from kandinsky.convert.unet import to_diffusers_config
+
+    return to_diffusers_config(config)
 
 
 def diffusers_unet(config: UNetConfig = UNetConfig(), seed: int = 0):
@@ -113,18 +94,32 @@ def original_fixture_output(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return ours, tensors["output.out"]
 
 
+def diffusers_rows(name: str, config: UNetConfig, label: str = "full config",
+                   sizes: tuple[tuple[int, int], ...] = ((32, 32), (24, 40))) -> Iterator[Row]:
+    """``config`` against diffusers at each latent size, batch 2: our plain model, then ours as the pipeline
+    runs it on CPU (``ops.optimize``: at full size Winograd convolutions at 32x32, GEMM ones on small maps)."""
+    theirs, ours = diffusers_unet(config)
+    batches = [inputs(config, height=height, width=width) for height, width in sizes]
+    with torch.no_grad():
+        references = [run_diffusers(theirs, batch) for batch in batches]
+    del theirs  # before optimize copies the kernels to channels-last: one model's weights at a time
+    gc.collect()
+    for optimized in (False, True):
+        if optimized:
+            ops.optimize(ours, "cpu", torch.float32)
+        for (height, width), batch, reference in zip(sizes, batches, references):
+            check = f"{label} vs diffusers, 2x{height}x{width}" + (", ops.optimize (CPU)" if optimized else "")
+            with torch.no_grad():
+                row = compare(name, check, run_ours(ours, batch), reference, TOLERANCE_DIFFUSERS)
+            yield row
+    del ours
+    gc.collect()
+
+
 def checks() -> Iterator[Row]:
     """Original fixtures, then each full official UNet vs diffusers at 32x32 and 24x40 latents, batch 2."""
     for name in ("unet", "unet_inpaint"):
         ours, reference = original_fixture_output(name)
         yield compare(name, "original fixture (tiny config)", ours, reference, TOLERANCE_ORIGINAL)
-    for name, config in (("unet", UNetConfig()), ("unet_inpaint", UNetConfig(in_channels=9))):
-        theirs, ours = diffusers_unet(config)
-        for height, width in ((32, 32), (24, 40)):
-            batch = inputs(config, height=height, width=width)
-            with torch.no_grad():
-                row = compare(name, f"full config vs diffusers, 2x{height}x{width}",
-                              run_ours(ours, batch), run_diffusers(theirs, batch), TOLERANCE_DIFFUSERS)
-            yield row
-        del theirs, ours
-        gc.collect()
+    yield from diffusers_rows("unet", UNetConfig())
+    yield from diffusers_rows("unet_inpaint", UNetConfig(in_channels=9))

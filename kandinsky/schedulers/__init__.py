@@ -1,9 +1,10 @@
-"""Noise schedules and samplers (model-agnostic). See the "Samplers" section of README.md.
+"""Noise schedules and samplers (model-agnostic). See docs/samplers.md.
 
     from kandinsky.schedulers import NoiseSchedule, SAMPLERS, sampler_timesteps, sample, add_noise, randn
 """
 
 from .samplers import (
+    ARITHMETICS,
     DEFAULT_SPACING,
     SAMPLERS,
     ancestral_step,
@@ -11,11 +12,15 @@ from .samplers import (
     dpmpp_2m_step,
     dynamic_threshold,
     euler_ancestral_step,
+    max_inference_steps,
     plms_eps,
     randn,
     sample,
+    sampler_options,
     sampler_timesteps,
     sigma_at,
+    unclip_float32_scalars,
+    unclip_float32_step,
 )
 from .schedule import SPACINGS, NoiseSchedule, add_noise, space_timesteps, spaced_timesteps
 
@@ -24,13 +29,18 @@ __all__ = [
     "SAMPLERS",
     "SPACINGS",
     "DEFAULT_SPACING",
+    "ARITHMETICS",
     "sampler_timesteps",
+    "max_inference_steps",
+    "sampler_options",
     "sample",
     "add_noise",
     "randn",
     "space_timesteps",
     "spaced_timesteps",
     "ancestral_step",
+    "unclip_float32_step",
+    "unclip_float32_scalars",
     "ddim_step",
     "dpmpp_2m_step",
     "euler_ancestral_step",

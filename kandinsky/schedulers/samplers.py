@@ -8,7 +8,8 @@ Conventions (shared by every sampler):
   [-1, 1] (guided-diffusion LEARNED_RANGE); samplers that do not use the variance ignore the second half.
 - Timesteps are a descending list; the step from t goes to the next entry, and the last entry goes to "t = -1"
   (ab = 1; DDIM/PLMS use ab_0 there, as both references do with set_alpha_to_one=False).
-- Per-step scalars come from the float64 schedule as Python floats; tensor math runs in float32 (or float64).
+- Per-step scalars come from the float64 schedule as Python floats (unclip by default: diffusers' float32 ones, see
+  `unclip_float32_step`); tensor math runs in float32 (or float64).
 - Random draws: torch.randn(x.shape, generator=generator) at exactly the steps and in the order diffusers' step
   functions draw them, so one generator seed gives diffusers' result. `noise_fn(like)` replaces the draws (used to
   inject recorded noise).
@@ -28,9 +29,14 @@ __all__ = [
     "SAMPLERS",
     "DEFAULT_SPACING",
     "sampler_timesteps",
+    "max_inference_steps",
+    "sampler_options",
     "sample",
     "randn",
     "ancestral_step",
+    "unclip_float32_step",
+    "unclip_float32_scalars",
+    "ARITHMETICS",
     "ddim_step",
     "dpmpp_2m_step",
     "euler_ancestral_step",
@@ -43,6 +49,8 @@ NoiseFn = Callable[[torch.Tensor], torch.Tensor]
 X0Fn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 SAMPLERS = ("p_sampler", "ddim", "plms", "unclip", "ddpm", "dpmpp_2m", "euler_a")
+# unclip's `arithmetic` option: diffusers' UnCLIPScheduler (float32) or the original prior sampler (float64)
+ARITHMETICS = ("float32", "float64")
 
 # Each sampler's default timestep selection = its reference's: (spacing, offset).
 DEFAULT_SPACING = {
@@ -84,6 +92,21 @@ def sampler_timesteps(
         spacing = default_spacing
         offset = default_offset if offset is None else offset
     return spaced_timesteps(spacing, schedule.num_train_timesteps, num_inference_steps, offset=offset or 0)
+
+
+def max_inference_steps(name: str, num_train_timesteps: int) -> int:
+    """The most steps sampler `name`'s default timesteps can take: T, or fewer where more would repeat a timestep
+    or leave 0..T-1 (ddim and plms, "leading" + 1, and dpmpp_2m take at most T - 1)."""
+    _check_name(name)
+    spacing, offset = DEFAULT_SPACING[name]
+    for steps in range(num_train_timesteps, 0, -1):
+        try:
+            ts = spaced_timesteps(spacing, num_train_timesteps, steps, offset=offset).tolist()
+        except ValueError:  # timesteps outside 0..T-1
+            continue
+        if all(b < a for a, b in zip(ts, ts[1:])):
+            return steps
+    raise ValueError(f"name: {name!r} has no valid number of steps on {num_train_timesteps} timesteps")
 
 
 # =============================================================================================
@@ -253,6 +276,69 @@ def ancestral_step(
     return out.to(x.dtype), x0
 
 
+def unclip_float32_scalars(schedule: NoiseSchedule, t: int, t_prev: int) -> dict[str, float]:
+    """The per-step scalars of diffusers' ``UnCLIPScheduler.step`` for t -> t_prev (-1: the end), computed as it
+    computes them: from a float32 table (betas rounded to float32, alphas_cumprod = float32 cumprod of 1 - beta),
+    every operation in float32, beta taken from the table when t_prev = t - 1. Returned as Python floats (exactly
+    the float32 values: no device synchronisation in the loops).
+
+    Keys: ``sqrt_ab``, ``sqrt_one_minus_ab`` (epsilon -> x0), ``coef_x0``, ``coef_x`` (posterior mean), ``std``
+    (fixed small posterior standard deviation), ``log_var`` (its log variance, clamped at 1e-20 as diffusers'
+    fixed_small_log) and ``log_beta`` (learned range)."""
+    betas = schedule.betas.float()
+    ac = torch.cumprod(1.0 - betas, dim=0)
+    one = torch.tensor(1.0)
+    ab, ab_prev = ac[t], (ac[t_prev] if t_prev >= 0 else one)
+    if t_prev == t - 1:
+        beta = betas[t]
+        alpha = 1.0 - betas[t]
+    else:
+        beta = 1 - ab / ab_prev
+        alpha = 1 - beta
+    one_minus_ab, one_minus_ab_prev = 1 - ab, 1 - ab_prev
+    variance = one_minus_ab_prev / one_minus_ab * beta
+    scalars = {
+        "sqrt_ab": ab ** 0.5, "sqrt_one_minus_ab": one_minus_ab ** 0.5,
+        "coef_x0": ab_prev ** 0.5 * beta / one_minus_ab, "coef_x": alpha ** 0.5 * one_minus_ab_prev / one_minus_ab,
+    }
+    scalars["log_var"] = torch.log(torch.clamp(variance, min=1e-20))
+    scalars["std"] = torch.exp(0.5 * scalars["log_var"])
+    scalars["log_beta"] = torch.log(beta)
+    return {name: float(value) for name, value in scalars.items()}
+
+
+def unclip_float32_step(
+    model_output: torch.Tensor,
+    x: torch.Tensor,
+    t: int,
+    t_prev: int,
+    schedule: NoiseSchedule,
+    *,
+    prediction: str = "sample",
+    x0_process: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ancestral_step` with diffusers' ``UnCLIPScheduler`` arithmetic (:func:`unclip_float32_scalars`)
+    instead of float64 scalars. The two differ most near the ends of the cosine schedule, where float32 keeps
+    few digits of 1 - alphas_cumprod (the x0 coefficient of the step to t = -1 is 0.99947 instead of 1).
+    Returns (x_prev, processed x0)."""
+    s = unclip_float32_scalars(schedule, t, t_prev)
+    pred, v = split_output(model_output, x)
+    x32, pred = _wide(x), _wide(pred)
+    x0 = pred if prediction == "sample" else (x32 - s["sqrt_one_minus_ab"] * pred) / s["sqrt_ab"]
+    if x0_process is not None:
+        x0 = x0_process(x0)
+    out = s["coef_x0"] * x0 + s["coef_x"] * x32
+    if noise is not None:
+        if v is None:
+            std = s["std"]
+        else:
+            frac = (_wide(v) + 1) / 2
+            std = torch.exp(0.5 * (frac * s["log_beta"] + (1 - frac) * s["log_var"]))
+        out = out + std * _wide(noise)
+    return out.to(x.dtype), x0
+
+
 def ddim_step(
     model_output: torch.Tensor,
     x: torch.Tensor,
@@ -327,12 +413,18 @@ _OPTIONS = {
     "p_sampler": _COMMON | {"x0_fn", "threshold"},
     "ddim": _COMMON | {"eta", "set_alpha_to_one"},
     "plms": _COMMON | {"set_alpha_to_one"},
-    "unclip": _COMMON | {"clip_sample_range", "x0_fn"},
+    "unclip": _COMMON | {"clip_sample_range", "x0_fn", "arithmetic"},
     "ddpm": _COMMON | {"thresholding", "dynamic_thresholding_ratio", "sample_max_value", "x0_fn"},
     "dpmpp_2m": _COMMON,
     "euler_a": _COMMON,
 }
 _DEFAULT_PREDICTION = {"unclip": "sample"}
+
+
+def sampler_options(name: str) -> frozenset[str]:
+    """The keyword options :func:`sample` takes for sampler ``name``."""
+    _check_name(name)
+    return frozenset(_OPTIONS[name])
 
 
 def sample(
@@ -354,7 +446,9 @@ def sample(
     - p_sampler: `x0_fn(x0, t) -> x0` (the original `denoised_fn`: clamp, inpainting blend), applied before
       `threshold`: "batch0" (default, the original Kandinsky 2.1 `clip_denoised`), "per_sample" (corrected) or None.
     - ddim: `eta` in [0, 1] (default 0), `set_alpha_to_one` (default False). plms: `set_alpha_to_one`.
-    - unclip: `clip_sample_range` (default 10.0; None disables), `x0_fn`.
+    - unclip: `clip_sample_range` (default 10.0; None disables), `x0_fn`, `arithmetic`: "float32" (default,
+      diffusers' UnCLIPScheduler: float32 table and scalars, see `unclip_float32_step`) or "float64" (the original
+      prior's numpy float64 scalars).
     - ddpm: `thresholding` (default True), `dynamic_thresholding_ratio` (0.995), `sample_max_value` (2.0), `x0_fn`.
     """
     _check_name(name)
@@ -367,12 +461,14 @@ def sample(
     if timesteps.ndim != 1 or timesteps.numel() == 0:
         raise ValueError(f"timesteps: expected a non-empty 1-D tensor, got shape {tuple(timesteps.shape)}")
     ts = timesteps.tolist()
-    if any(b >= a for a, b in zip(ts, ts[1:])):
-        raise ValueError(f"timesteps: expected strictly descending values, got {ts}")
+    repeats = [(a, b) for a, b in zip(ts, ts[1:]) if b >= a]
+    if repeats:
+        raise ValueError(f"timesteps: expected strictly descending values, got {len(repeats)} steps that are not "
+                         f"(first: {repeats[0][0]} -> {repeats[0][1]})")
     if ts[-1] < 0 or ts[0] > schedule.num_train_timesteps - 1:
         raise ValueError(f"timesteps: expected values in 0..{schedule.num_train_timesteps - 1}, got {ts[0]}..{ts[-1]}")
     if name != "euler_a" and timesteps.is_floating_point() and any(v != round(v) for v in ts):
-        raise ValueError(f"timesteps: {name!r} needs integer timesteps, got {ts}")
+        raise ValueError(f"timesteps: {name!r} needs integer timesteps, got {[v for v in ts if v != round(v)][:5]}")
     prediction = options.pop("prediction", _DEFAULT_PREDICTION.get(name, "epsilon"))
     if prediction not in ("epsilon", "sample"):
         raise ValueError(f"prediction: expected 'epsilon' or 'sample', got {prediction!r}")
@@ -393,17 +489,28 @@ def sample(
         return loop(denoise, x, schedule, timesteps, steps, prediction, noise_fn, callback, **options)
 
 
-def randn(shape: Sequence[int], generator: torch.Generator | None, device: torch.device | str,
-          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def randn(shape: Sequence[int], generator: torch.Generator | Sequence[torch.Generator] | None,
+          device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Unit Gaussian noise drawn on the generator's device and moved to ``device``, as diffusers'
     ``randn_tensor`` does: a CPU generator gives the same numbers whatever ``device`` is.
+
+    A list of generators (one per image, as diffusers takes them) draws row ``r`` from
+    ``generator[r % len(generator)]``, so that an image's noise depends on its own generator only, not on
+    the batch it is drawn in; the cycle gives the prior's negative-prompt rows, which follow all the
+    prompts' rows, their prompt's generator.
 
     A CPU draw for a CUDA ``device`` is copied through pinned memory asynchronously, so that a sampling
     loop drawing noise at every step never waits for the GPU.
     """
     device = torch.device(device)
-    source = device if generator is None else generator.device
-    out = torch.randn(tuple(shape), generator=generator, device=source, dtype=dtype)
+    if isinstance(generator, (list, tuple)):
+        if shape[0] % len(generator):
+            raise ValueError(f"generator: expected one generator per image ({shape[0]} rows), got {len(generator)}")
+        rows = [generator[r % len(generator)] for r in range(shape[0])]
+        out = torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in rows])
+    else:
+        source = device if generator is None else generator.device
+        out = torch.randn(tuple(shape), generator=generator, device=source, dtype=dtype)
     if out.device.type == "cpu" and device.type == "cuda":
         return out.pin_memory().to(device, non_blocking=True)
     return out.to(device)
@@ -419,7 +526,7 @@ def _t_batch(t, x: torch.Tensor) -> torch.Tensor:
 
 
 def _ancestral_loop(denoise, x, schedule, timesteps, steps, prediction, noise_fn, callback, x0_process, x0_fn,
-                    noise_if_t_positive: bool):
+                    noise_if_t_positive: bool, float32: bool = False):
     ac = schedule.alphas_cumprod
     ts = [int(t) for t in timesteps.tolist()]
     for i in steps:
@@ -434,8 +541,12 @@ def _ancestral_loop(denoise, x, schedule, timesteps, steps, prediction, noise_fn
 
         draw = t > 0 if noise_if_t_positive else t_prev >= 0
         noise = noise_fn(x) if draw else None
-        x, x0 = ancestral_step(out, x, t, t_prev, schedule, prediction=prediction, x0_process=process,
-                               noise=noise, alphas_cumprod=ac)
+        if float32:
+            x, x0 = unclip_float32_step(out, x, t, t_prev, schedule, prediction=prediction, x0_process=process,
+                                        noise=noise)
+        else:
+            x, x0 = ancestral_step(out, x, t, t_prev, schedule, prediction=prediction, x0_process=process,
+                                   noise=noise, alphas_cumprod=ac)
         if callback is not None:
             callback(i, t, x, x0)
     return x
@@ -462,13 +573,15 @@ def _ddpm(denoise, x, schedule, timesteps, steps, prediction, noise_fn, callback
 
 
 def _unclip(denoise, x, schedule, timesteps, steps, prediction, noise_fn, callback, *, clip_sample_range=10.0,
-            x0_fn=None):
+            x0_fn=None, arithmetic="float32"):
+    if arithmetic not in ARITHMETICS:
+        raise ValueError(f"arithmetic: expected one of {list(ARITHMETICS)}, got {arithmetic!r}")
     process = None
     if clip_sample_range is not None:
         process = lambda x0: x0.clamp(-clip_sample_range, clip_sample_range)  # noqa: E731
     # diffusers UnCLIPScheduler draws noise when t > 0.
     return _ancestral_loop(denoise, x, schedule, timesteps, steps, prediction, noise_fn, callback, process, x0_fn,
-                           noise_if_t_positive=True)
+                           noise_if_t_positive=True, float32=arithmetic == "float32")
 
 
 def _check_eta(eta) -> float:

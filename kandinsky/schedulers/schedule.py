@@ -13,6 +13,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from kandinsky.validation import check_positive_int
+
 __all__ = [
     "NoiseSchedule",
     "add_noise",
@@ -48,14 +50,14 @@ class NoiseSchedule:
         cls, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
     ) -> "NoiseSchedule":
         """Betas evenly spaced from `beta_start` to `beta_end` (the decoder: 0.00085..0.012; Ho et al.: 1e-4..0.02)."""
-        _check_positive_int("num_train_timesteps", num_train_timesteps)
+        check_positive_int("num_train_timesteps", num_train_timesteps)
         return cls(torch.from_numpy(np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float64)))
 
     @classmethod
     def squared_cosine(cls, num_train_timesteps: int = 1000, max_beta: float = 0.999) -> "NoiseSchedule":
         """Nichol & Dhariwal cosine schedule (the prior): ab(s) = cos((s + 0.008) / 1.008 * pi / 2)^2,
         betas capped at `max_beta`."""
-        _check_positive_int("num_train_timesteps", num_train_timesteps)
+        check_positive_int("num_train_timesteps", num_train_timesteps)
 
         def alpha_bar(s: float) -> float:
             return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
@@ -151,7 +153,7 @@ def space_timesteps(num_train_timesteps: int, section_counts: str | Sequence[int
     `section_counts` is "ddimN" (range(0, T, T // N) + 1: the +1 is the original's), a comma-separated string or a list
     of step counts per equal section; each section is strided with round() of a running float index (so T - 1 is kept).
     """
-    _check_positive_int("num_train_timesteps", num_train_timesteps)
+    check_positive_int("num_train_timesteps", num_train_timesteps)
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
             n = _parse_int("section_counts", section_counts[len("ddim"):], section_counts)
@@ -194,7 +196,7 @@ def spaced_timesteps(
     - "unclip": round(i * (T - 1) / (n - 1)) (diffusers UnCLIPScheduler; equals the original prior respacing).
     - "dpmsolver": round(linspace(0, T - 1, n + 1))[::-1][:-1] (diffusers DPMSolverMultistep "linspace").
     """
-    _check_positive_int("num_train_timesteps", num_train_timesteps)
+    check_positive_int("num_train_timesteps", num_train_timesteps)
     if not isinstance(num_inference_steps, (int, np.integer)) or isinstance(num_inference_steps, bool) or not (
         0 < num_inference_steps <= num_train_timesteps
     ):
@@ -222,16 +224,11 @@ def spaced_timesteps(
         raise ValueError(f"spacing: expected one of {SPACINGS}, got {spacing!r}")
     ts = np.sort(np.asarray(ts, dtype=np.int64))[::-1].copy()
     if ts.min() < 0 or ts.max() >= T:
-        raise ValueError(f"offset: timesteps {ts.tolist()} fall outside 0..{T - 1}")
+        raise ValueError(f"offset: timesteps {ts.min()}..{ts.max()} fall outside 0..{T - 1}")
     return torch.from_numpy(ts)
 
 
 # ---- validation helpers ---------------------------------------------------------------------------
-
-def _check_positive_int(name: str, value: object) -> None:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-
 
 def _parse_int(name: str, text: str, whole: object) -> int:
     try:

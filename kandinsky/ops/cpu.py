@@ -1,0 +1,344 @@
+"""CPU inference kernels swapped into the models by :func:`kandinsky.ops.optimize`.
+
+* :class:`Conv3x3` for the residual blocks' 3x3 convolutions (UNet and MoVQ): Winograd F(2x2, 3x3)
+  (:func:`winograd_conv3x3`) for wide float32 maps, one GEMM over the nine shifted windows
+  (:func:`gemm_conv3x3`) for small maps, oneDNN's direct convolution otherwise;
+* :class:`OneDNNLinear` for the prior's linear layers: the same GEMMs through oneDNN instead of MKL,
+  which is much faster for these shapes on CPUs where MKL is slow (AMD EPYC);
+* half-precision weights on a CPU without native arithmetic in their dtype (:func:`native_half`): every
+  convolution and linear layer computes in float32 from its weights upcast per call (``Upcast*``), and the
+  attention of the UNet, MoVQ and prior runs on float32 queries, keys and values. Parameters and the
+  activations between layers stay in the half dtype (the memory saving); no float32 copy of the weights is
+  kept, only one buffer per thread, the size of the largest layer (:func:`float_weight`).
+
+Each fast path of the float32 layers is inference only and falls back to the plain layer under autograd;
+the upcast layers are differentiable. The thresholds are where each path measured faster (see the
+benchmark results).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kandinsky.models import movq, prior, unet
+from kandinsky.ops.generic import FastModule, LastQueryBlock, SubpixelUpsample, swap
+
+# Winograd F(2x2, 3x3): a 3x3 convolution of 4x4 input tiles (stride 2) computed as 16 channel GEMMs in a
+# transformed domain, 2.25x fewer multiplications than direct. The transforms use only 0, +-1 and +-1/2,
+# so float32 results stay as close to exact as the direct convolution's.
+_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))  # kernel transform
+_WINOGRAD_TILES_PER_CHUNK = 512  # GEMM rows per chunk: keeps the transform buffers in cache, GEMMs efficient
+# Winograd from this many input and output channels (float32): below, the transforms, which cost the same
+# per channel, outweigh the saved multiplications
+WINOGRAD_MIN_CHANNELS = 256
+WINOGRAD_MIN_PIXELS = 1024  # ... and from this many pixels (32x32)
+GEMM_MAX_PIXELS = 256  # maps of at most this many pixels (16x16) take the GEMM path
+
+
+def _winograd_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """(K, C, 3, 3) kernel -> (16, C, K): ``G g G^T`` for every (output, input) channel pair."""
+    k, c = weight.shape[:2]
+    g = torch.tensor(_WINOGRAD_G, dtype=weight.dtype, device=weight.device)
+    gg = torch.einsum("ai,bj->abij", g, g).reshape(16, 9)
+    # a view for channels-last kernels; the result is (K, 16, C), read by the GEMM as transposed (16, C, K)
+    return torch.matmul(gg, weight.permute(0, 2, 3, 1).reshape(k, 9, c)).permute(1, 2, 0)
+
+
+def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` for even H and W by Winograd F(2x2, 3x3); returns a
+    channels-last (B, K, H, W) tensor. Inference only (it writes into buffers with ``out=``).
+
+    The image is processed in bands of tile rows, so that the transformed input (4x the band's pixels)
+    and the GEMM output stay small; the kernel is transformed on every call (no second copy is kept).
+    """
+    b, c, height, width = x.shape
+    if height % 2 or width % 2:
+        raise ValueError(f"x: winograd_conv3x3 needs even height and width, got {height}x{width}")
+    if weight.shape[1:] != (c, 3, 3):
+        raise ValueError(f"weight: expected shape (K, {c}, 3, 3) for x with {c} channels, got {tuple(weight.shape)}")
+    k = weight.shape[0]
+    rows, cols = height // 2, width // 2  # output tiles of 2x2 pixels
+    band = max(1, min(rows, _WINOGRAD_TILES_PER_CHUNK // (b * cols)))  # tile rows per chunk
+    kernel = _winograd_kernel(weight)
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # (B, H+2, W+2, C)
+    out = torch.empty((b, height, width, k), dtype=x.dtype, device=x.device)
+    out_tiles = out.view(b, rows, 2, cols, 2, k)
+    for r0 in range(0, rows, band):
+        n = min(band, rows - r0)
+        # per-band buffers stay under glibc's mmap threshold, so they are recycled without page faults
+        col_t = x.new_empty((4, b, 2 * n + 2, cols, c))
+        tiles = x.new_empty((4, 4, b, n, cols, c))
+        src = padded[:, 2 * r0:2 * r0 + 2 * n + 2]  # the band's padded rows, overlapping by 2
+        # input transform B^T d B, separable: along columns (tiles overlap by two pixels) then rows
+        c0, c1, c2, c3 = (src[:, :, j:j + 2 * cols:2] for j in range(4))
+        torch.sub(c0, c2, out=col_t[0])
+        torch.add(c1, c2, out=col_t[1])
+        torch.sub(c2, c1, out=col_t[2])
+        torch.sub(c1, c3, out=col_t[3])
+        d0, d1, d2, d3 = (col_t[:, :, j:j + 2 * n:2] for j in range(4))
+        torch.sub(d0, d2, out=tiles[0])
+        torch.add(d1, d2, out=tiles[1])
+        torch.sub(d2, d1, out=tiles[2])
+        torch.sub(d1, d3, out=tiles[3])
+        products = torch.bmm(tiles.view(16, -1, c), kernel).view(4, 4, b, n, cols, k)
+        if bias is not None:
+            products[1, 1] += bias  # A^T m A adds the (1, 1) entry to all four outputs
+        # output transform A^T m A: along rows, then columns straight into the output pixels
+        for r, row in enumerate((products[0] + products[1] + products[2], products[1] - products[2] - products[3])):
+            torch.add(row[0], row[1], out=out_tiles[:, r0:r0 + n, r, :, 0]).add_(row[2])
+            torch.sub(row[1], row[2], out=out_tiles[:, r0:r0 + n, r, :, 1]).sub_(row[3])
+    return out.permute(0, 3, 1, 2)
+
+
+def gemm_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` as one GEMM over the nine shifted windows; returns a
+    channels-last (B, K, H, W) tensor.
+
+    For small maps oneDNN spends much of its time re-laying out the kernel for few output pixels, while
+    this GEMM reads a channels-last kernel as it is.
+    """
+    b, c, height, width = x.shape
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # (B, H+2, W+2, C)
+    windows = [padded[:, i:i + height, j:j + width] for i in range(3) for j in range(3)]
+    columns = torch.cat(windows, dim=-1).view(b * height * width, 9 * c)  # (B*H*W, [kh, kw, C])
+    kernel = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], 9 * c)  # a view when channels-last
+    out = columns @ kernel.t() if bias is None else torch.addmm(bias, columns, kernel.t())  # (B*H*W, K)
+    return out.view(b, height, width, -1).permute(0, 3, 1, 2)
+
+
+def _inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+
+
+def _is_same_padding_3x3(conv: nn.Conv2d) -> bool:
+    return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
+
+
+class Conv3x3(FastModule, nn.Conv2d):
+    """``nn.Conv2d(C, K, 3, padding=1)`` with two faster CPU paths (channels-last outputs):
+
+    * float32 maps of at least ``WINOGRAD_MIN_PIXELS`` with even sides and at least
+      ``WINOGRAD_MIN_CHANNELS`` input and output channels, without autograd: :func:`winograd_conv3x3`;
+    * maps of at most ``GEMM_MAX_PIXELS``: :func:`gemm_conv3x3`.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convolve(x, self.weight, self.bias)
+
+    def convolve(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """This layer's convolution of ``x`` with ``weight`` and ``bias``, by the path for ``x``'s size and dtype."""
+        _, c, height, width = x.shape
+        if x.device.type != "cpu":
+            return self._conv_forward(x, weight, bias)
+        if height * width <= GEMM_MAX_PIXELS:
+            return gemm_conv3x3(x, weight, bias)
+        if (x.dtype == torch.float32 and height * width >= WINOGRAD_MIN_PIXELS and height % 2 == 0 and width % 2 == 0
+                and min(c, self.out_channels) >= WINOGRAD_MIN_CHANNELS and _inference(x, weight)):
+            return winograd_conv3x3(x, weight, bias)
+        return self._conv_forward(x, weight, bias)
+
+
+@functools.cache
+def onednn_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes oneDNN's linear kernel runs on this CPU: none without the kernel in this torch build;
+    bfloat16 needs AVX-512 BF16 (or AMX), without which oneDNN cannot build a bfloat16 primitive at all."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return ()
+    return (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` through oneDNN instead of MKL where that applies (CPU, no autograd, a dtype of
+    :func:`onednn_dtypes`), ``F.linear`` otherwise. Same GEMM: the results differ in summation order only."""
+    if (x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in onednn_dtypes()
+            and _inference(x, weight)):
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class OneDNNLinear(FastModule, nn.Linear):
+    """``nn.Linear`` whose GEMM runs through :func:`onednn_linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return onednn_linear(x, self.weight, self.bias)
+
+
+class OneDNNLastQueryBlock(LastQueryBlock):
+    """:class:`~kandinsky.ops.generic.LastQueryBlock` whose sliced QKV GEMMs run through :func:`onednn_linear`."""
+
+    linear = staticmethod(onednn_linear)
+
+
+# --- half precision without native arithmetic ---------------------------------------------------------
+
+HALF_ENV = "KANDINSKY21_CPU_HALF"  # "native" or "upcast": overrides the detection of native_half()
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+# CPU flags (torch.cpu.get_capabilities) of instructions that compute in each half dtype: x86, then ARM
+_NATIVE_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16"),
+                 torch.float16: ("avx512_fp16", "amx_fp16", "fp16_arith")}
+
+
+@functools.cache
+def _native_half_dtypes() -> frozenset[torch.dtype]:
+    """The half dtypes this CPU has arithmetic instructions for."""
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if capabilities is None:  # torch before get_capabilities: oneDNN's own checks
+        mkldnn = torch.ops.mkldnn
+        checks = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}
+        return frozenset(d for d, name in checks.items() if hasattr(mkldnn, name) and getattr(mkldnn, name)())
+    flags = capabilities()
+    return frozenset(d for d, names in _NATIVE_FLAGS.items() if any(flags.get(name) for name in names))
+
+
+def native_half(dtype: torch.dtype) -> bool:
+    """Whether the CPU computes in ``dtype`` natively: always for float32 and float64; for bfloat16 with
+    AVX512-BF16 or AMX (x86) or the BF16 extension (ARM); for float16 with AVX512-FP16 or AMX-FP16 (x86) or
+    FP16 arithmetic (ARM). Elsewhere torch emulates half-precision GEMMs and convolutions, several times
+    slower than float32, and :func:`optimize` makes such layers compute in float32.
+
+    The environment variable ``KANDINSKY21_CPU_HALF`` overrides the detection for the half dtypes:
+    ``native`` computes in the half dtype, ``upcast`` in float32.
+    """
+    if dtype not in HALF_DTYPES:
+        return True
+    choice = os.environ.get(HALF_ENV, "")
+    if choice not in ("", "native", "upcast"):
+        raise ValueError(f"{HALF_ENV}: expected 'native' or 'upcast' (or unset to detect), got {choice!r}")
+    return choice == "native" if choice else dtype in _native_half_dtypes()
+
+
+def _float(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.float()
+
+
+_scratch = threading.local()  # per thread: the float32 weights of the layer running now
+
+
+def float_weight(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``weight.float()``, without autograd in a per-thread buffer that every layer reuses (same layout).
+
+    A fresh float32 copy per call costs more than the conversion: glibc serves allocations over 32 MiB by
+    ``mmap`` and returns them on free, so every call would fault the pages in again (measured ~1 GB/s,
+    against ~6 GB/s for the conversion into reused memory). The buffer is as large as the largest layer.
+    """
+    dense = weight.is_contiguous() or (weight.ndim == 4 and weight.is_contiguous(memory_format=torch.channels_last))
+    if not (dense and weight.device.type == "cpu" and _inference(x, weight)):
+        return weight.float()
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < weight.numel():
+        buffer = _scratch.buffer = torch.empty(weight.numel())
+    return buffer[:weight.numel()].as_strided(weight.shape, weight.stride()).copy_(weight)
+
+
+def float32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` computed in float32 whatever the arguments' dtypes (through :func:`onednn_linear`, which
+    was faster than MKL in float32 for the UNet's and the prior's shapes too); returns float32."""
+    return onednn_linear(x.float(), float_weight(weight, x), _float(bias))
+
+
+class UpcastLinear(FastModule, nn.Linear):
+    """``nn.Linear`` with half-precision weights, computed in float32 from the weights upcast per call;
+    the output in the weights' dtype."""
+
+    float_output = False  # True: keep the float32 output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = float32_linear(x, self.weight, self.bias)
+        return out if self.float_output else out.to(self.weight.dtype)
+
+
+class UpcastAttentionInput(UpcastLinear):
+    """:class:`UpcastLinear` for a projection to attention queries, keys or values: its float32 output goes
+    to ``F.scaled_dot_product_attention``, which then runs in float32."""
+
+    float_output = True
+
+
+class UpcastConv2d(FastModule, nn.Conv2d):
+    """``nn.Conv2d`` with half-precision weights, computed in float32 from the weights upcast per call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x.float(), float_weight(self.weight, x), _float(self.bias)).to(self.weight.dtype)
+
+
+class UpcastConv3x3(Conv3x3):
+    """:class:`Conv3x3` with half-precision weights, computed in float32 from the weights upcast per call:
+    the float32 paths (Winograd included) apply."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convolve(x.float(), float_weight(self.weight, x), _float(self.bias)).to(self.weight.dtype)
+
+
+class UpcastSubpixelUpsample(SubpixelUpsample):
+    """:class:`~kandinsky.ops.generic.SubpixelUpsample` computing its convolutions in float32."""
+
+    compute_dtype = torch.float32
+
+
+class UpcastLastQueryBlock(LastQueryBlock):
+    """:class:`~kandinsky.ops.generic.LastQueryBlock` whose sliced QKV GEMMs, and so its attention, run in float32."""
+
+    linear = staticmethod(float32_linear)
+
+
+_ATTENTION_INPUTS = ((unet.Attention, ("qkv", "context_kv")), (movq.AttentionBlock, ("qkv",)),
+                     (prior.Attention, ("qkv",)))
+_UPCAST = {nn.Linear: UpcastLinear, nn.Conv2d: UpcastConv2d, Conv3x3: UpcastConv3x3,
+           SubpixelUpsample: UpcastSubpixelUpsample, LastQueryBlock: UpcastLastQueryBlock}
+_CHEAP = (FastModule, nn.Embedding, nn.LayerNorm, nn.GroupNorm)  # lookups and norms (float32 statistics inside)
+_warned: set[torch.dtype] = set()
+
+
+def _upcast(module: nn.Module, dtype: torch.dtype) -> None:
+    """Swap the float32-computing layers into ``module``, whose floating-point weights are ``dtype``, and warn
+    once per dtype about what still computes in it."""
+    ours = tuple(cls for cls, _ in _ATTENTION_INPUTS)
+    attention_inputs = {id(getattr(sub, name)) for sub in module.modules() for cls, names in _ATTENTION_INPUTS
+                        if isinstance(sub, cls) for name in names}
+    for sub in module.modules():
+        if id(sub) in attention_inputs and type(sub) is nn.Linear:
+            swap(sub, UpcastAttentionInput)
+        elif type(sub) in _UPCAST:
+            swap(sub, _UPCAST[type(sub)])
+    # left in dtype: layers of other kinds with weights, and the attention of other models (the transformers
+    # text encoders), whose projections are upcast but return dtype, as the rest of those models expects
+    left = sorted({type(sub).__name__ for sub in module.modules()
+                   if (not any(sub.children()) and not isinstance(sub, _CHEAP)
+                       and any(p.dtype == dtype for p in sub.parameters(recurse=False)))
+                   or (type(sub).__name__.endswith("Attention") and not isinstance(sub, ours)
+                       and any(isinstance(layer, UpcastLinear) for layer in sub.children()))})
+    if left and dtype not in _warned:
+        _warned.add(dtype)
+        name = str(dtype).removeprefix("torch.")
+        warnings.warn(f"this CPU has no native {name} arithmetic: convolutions and linear layers compute in float32 "
+                      f"from the {name} weights, but these parts of {type(module).__name__} still compute in {name}, "
+                      f"slower than in float32: {', '.join(left)}. dtype=torch.float32 runs them at full speed "
+                      f"(twice the weight memory)", stacklevel=4)
+
+
+def optimize(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Swap the CPU kernels into every UNet, MoVQ and Prior in ``module`` (in place) for weights of ``dtype``;
+    where :func:`native_half` says ``dtype`` is emulated, make every linear layer and convolution in
+    ``module`` (text encoders included) compute in float32."""
+    for sub in module.modules():
+        if isinstance(sub, (unet.ResBlock, movq.ResBlock)):
+            for conv in (sub.conv1, sub.conv2):
+                if type(conv) is nn.Conv2d and _is_same_padding_3x3(conv):
+                    swap(conv, Conv3x3)
+        if isinstance(sub, prior.Prior) and dtype in onednn_dtypes() and native_half(dtype):
+            for layer in sub.modules():
+                if type(layer) is nn.Linear:
+                    swap(layer, OneDNNLinear)
+                elif type(layer) is LastQueryBlock:
+                    swap(layer, OneDNNLastQueryBlock)
+    if not native_half(dtype):
+        _upcast(module, dtype)
+    return module

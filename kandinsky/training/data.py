@@ -1,0 +1,497 @@
+"""Training data: image-caption records, the frozen encoders' outputs (computed on the fly or cached once in
+safetensors shards), conditioning dropout, random inpainting masks, and the per-sample random draws that make
+any number of processes train exactly like one.
+
+Data formats (``--data``):
+
+* a folder with ``metadata.jsonl``, one ``{"file_name": "cat.png", "text": "a cat"}`` per line (the Hugging
+  Face imagefolder convention; ``file_name`` relative to the folder);
+* a folder of images, each with a same-stem ``.txt`` caption beside it (``cat.png`` + ``cat.txt``), searched
+  recursively;
+* a CSV file with ``image_name`` and ``caption`` columns, as the original trainers read (relative image paths
+  are taken from the CSV's folder).
+
+Images are center-cropped to a square and resized (PIL bicubic) to ``resolution`` for the MoVQ, as the
+original decoder dataset does; CLIP sees the uncropped image through its own preprocessing (shortest side to
+224, center crop).
+
+Random draws: everything random about one training sample (its timestep, its noise, whether its text or image
+conditioning is dropped, its inpainting mask) comes from a generator keyed by ``(seed, step, index)``, ``index``
+being the sample's position in the global batch; the data order is a permutation per epoch keyed by
+``(seed, epoch)``. So the draws do not depend on how the global batch is split across processes, nor on
+whether a run was interrupted and resumed.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+NUM_TRAIN_TIMESTEPS = 1000
+CACHE_FORMAT = "kandinsky21-train-cache"
+CACHE_INDEX = "index.json"
+NULL_FILE = "null.safetensors"
+# what each task's frozen encoders produce per sample (the cache stores exactly these)
+FEATURES = {
+    "decoder": ("latents", "image_embeds", "text_embeds", "text_hidden_states"),
+    "prior": ("image_embeds", "text_embeds", "text_hidden_states", "text_mask"),
+}
+TEXT_FEATURES = {"decoder": ("text_embeds", "text_hidden_states"),
+                 "prior": ("text_embeds", "text_hidden_states", "text_mask")}
+# spawn-key prefixes of the two random streams (different lengths as well, so they never coincide)
+_SAMPLE_STREAM, _ORDER_STREAM = 0, 1
+
+
+# ------------------------------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class Record:
+    """One training example: an image file and its caption."""
+
+    image: Path
+    caption: str
+
+
+def read_records(data: str | os.PathLike) -> list[Record]:
+    """The (image, caption) records of ``data`` (see the module docstring for the three formats), in a
+    fixed order: the file's order for ``metadata.jsonl`` and CSV, sorted paths for ``.txt`` captions."""
+    path = Path(data).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".csv":
+            raise ValueError(f"data: expected a folder or a .csv file, got the file {path}")
+        records = _read_csv(path)
+    elif path.is_dir():
+        records = _read_jsonl(path / "metadata.jsonl") if (path / "metadata.jsonl").is_file() else _read_txt(path)
+    else:
+        raise ValueError(f"data: no such folder or file {path}")
+    if not records:
+        raise ValueError(f"data: no images with captions in {path}")
+    missing = [str(r.image) for r in records if not r.image.is_file()]
+    if missing:
+        raise ValueError(f"data: {len(missing)} image file(s) listed in {path} do not exist, e.g. {missing[:3]}")
+    return records
+
+
+def _read_jsonl(path: Path) -> list[Record]:
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"data: {path} line {number} is not JSON: {error}") from None
+        if not (isinstance(row, dict) and isinstance(row.get("file_name"), str) and isinstance(row.get("text"), str)):
+            raise ValueError(f"data: {path} line {number}: expected {{\"file_name\": str, \"text\": str}}, "
+                             f"got {line[:200]}")
+        records.append(Record(path.parent / row["file_name"], row["text"]))
+    return records
+
+
+def _read_txt(folder: Path) -> list[Record]:
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not images:
+        raise ValueError(f"data: {folder} has no metadata.jsonl and no images ({', '.join(IMAGE_SUFFIXES)})")
+    uncaptioned = [str(p) for p in images if not p.with_suffix(".txt").is_file()]
+    if uncaptioned:
+        raise ValueError(f"data: {folder} has no metadata.jsonl, and {len(uncaptioned)} image(s) have no same-stem "
+                         f".txt caption, e.g. {uncaptioned[:3]}")
+    return [Record(p, p.with_suffix(".txt").read_text(encoding="utf-8").strip()) for p in images]
+
+
+def _read_csv(path: Path) -> list[Record]:
+    with path.open(newline="", encoding="utf-8") as file:
+        reader = csv.DictReader(file)
+        columns = reader.fieldnames or []
+        if "image_name" not in columns or "caption" not in columns:
+            raise ValueError(f"data: {path} needs the columns 'image_name' and 'caption', has {columns}")
+        rows = list(reader)
+    return [Record(_relative_to(path.parent, row["image_name"]), row["caption"] or "") for row in rows]
+
+
+def _relative_to(folder: Path, name: str) -> Path:
+    image = Path(name).expanduser()
+    return image if image.is_absolute() else folder / image
+
+
+def load_image(path: Path):
+    """The image at ``path`` as a PIL image (errors name the file)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"data: cannot read image {path}: {error}") from None
+
+
+def training_pixels(image, resolution: int) -> torch.Tensor:
+    """A PIL image -> (3, resolution, resolution) float32 in [-1, 1]: the largest centered square, resized
+    with PIL bicubic (as the original decoder dataset)."""
+    from PIL import Image
+
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    square = image.convert("RGB").crop((left, top, left + side, top + side))
+    resized = square.resize((resolution, resolution), resample=Image.BICUBIC, reducing_gap=1)
+    pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32).copy()).permute(2, 0, 1)
+    return pixels / 127.5 - 1
+
+
+# ------------------------------------------------------------------------------------------------- random draws
+
+
+def _seed(*key: int) -> np.random.SeedSequence:
+    seed, *rest = key
+    return np.random.SeedSequence(seed, spawn_key=tuple(rest))
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed: int, epoch: int, count: int) -> torch.Tensor:
+    """The permutation of ``count`` records used in ``epoch`` (int64, (count,))."""
+    generator = torch.Generator().manual_seed(int(_seed(seed, _ORDER_STREAM, epoch).generate_state(1, np.uint64)[0]))
+    return torch.randperm(count, generator=generator)
+
+
+def batch_records(seed: int, step: int, batch_size: int, count: int) -> list[int]:
+    """Record indices of the global batch of optimizer step ``step`` (0-based): positions ``step * batch_size``
+    ... of the endless sequence of epochs, each epoch a fresh permutation."""
+    indices = []
+    for position in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(position, count)
+        indices.append(int(epoch_order(seed, epoch, count)[offset]))
+    return indices
+
+
+@dataclass
+class SampleDraws:
+    """The random choices for one sample of the global batch."""
+
+    timestep: int  # 0..999 of the training schedule, uniform
+    noise: torch.Tensor  # standard normal, float32, the shape asked for
+    text_dropped: bool
+    image_dropped: bool
+    inpaint_mask: np.ndarray | None  # (h, w) float32, 1 = known latent pixel; inpainting only
+
+
+def draw_sample(seed: int, step: int, index: int, noise_shape: Sequence[int], *, text_dropout: float,
+                image_dropout: float = 0.0, mask_size: tuple[int, int] | None = None) -> SampleDraws:
+    """The draws of sample ``index`` of the global batch at ``step``, from generators keyed by
+    ``(seed, step, index)`` alone: the same on any process, in any run."""
+    key = _seed(seed, _SAMPLE_STREAM, step, index)
+    generator = torch.Generator().manual_seed(int(key.generate_state(1, np.uint64)[0]))
+    uniforms = torch.rand(2, generator=generator, dtype=torch.float64)
+    timestep = int(torch.randint(0, NUM_TRAIN_TIMESTEPS, (1,), generator=generator))
+    noise = torch.randn(tuple(noise_shape), generator=generator)
+    mask = None
+    if mask_size is not None:
+        mask = inpaint_mask(*mask_size, np.random.default_rng(key.spawn(1)[0]))
+    return SampleDraws(timestep, noise, bool(uniforms[0] < text_dropout), bool(uniforms[1] < image_dropout), mask)
+
+
+# ------------------------------------------------------------------------------------------------- inpainting masks
+
+
+def inpaint_mask(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    """A random inpainting mask of the original trainer, (height, width) float32, drawn at the latent size;
+    1 = known latent pixel given to the model, 0 = to generate (the original's ``1 - generate_mask(...)``).
+
+    The recipe of the original ``train_utils/utils.py``:
+
+    * a box: its width uniform in [0.1, 0.62] of the latent width, its height equal to its width (the
+      original's ``get_boxes`` uses the x size for both), placed uniformly;
+    * with probability 0.1 the known region is that box;
+    * otherwise two fair coins decide between a *blob* (a smoothed random 16-gon around the box's center, radii
+      about 0.75 of the box size, clipped to [0.1, 0.6] of the shorter side) and a *frame* (the border outside a
+      smoothed random square or circle that leaves 5-30 % / 10-25 % margins on each side): blob only (1/4),
+      frame only (1/4) or both (1/2). Known = inside the blob, or on the frame's border.
+
+    The closed curves are smoothed with a periodic Catmull-Rom spline (4 points per edge) where the original
+    uses scipy's quadratic interpolation, and rasterised at integer pixel coordinates as its ``contains_points``.
+    """
+    hole = np.zeros((height, width), dtype=bool)  # the original's mask == 0: what the model is given
+    box_size = (0.62 - 0.1) * width * rng.random() + 0.1 * width
+    x0 = (width - 0.62 * width) * rng.random()
+    y0 = (height - 0.62 * height) * rng.random()
+    box = (x0, y0, x0 + box_size, y0 + box_size)
+    if rng.random() < 0.1:
+        left, top, right, bottom = (int(v) for v in box)
+        hole[top:bottom, left:right] = True
+        return hole.astype(np.float32)
+    coins = rng.integers(0, 2, size=2)
+    if 0 in coins:
+        hole |= _blob(height, width, box, rng)
+    if 1 in coins:
+        hole |= ~_frame_interior(height, width, rng)
+    return hole.astype(np.float32)
+
+
+def _blob(height: int, width: int, box: tuple[float, ...], rng: np.random.Generator) -> np.ndarray:
+    vertices = 16
+    center = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+    quarter = np.linspace(1.5 * (box[2] - box[0]) / 2, 1.5 * (box[3] - box[1]) / 2, vertices // 4)
+    quarter = np.clip(quarter, 0.1 * min(height, width), 0.6 * min(height, width))
+    radii = np.concatenate([quarter, quarter[::-1], quarter, quarter[::-1]])
+    return _random_polygon(height, width, center, radii, radius_spread=0.15, angle_spread=0.15, rng=rng)
+
+
+def _frame_interior(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    spread = 0.15 * rng.random()
+    vertices = int(rng.choice([16, 32]))
+    per_side = vertices // 4
+    center = (width // 2, height // 2)
+    if rng.random() < 0.5:  # a rounded square: corner radii toward the diagonal, side radii toward the sides
+        up, down, left, right = 0.25 * rng.random(4) + 0.05
+        diagonal = math.hypot(width, height)
+
+        def side(scale: float, size: float) -> np.ndarray:
+            return np.linspace(diagonal * (1 - scale) // 2, size * (1 - scale) // 2, per_side // 2)
+
+        r, d, lft, u = side(right, width), side(down, height), side(left, width), side(up, height)
+        radii = np.concatenate([r[::-1], d, d[::-1], lft, lft[::-1], u, u[::-1], r])
+    else:  # a rounded circle: constant radius per side
+        up, down, left, right = 0.15 * rng.random(4) + 0.1
+        r, d = np.full(per_side, width * (1 - right) // 2), np.full(per_side, height * (1 - down) // 2)
+        lft, u = np.full(per_side, width * (1 - left) // 2), np.full(per_side, height * (1 - up) // 2)
+        radii = np.concatenate([r[per_side // 2:], d, lft, u, r[:per_side // 2]])
+    return _random_polygon(height, width, center, radii, radius_spread=spread, angle_spread=0.0, rng=rng)
+
+
+def _random_polygon(height: int, width: int, center: tuple[float, float], radii: np.ndarray, *,
+                    radius_spread: float, angle_spread: float, rng: np.random.Generator) -> np.ndarray:
+    """Pixels inside a smoothed star-shaped polygon: vertex angles in random steps around ``center``, radii
+    ``radii`` perturbed by a normal of relative spread ``radius_spread`` (clipped to [0, 2 radii])."""
+    count = len(radii)
+    steps = rng.uniform(1 - angle_spread, 1 + angle_spread, size=count)
+    angles = np.cumsum(2 * np.pi * steps / steps.sum())
+    noisy = np.clip(rng.normal(radii, radius_spread * radii), 0, 2 * radii)
+    x = center[0] + noisy * np.cos(angles)
+    y = center[1] + noisy * np.sin(angles)
+    x, y = _catmull_rom_closed(x), _catmull_rom_closed(y)
+    return _inside(x, y, height, width)
+
+
+def _catmull_rom_closed(values: np.ndarray, per_edge: int = 4) -> np.ndarray:
+    """Points of the closed (periodic) Catmull-Rom curve through ``values``, ``per_edge`` per edge."""
+    p0, p1, p2, p3 = (np.roll(values, shift) for shift in (1, 0, -1, -2))
+    t = (np.arange(per_edge) / per_edge)[:, None]  # (per_edge, 1)
+    points = 0.5 * (2 * p1 + (p2 - p0) * t + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t ** 2
+                    + (3 * p1 - p0 - 3 * p2 + p3) * t ** 3)  # (per_edge, count)
+    return points.T.reshape(-1)
+
+
+def _inside(x: np.ndarray, y: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(height, width) bool: the integer pixel coordinates inside the closed polygon (x, y) (even-odd rule)."""
+    rows, cols = np.mgrid[0:height, 0:width].astype(np.float64)
+    inside = np.zeros((height, width), dtype=bool)
+    for x1, y1, x2, y2 in zip(x, y, np.roll(x, -1), np.roll(y, -1)):
+        if y1 == y2:
+            continue
+        crosses = (y1 > rows) != (y2 > rows)
+        x_cross = x1 + (rows - y1) * (x2 - x1) / (y2 - y1)
+        inside ^= crosses & (cols < x_cross)
+    return inside
+
+
+# ------------------------------------------------------------------------------------------------- encoders
+
+
+class Encoders:
+    """The frozen encoders of one task, run without gradients on a :class:`~kandinsky.pipeline.Kandinsky21`'s
+    modules. Per sample (float32 on the CPU):
+
+    * ``"decoder"``: ``latents`` (4, R/8, R/8) MoVQ encoding of the cropped image, ``image_embeds`` (768,) CLIP
+      image embedding, ``text_embeds`` (768,) and ``text_hidden_states`` (77, 1024) from M-CLIP;
+    * ``"prior"``: ``image_embeds`` (768,) raw CLIP image embedding, ``text_embeds`` (768,),
+      ``text_hidden_states`` (77, 768) and ``text_mask`` (77,) bool from the CLIP text tower.
+    """
+
+    def __init__(self, pipe, task: str, resolution: int):
+        if task not in FEATURES:
+            raise ValueError(f"task: expected one of {list(FEATURES)}, got {task!r}")
+        self.pipe, self.task, self.resolution = pipe, task, resolution
+
+    @torch.no_grad()
+    def encode(self, records: Sequence[Record]) -> dict[str, torch.Tensor]:
+        from kandinsky.text_encoders import encode_clip_images
+
+        images = [load_image(r.image) for r in records]
+        captions = [r.caption for r in records]
+        out = {"image_embeds": encode_clip_images(self.pipe.module("clip_vision"), images)}
+        if self.task == "decoder":
+            movq = self.pipe.module("movq")
+            pixels = torch.stack([training_pixels(image, self.resolution) for image in images])
+            out["latents"] = movq.encode(pixels.to(self.pipe.device, self.pipe.dtype))
+        out.update(self._text(captions))
+        return {key: _to_cpu(value) for key, value in out.items()}
+
+    @torch.no_grad()
+    def null(self) -> dict[str, torch.Tensor]:
+        """What dropped conditioning becomes, one row each: the empty caption's text features and (decoder) the
+        CLIP embedding of the all-zeros normalised image (the original datasets' dropped ``clip_image``, also
+        the pipeline's default negative image embedding)."""
+        from kandinsky.text_encoders import zero_image_embeds
+
+        out = self._text([""])
+        if self.task == "decoder":
+            out["image_embeds"] = zero_image_embeds(self.pipe.module("clip_vision"), 1)
+        return {key: _to_cpu(value) for key, value in out.items()}
+
+    def _text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        from kandinsky.text_encoders import encode_clip_text, encode_multilingual
+
+        if self.task == "decoder":
+            embeds, hidden, _ = encode_multilingual(self.pipe.tokenizer("mclip_tokenizer"), self.pipe.module("mclip"),
+                                                    captions)
+            return {"text_embeds": embeds, "text_hidden_states": hidden}
+        embeds, hidden, mask = encode_clip_text(self.pipe.tokenizer("clip_tokenizer"), self.pipe.module("clip_text"),
+                                                captions)
+        return {"text_embeds": embeds, "text_hidden_states": hidden, "text_mask": mask}
+
+
+def _to_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.cpu() if tensor.dtype == torch.bool else tensor.float().cpu()
+
+
+class EncodedFeatures:
+    """Features computed by the encoders when a batch asks for them (no cache)."""
+
+    def __init__(self, records: Sequence[Record], encoders: Encoders):
+        self.records, self.encoders = list(records), encoders
+        self.null = encoders.null()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def features(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        return self.encoders.encode([self.records[i] for i in indices])
+
+
+class CachedFeatures:
+    """Features read from a cache folder written by :func:`build_cache` (memory-mapped safetensors shards)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        self.folder = Path(folder)
+        index = json.loads((self.folder / CACHE_INDEX).read_text())
+        self.count, self.shard_size, self.task = index["count"], index["shard_size"], index["task"]
+        self.null = load_file(str(self.folder / NULL_FILE))
+        self._open = functools.lru_cache(maxsize=8)(
+            lambda shard: safe_open(str(self.folder / _shard_name(shard)), framework="pt"))
+
+    def __len__(self) -> int:
+        return self.count
+
+    def features(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        rows: dict[str, list[torch.Tensor]] = {key: [] for key in FEATURES[self.task]}
+        for index in indices:
+            shard, row = divmod(index, self.shard_size)
+            file = self._open(shard)
+            for key in rows:
+                rows[key].append(file.get_slice(key)[row:row + 1])
+        return {key: torch.cat(values) for key, values in rows.items()}
+
+
+def _shard_name(shard: int) -> str:
+    return f"shard-{shard:05d}.safetensors"
+
+
+def records_digest(records: Sequence[Record]) -> str:
+    """SHA-256 of the records' image paths and captions, in order: a changed data set changes it."""
+    listing = json.dumps([[str(r.image.resolve()), r.caption] for r in records]).encode()
+    return hashlib.sha256(listing).hexdigest()
+
+
+def cache_description(task: str, records: Sequence[Record], resolution: int, weights: dict) -> dict:
+    """What a cache depends on: a cache is reused only when all of this is equal."""
+    return {"format": CACHE_FORMAT, "version": 1, "task": task, "count": len(records),
+            "resolution": resolution if task == "decoder" else None, "weights": weights,
+            "records_sha256": records_digest(records)}
+
+
+def build_cache(folder: str | os.PathLike, records: Sequence[Record], encoders: Encoders, description: dict, *,
+                shard_size: int = 256, batch_size: int = 16, rank: int = 0, world_size: int = 1,
+                barrier: Callable[[], None] = lambda: None, progress: bool = True) -> Path:
+    """Encode every record once into ``folder`` (``shard-NNNNN.safetensors`` of ``shard_size`` samples each,
+    ``null.safetensors``, and ``index.json`` written last); returns the folder.
+
+    Processes share the work (shard ``s`` is written by rank ``s % world_size``); every file is written to a
+    temporary name and renamed, so an interrupted build continues where it stopped. An existing complete cache
+    is reused if ``description`` (see :func:`cache_description`) matches, else refused.
+    """
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    folder = Path(folder)
+    index_path = folder / CACHE_INDEX
+    if index_path.is_file():
+        existing = json.loads(index_path.read_text())
+        if {k: existing.get(k) for k in description} != description:
+            raise ValueError(f"cache: {folder} holds features of other data, weights or settings "
+                             f"({existing.get('task')}, {existing.get('count')} records, resolution "
+                             f"{existing.get('resolution')}); delete it or pass another --cache folder")
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def write(tensors: dict[str, torch.Tensor], name: str) -> None:
+        temporary = folder / f".{name}.{os.getpid()}.tmp"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(temporary))
+        os.replace(temporary, folder / name)
+
+    shards = math.ceil(len(records) / shard_size)
+    mine = [s for s in range(rank, shards, world_size) if not (folder / _shard_name(s)).is_file()]
+    bar = tqdm(total=sum(min(shard_size, len(records) - s * shard_size) for s in mine), desc="caching",
+               unit="img", disable=not progress or rank != 0)
+    for shard in mine:
+        chunks = []
+        for start in range(shard * shard_size, min((shard + 1) * shard_size, len(records)), batch_size):
+            chunk = records[start:min(start + batch_size, (shard + 1) * shard_size, len(records))]
+            chunks.append(encoders.encode(chunk))
+            bar.update(len(chunk))
+        write({key: torch.cat([c[key] for c in chunks]) for key in chunks[0]}, _shard_name(shard))
+    bar.close()
+    if rank == 0:
+        write(encoders.null(), NULL_FILE)
+    barrier()
+    if rank == 0:
+        temporary = folder / f".{CACHE_INDEX}.{os.getpid()}.tmp"
+        temporary.write_text(json.dumps({**description, "shard_size": shard_size, "shards": shards}, indent=2) + "\n")
+        os.replace(temporary, index_path)
+    barrier()
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------- batches
+
+
+def with_dropout(features: dict[str, torch.Tensor], null: dict[str, torch.Tensor], text_dropped: torch.Tensor,
+                 image_dropped: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """``features`` (batch-first) with the rows of dropped samples replaced by ``null``'s single row: the text
+    features where ``text_dropped`` (B,) is True, ``image_embeds`` where ``image_dropped`` (B,) is True."""
+    out = dict(features)
+    for key, value in features.items():
+        if key in null and key != "image_embeds":
+            drop = text_dropped
+        elif key == "image_embeds" and image_dropped is not None and key in null:
+            drop = image_dropped
+        else:
+            continue
+        drop = drop.to(value.device).view(-1, *([1] * (value.ndim - 1)))
+        out[key] = torch.where(drop, null[key].to(value.device, value.dtype), value)
+    return out

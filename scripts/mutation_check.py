@@ -1,0 +1,295 @@
+"""Plant known bugs in a copy of the package, one at a time, and check that the tests catch every one.
+
+    python scripts/mutation_check.py                    # every mutation, two at a time
+    python scripts/mutation_check.py variance_from_unconditional_half prior_causal_mask_missing
+    python scripts/mutation_check.py --patterns-only    # only check that every mutation still applies
+    python scripts/mutation_check.py --list
+
+Each mutation replaces one piece of text, which must occur exactly once, in one file of a fresh temporary
+copy of the repository (kandinsky/, tests/, configs/, pyproject.toml; the test fixtures are linked), then
+runs only the tests chosen to catch it (``pytest -x``) with the copy first on PYTHONPATH; a plugin checks
+that the tests import the copy, not the installed package. The tests are first run once on an unmutated
+copy, so that a failure under a mutation means the mutation was caught.
+
+Exit status 1 when a mutation survives, when its text is not found exactly once (the code moved: update
+the mutation to the new code), when the chosen tests fail without any mutation, or when a run ends in
+anything but a pass or a test failure (an import error, a timeout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+COPIED = ("kandinsky", "tests", "configs", "pyproject.toml")
+LINKED = ("tests/fixtures",)  # large and read-only
+GUARD = "_mutation_guard"
+WRONG_IMPORT = 3  # the guard's exit status
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str  # relative to the repository root
+    old: str  # must occur exactly once in the file
+    new: str
+    tests: tuple[str, ...]  # pytest ids, relative to the repository root
+
+
+PIPELINE = "tests/test_pipeline.py::"
+SCHEDULERS = "tests/test_schedulers.py::"
+
+MUTATIONS = (
+    # ---- pipeline: guidance and its batch order
+    Mutation("variance_from_unconditional_half", "kandinsky/pipeline.py",
+             "cond[:, :guided_channels], cond[:, guided_channels:]",
+             "cond[:, :guided_channels], uncond[:, guided_channels:]",
+             (PIPELINE + "test_decoder_sampler_matches_diffusers_pipeline[ddpm]",
+              PIPELINE + "test_p_sampler_is_diffusers_ddpm_on_the_respaced_timesteps")),
+    Mutation("decoder_guidance_roles_swapped", "kandinsky/pipeline.py",
+             "[uncond + guidance_scale * (cond_guided - uncond), cond_rest]",
+             "[cond_guided + guidance_scale * (uncond - cond_guided), cond_rest]",
+             (PIPELINE + "test_guidance_batch_order_is_uncond_then_cond",
+              PIPELINE + "test_decode_matches_decoder_pipeline")),
+    Mutation("prior_guidance_roles_swapped", "kandinsky/pipeline.py",
+             "return uncond + guidance_scale * (cond - uncond)", "return cond + guidance_scale * (uncond - cond)",
+             (PIPELINE + "test_prior_matches_diffusers[4.0-None]",
+              PIPELINE + "test_prior_list_of_prompts_with_negatives")),
+    Mutation("decoder_text_hidden_states_order_swapped", "kandinsky/pipeline.py",
+             "torch.cat([uncond_hidden, text_hidden_states])", "torch.cat([text_hidden_states, uncond_hidden])",
+             (PIPELINE + "test_guidance_batch_order_is_uncond_then_cond",
+              PIPELINE + "test_img2img_matches_diffusers[strength0.3]")),
+    Mutation("decoder_text_embeds_order_swapped", "kandinsky/pipeline.py",
+             "torch.cat([uncond_embeds, text_embeds])", "torch.cat([text_embeds, uncond_embeds])",
+             (PIPELINE + "test_guidance_batch_order_is_uncond_then_cond",
+              PIPELINE + "test_img2img_matches_diffusers[strength0.3]")),
+    Mutation("decoder_image_embeds_order_swapped", "kandinsky/pipeline.py",
+             "torch.cat([negative_image_embeds, image_embeds])", "torch.cat([image_embeds, negative_image_embeds])",
+             (PIPELINE + "test_guidance_batch_order_is_uncond_then_cond",
+              PIPELINE + "test_decode_matches_decoder_pipeline")),
+    Mutation("prior_text_order_swapped", "kandinsky/pipeline.py",
+             "(torch.cat([u, c]) for u, c in", "(torch.cat([c, u]) for u, c in",
+             (PIPELINE + "test_prior_matches_diffusers[4.0-None]",)),
+    # ---- pipeline: tasks
+    Mutation("mask_convention_inverted", "kandinsky/pipeline.py",
+             'keep = 1 - mask if mask_convention == "repaint" else mask',
+             'keep = mask if mask_convention == "repaint" else 1 - mask',
+             (PIPELINE + "test_inpaint_seed_example_matches_diffusers",
+              PIPELINE + "test_inpaint_legacy_mask_equals_diffusers_with_inverted_mask")),
+    Mutation("img2img_noise_timestep_off_by_one", "kandinsky/pipeline.py",
+             "num_train_timesteps * strength) - 2", "num_train_timesteps * strength) - 1",
+             (PIPELINE + "test_img2img_matches_diffusers[strength0.3]",)),
+    Mutation("interpolate_weights_ignored", "kandinsky/pipeline.py",
+             "embeds = weight * embeds.to(self.device)", "embeds = embeds.to(self.device)",
+             (PIPELINE + "test_interpolate_and_mix_match_diffusers",
+              PIPELINE + "test_mix_is_interpolate_then_the_decoder_as_in_diffusers")),
+    Mutation("decoder_start_noise_fixed", "kandinsky/pipeline.py",
+             "width // factor), generator, self.device)",
+             "width // factor), torch.Generator().manual_seed(0), self.device)",
+             (PIPELINE + "test_decode_matches_decoder_pipeline",)),
+    Mutation("p_sampler_x0_clamp_widened", "kandinsky/pipeline.py",
+             "x0 = x0.clamp(-2, 2)", "x0 = x0.clamp(-3, 3)",
+             (PIPELINE + "test_p_sampler_clamps_x0_as_the_original",
+              PIPELINE + "test_p_sampler_is_diffusers_ddpm_on_the_respaced_timesteps")),
+    Mutation("cli_legacy_mask_flag_inverted", "kandinsky/cli.py",
+             'mask_convention="legacy" if args.legacy_mask else "repaint", **common)',
+             'mask_convention="repaint" if args.legacy_mask else "legacy", **common)',
+             ("tests/test_cli.py::test_img2img_inpaint_and_mix_match_the_api",)),
+    # ---- samplers
+    Mutation("noise_generator_fixed", "kandinsky/schedulers/samplers.py",
+             "randn(like.shape, generator, like.device, like.dtype)",
+             "randn(like.shape, torch.Generator().manual_seed(0), like.device, like.dtype)",
+             (SCHEDULERS + "test_sampler_matches_diffusers[ddpm.]",
+              PIPELINE + "test_decoder_sampler_matches_diffusers_pipeline[ddpm]")),
+    Mutation("learned_range_fraction_inverted", "kandinsky/schedulers/samplers.py",
+             "frac = (variance_value + 1) / 2", "frac = (1 - variance_value) / 2",
+             (SCHEDULERS + "test_sampler_matches_original[p_sample.plain.]",
+              SCHEDULERS + "test_sampler_matches_diffusers[ddpm.]",
+              PIPELINE + "test_decoder_sampler_matches_diffusers_pipeline[ddpm]")),
+    Mutation("x0_fn_after_the_threshold", "kandinsky/schedulers/samplers.py",
+             "                x0 = x0_fn(x0, tb)\n            return x0 if x0_process is None else x0_process(x0)",
+             "                return x0_fn(x0 if x0_process is None else x0_process(x0), tb)\n"
+             "            return x0 if x0_process is None else x0_process(x0)",
+             (SCHEDULERS + "test_p_sampler_x0_fn_is_applied_before_the_threshold",)),
+    Mutation("unclip_float64_by_default", "kandinsky/schedulers/samplers.py",
+             'x0_fn=None, arithmetic="float32"):', 'x0_fn=None, arithmetic="float64"):',
+             (SCHEDULERS + "test_sampler_matches_diffusers[unclip.]",
+              PIPELINE + "test_text2img_with_the_prior_matches_the_combined_pipeline")),
+    # ---- pipeline: hardening
+    Mutation("integer_mask_scaled_by_255", "kandinsky/pipeline.py",
+             "integer = mask_image.dtype.kind in \"biu\"", "integer = False\n            mask_image = mask_image / 255",
+             (PIPELINE + "test_integer_masks_are_binarised_as_diffusers_does",)),
+    Mutation("nan_input_image_accepted", "kandinsky/pipeline.py",
+             'image = check_finite("image", image.detach().float().cpu())', "image = image.detach().float().cpu()",
+             (PIPELINE + "test_bad_values_name_their_argument",)),
+    # ---- models and converters
+    Mutation("spatial_norm_epsilon_1e-5", "kandinsky/models/movq.py",
+             "self.norm = GroupNorm32(groups, channels, eps=1e-6)", "self.norm = GroupNorm32(groups, channels, eps=1e-5)",
+             ("tests/test_movq.py::test_diffusers_tiny",)),
+    Mutation("spatial_norm_scale_shift_swapped", "kandinsky/models/movq.py",
+             "scale, shift = self.to_scale_shift(zq)", "shift, scale = self.to_scale_shift(zq)",
+             ("tests/test_movq.py::test_original_decode",)),
+    Mutation("qkv_rows_not_reordered", "kandinsky/convert/core.py",
+             "unflatten(0, (heads, parts, -1)).transpose(0, 1)", "unflatten(0, (heads, parts, -1))",
+             ("tests/test_prior.py::test_original_fixture_forward",)),
+    Mutation("prior_projection_swapped", "kandinsky/models/prior.py",
+             "self.text_embed_proj(text_embeds.to(dtype))", "self.image_embed_proj(text_embeds.to(dtype))",
+             ("tests/test_prior.py::test_original_fixture_forward",)),
+    Mutation("prior_causal_mask_missing", "kandinsky/models/prior.py",
+             "torch.ones(length, length, dtype=torch.bool, device=device).tril()",
+             "torch.ones(length, length, dtype=torch.bool, device=device)",
+             ("tests/test_prior.py::test_original_fixture_forward",)),
+    Mutation("prior_mlp_norm_input_swapped", "kandinsky/models/prior.py",
+             "x + self.mlp(self.norm2(x))", "x + self.mlp(self.norm1(x))",
+             ("tests/test_prior.py::test_original_fixture_forward",)),
+    Mutation("unet_scale_without_one", "kandinsky/models/unet.py",
+             "self.norm2(h), 1 + scale)", "self.norm2(h), scale)",
+             ("tests/test_unet.py::test_original_fixture_forward[unet]",)),
+)
+
+GUARD_SOURCE = f'''"""pytest plugin of scripts/mutation_check.py: stop unless kandinsky is imported from the copy."""
+import os
+
+import pytest
+
+
+def pytest_sessionstart(session):
+    import kandinsky
+
+    copy = os.path.realpath(os.environ["MUTATION_COPY"])
+    where = os.path.realpath(kandinsky.__file__)
+    if not where.startswith(copy + os.sep):
+        pytest.exit(f"kandinsky imported from {{where}}, not from the copy {{copy}}", returncode={WRONG_IMPORT})
+'''
+
+
+def copy_repository(destination: Path) -> None:
+    for name in COPIED:
+        source = ROOT / name
+        linked = [Path(p).relative_to(name) for p in LINKED if Path(p).parts[0] == name]
+        if source.is_dir():
+            ignore = shutil.ignore_patterns("__pycache__", *[str(p) for p in linked])
+            shutil.copytree(source, destination / name, ignore=ignore)
+        else:
+            shutil.copy2(source, destination / name)
+    for name in LINKED:
+        (destination / name).symlink_to(ROOT / name, target_is_directory=True)
+    (destination / f"{GUARD}.py").write_text(GUARD_SOURCE)
+
+
+def pattern_problem(mutation: Mutation) -> str | None:
+    path = ROOT / mutation.file
+    if not path.is_file():
+        return f"{mutation.file} does not exist"
+    count = path.read_text().count(mutation.old)
+    return None if count == 1 else f"its text occurs {count} times in {mutation.file} (expected once): {mutation.old!r}"
+
+
+def run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[int, str, float]:
+    """(exit status, pytest's output, seconds) of the tests in ``copy``."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONPATH=str(copy), MUTATION_COPY=str(copy), PYTHONDONTWRITEBYTECODE="1")
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", GUARD, *tests]
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as error:
+        output = (error.stdout or b"").decode() if isinstance(error.stdout, bytes) else (error.stdout or "")
+        return -1, output + f"\ntimed out after {timeout:.0f} s", time.perf_counter() - start
+    return done.returncode, done.stdout + done.stderr, time.perf_counter() - start
+
+
+def check(mutation: Mutation, copy: Path, timeout: float) -> tuple[str, str, float, str]:
+    """(name, verdict, seconds, detail) of one mutation, applied to a fresh copy in ``copy``."""
+    copy_repository(copy)
+    path = copy / mutation.file
+    text = path.read_text()
+    if text.count(mutation.old) != 1:  # the file changed since the first check
+        return mutation.name, "PATTERN", 0.0, f"its text occurs {text.count(mutation.old)} times in {mutation.file}"
+    path.write_text(text.replace(mutation.old, mutation.new))
+    code, output, seconds = run_tests(copy, mutation.tests, timeout)
+    shutil.rmtree(copy)
+    if code == 1 and failed_tests(output):
+        return mutation.name, "caught", seconds, "by " + ", ".join(failed_tests(output))
+    if code == 0:
+        return mutation.name, "SURVIVED", seconds, f"{len(mutation.tests)} tests passed"
+    return mutation.name, "ERROR", seconds, f"exit {code}:\n" + tail(output)
+
+
+def failed_tests(output: str) -> list[str]:
+    return re.findall(r"^FAILED (\S+)", output, flags=re.MULTILINE)
+
+
+def tail(output: str, lines: int = 15) -> str:
+    return "\n".join("    " + line for line in output.strip().splitlines()[-lines:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="mutations to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutations and their tests, then stop")
+    parser.add_argument("--patterns-only", action="store_true", help="only check that every mutation applies")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per pytest run (default: 600)")
+    parser.add_argument("--jobs", type=int, default=2, help="pytest runs at a time (default: 2; each uses one "
+                                                            "thread, see tests/conftest.py)")
+    args = parser.parse_args(argv)
+
+    known = {m.name: m for m in MUTATIONS}
+    unknown = [n for n in args.names if n not in known]
+    if unknown:
+        parser.error(f"unknown mutations {unknown}; see --list")
+    mutations = [known[n] for n in args.names] if args.names else list(MUTATIONS)
+    if args.list:
+        for m in mutations:
+            print(f"{m.name}  ({m.file})\n  - {m.old!r}\n  + {m.new!r}\n" + "".join(f"    {t}\n" for t in m.tests))
+        return 0
+
+    problems = {m.name: p for m in mutations if (p := pattern_problem(m)) is not None}
+    for name, problem in problems.items():
+        print(f"PATTERN   {name}: {problem}")
+    if args.patterns_only:
+        print(f"{len(mutations) - len(problems)} of {len(mutations)} mutations apply")
+        return 1 if problems else 0
+
+    start = time.perf_counter()
+    runnable = [m for m in mutations if m.name not in problems]
+    with tempfile.TemporaryDirectory(prefix="mutation-check-") as temporary:
+        baseline = Path(temporary) / "baseline"
+        copy_repository(baseline)
+        tests = tuple(dict.fromkeys(t for m in runnable for t in m.tests))
+        code, output, seconds = run_tests(baseline, tests, args.timeout)
+        print(f"baseline  {len(tests)} tests on the unmutated copy: exit {code} ({seconds:.0f} s)", flush=True)
+        if code != 0:
+            print("the chosen tests must pass without mutations:\n" + tail(output))
+            return 1
+        with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+            futures = [pool.submit(check, mutation, Path(temporary) / f"m{index}", args.timeout)
+                       for index, mutation in enumerate(runnable)]
+            for future in as_completed(futures):
+                name, verdict, seconds, detail = future.result()
+                print(f"{verdict:9} {name} ({seconds:.0f} s) {detail}", flush=True)
+        results = [future.result() for future in futures]  # in the order of MUTATIONS
+
+    print(f"\n{'mutation':42} {'result':9} {'time':>5}  tests that catch it (pytest -x: the first to fail)")
+    for name, verdict, seconds, detail in results:
+        print(f"{name:42} {verdict:9} {seconds:4.0f}s  {detail.splitlines()[0]}")
+    for name in problems:
+        print(f"{name:42} {'PATTERN':9} {'':5}  not applied: {problems[name]}")
+    caught = sum(verdict == "caught" for _, verdict, _, _ in results)
+    total = len(results) + len(problems)
+    print(f"\n{caught} of {total} mutations caught, {time.perf_counter() - start:.0f} s")
+    return 0 if caught == total else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

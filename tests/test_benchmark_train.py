@@ -1,0 +1,50 @@
+"""The training benchmark (kandinsky/benchmark/train.py) at a tiny UNet: every measurement runs and reports what
+the issue asks for. Timings and memory are never compared (this machine is shared), only checked to be sane."""
+
+from __future__ import annotations
+
+import json
+import math
+import types
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+from kandinsky.benchmark import train  # noqa: E402
+
+
+def test_step_times_and_lora_figures():
+    (result,) = train.run(types.SimpleNamespace(repeats=1, no_memory=True), config="tiny")
+    assert result.component == "train" and "forward+backward+AdamW" in result.case
+    assert all(math.isfinite(t) and t > 0 for t in result.ours + result.diffusers)
+    extra = result.extra
+    # identical weights and inputs: the same loss up to float32 operation order (measured 0)
+    assert extra["loss |ours - diffusers| before training"] < 1e-5
+    full, lora = extra["trainable parameters"], extra["LoRA rank 4 trainable parameters"]
+    assert 0 < lora < full / 20
+    # AdamW keeps two float32 moments per trainable parameter (and a step counter per tensor)
+    assert extra["AdamW state GiB"] * 2**30 == pytest.approx(8 * full, rel=0.01)
+    assert extra["LoRA rank 4 AdamW state MiB"] * 2**20 == pytest.approx(8 * lora, rel=0.1)
+    assert extra["LoRA rank 4 step s"] > 0
+
+
+@pytest.mark.parametrize("side", ["ours", "diffusers"])
+def test_memory_probe_reports_baseline_and_peak(capsys, side):
+    train.memory_probe(side, "1", "tiny")
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("MEMORY "))
+    measured = json.loads(line[len("MEMORY "):])
+    assert 0 < measured["baseline_gib"] <= measured["peak_gib"]
+
+
+def test_distributed_measurement_runs_ddp_and_fsdp():
+    (result,) = train._distributed("tiny")
+    assert len(result.ours) == len(result.diffusers) == train.DISTRIBUTED_STEPS
+    for strategy in ("ddp", "fsdp"):
+        assert result.extra[f"{strategy} samples/s"] > 0
+        assert 0 < result.extra[f"{strategy} peak RSS GiB per process"] < 8
+
+
+def test_unknown_config_is_named():
+    with pytest.raises(ValueError, match="config: expected one of"):
+        train.unet_config("huge")

@@ -1,0 +1,146 @@
+"""Compiled exports (kandinsky.export): torch.export programs and ONNX graphs against eager.
+
+Default tier: small configs, every target, checked at two input shapes other than the traced one (batch
+and latent size are dynamic), the ONNX graphs with onnxruntime. Slow tier: the official configurations
+with random weights, float32, within 1e-4 relative.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kandinsky.cli import main
+from kandinsky.export import TARGETS, export_program, sample_inputs, save_onnx, save_program
+from kandinsky.models.movq import MoVQ, MoVQConfig
+from kandinsky.models.prior import Prior, PriorConfig
+from kandinsky.models.unet import UNet, UNetConfig
+from kandinsky.testing import randomize_
+
+onnxruntime = pytest.importorskip("onnxruntime")
+
+# the smallest configurations with every kind of block (attention, resampling, skip convs)
+SMALL = {
+    "movq": MoVQConfig(channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), n_embed=12),
+    "prior": PriorConfig(width=24, layers=2, heads=2, clip_dim=24, text_width=24),
+    "unet": UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+                       head_channels=8, context_dim=24, text_hidden_dim=32, text_embed_dim=24, image_embed_dim=24),
+}
+CLASSES = {"movq": MoVQ, "prior": Prior, "unet": UNet, "unet_inpaint": UNet}
+
+
+def model(target: str, official: bool = False) -> torch.nn.Module:
+    component = TARGETS[target].component
+    if component == "unet_inpaint":
+        base = UNetConfig() if official else SMALL["unet"]
+        config = UNetConfig(**{**base.__dict__, "in_channels": 9})
+    else:
+        config = type(SMALL[component])() if official else SMALL[component]
+    return randomize_(CLASSES[component](config), 0).eval()
+
+
+def shapes(target: str, config) -> list[dict]:
+    """Inputs other than the traced (batch 2, 2 x 3 blocks): batch 1 and 3, other sizes."""
+    scale = config.downsample_factor if target == "movq_encode" else 1
+    return [dict(batch=1, height=4 * scale, width=2 * scale), dict(batch=3, height=2 * scale, width=5 * scale)] \
+        if target.startswith("movq") else [dict(batch=1), dict(batch=3)] if target == "prior" else \
+        [dict(batch=1, height=4 * config.size_multiple, width=2 * config.size_multiple),
+         dict(batch=3, height=2 * config.size_multiple, width=5 * config.size_multiple)]
+
+
+def relative(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((ours.double() - reference.double()).abs().max() / reference.double().abs().max())
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_program_matches_eager(target, tmp_path):
+    module = model(target)
+    wrapped = TARGETS[target].wrapper(module).eval()
+    program = torch.export.load(str(save_program(export_program(target, module), tmp_path / f"{target}.pt2")))
+    for size in shapes(target, module.config):
+        inputs = sample_inputs(target, module.config, seed=7, **size)
+        with torch.no_grad():
+            eager, exported = wrapped(*inputs), program.module()(*inputs)
+        assert exported.shape == eager.shape
+        assert relative(exported, eager) < 1e-6  # the same kernels: measured 0
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_onnx_matches_eager(target, tmp_path):
+    module = model(target)
+    path = save_onnx(target, module, tmp_path / f"{target}.onnx")
+    assert path.with_name(path.name + ".data").is_file()  # the weights, as external data
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == list(TARGETS[target].inputs)
+    assert session.get_inputs()[0].shape[0] == "batch"
+    wrapped = TARGETS[target].wrapper(module).eval()
+    for size in shapes(target, module.config):
+        inputs = sample_inputs(target, module.config, seed=7, **size)
+        with torch.no_grad():
+            eager = wrapped(*inputs)
+        (onnx,) = session.run(None, {name: x.numpy() for name, x in zip(TARGETS[target].inputs, inputs)})
+        # float32, onnxruntime's kernels: measured 2e-7 (prior) to 1.7e-6 (MoVQ decoder)
+        assert onnx.shape == tuple(eager.shape) and relative(torch.from_numpy(onnx), eager) < 2e-5
+
+
+def test_optimized_modules_are_exported_plain():
+    from kandinsky import ops
+
+    module = ops.optimize(model("movq_decode"), "cpu", torch.float32)
+    program = export_program("movq_decode", module)
+    inputs = sample_inputs("movq_decode", module.config, batch=3, height=3, width=5)
+    with torch.no_grad():
+        assert relative(program.module()(*inputs), module.decode(*inputs)) < 1e-6
+    assert not any(isinstance(m, ops.generic.FastModule) for m in module.modules())
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="target: expected one of"):
+        export_program("vae", model("prior"))
+    with pytest.raises(ValueError, match="model: expected our prior model"):
+        export_program("prior", torch.nn.Linear(2, 2))
+    (tmp_path / "x.pt2").write_bytes(b"precious")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        save_program(export_program("prior", model("prior")), tmp_path / "x.pt2")
+    assert (tmp_path / "x.pt2").read_bytes() == b"precious"
+
+
+def test_cli_export(tmp_path, capsys):
+    from kandinsky.weights import save_converted
+
+    module = model("movq_encode")
+    save_converted(module, "movq", tmp_path / "movq")
+    output = tmp_path / "encode.pt2"
+    assert main(["export", "movq_encode", "--weights", str(tmp_path / "movq"), "-o", str(output)]) == 0
+    inputs = sample_inputs("movq_encode", module.config, batch=1, height=8, width=4)
+    with torch.no_grad():
+        # the converted folder's kernels are channels-last, the exported ones plain: measured 1.8e-6
+        assert relative(torch.export.load(str(output)).module()(*inputs), module.encode(*inputs)) < 1e-5
+    capsys.readouterr()
+    assert main(["export", "movq_encode", "--weights", str(tmp_path / "movq"), "-o", str(output)]) == 1
+    assert main(["export", "prior", "--weights", str(tmp_path / "movq"), "-o", str(tmp_path / "p.onnx")]) == 1
+    assert main(["export", "prior", "--weights", str(tmp_path / "movq"), "-o", str(tmp_path / "p.bin")]) == 1
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 3 and all(line.startswith("kandinsky: error: ") for line in errors)
+    assert "--overwrite" in errors[0] and "holds a movq" in errors[1] and "--format" in errors[2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_official_size_exports_match_eager(target, tmp_path):
+    """The official configurations (random weights, float32): the program and the ONNX graph within 1e-4
+    relative of eager, at a 64 x 64 latent (a 512 px image; MoVQ encode: a 512 px image) and batch 2."""
+    module = model(target, official=True)
+    wrapped = TARGETS[target].wrapper(module).eval()
+    size = {} if target == "prior" else dict(height=512, width=512) if target == "movq_encode" else \
+        dict(height=64, width=64)
+    inputs = sample_inputs(target, module.config, batch=2, seed=7, **size)
+    with torch.no_grad():
+        eager = wrapped(*inputs)
+        program = export_program(target, module)
+        assert relative(program.module()(*inputs), eager) < 1e-4
+    del program
+    path = save_onnx(target, module, tmp_path / f"{target}.onnx")
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (onnx,) = session.run(None, {name: x.numpy() for name, x in zip(TARGETS[target].inputs, inputs)})
+    assert relative(torch.from_numpy(onnx), eager) < 1e-4

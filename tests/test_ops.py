@@ -1,0 +1,548 @@
+"""kandinsky.ops: every fast kernel against the plain layer it replaces, and optimize() / plain() on the
+tiny models (parameters shared, keys unchanged, no copies, same outputs)."""
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kandinsky import ops
+from kandinsky.models import config_from_dict, model_class
+from kandinsky.models.movq import Upsample
+from kandinsky.ops import cpu
+from kandinsky.ops.cpu import (HALF_ENV, Conv3x3, OneDNNLastQueryBlock, OneDNNLinear, UpcastAttentionInput,
+                               UpcastConv2d, UpcastConv3x3, UpcastLastQueryBlock, UpcastLinear,
+                               UpcastSubpixelUpsample, float_weight, gemm_conv3x3, native_half, onednn_dtypes,
+                               onednn_linear, winograd_conv3x3)
+from kandinsky.ops.generic import FastModule, LastQueryBlock, SubpixelUpsample, swap
+from kandinsky.parity import movq as movq_parity
+from kandinsky.parity import prior as prior_parity
+from kandinsky.parity import unet as unet_parity
+from kandinsky.testing import max_errors, randomize_
+
+ROOT = Path(__file__).resolve().parent.parent
+CHANNELS_LAST = torch.channels_last
+
+
+def _tiny(component: str, seed: int = 0) -> nn.Module:
+    config = config_from_dict(component, json.loads((ROOT / "configs" / f"{component}_tiny.json").read_text()))
+    return randomize_(model_class(component)(config), seed).eval()
+
+
+def _run(component: str, model: nn.Module) -> list[torch.Tensor]:
+    """The outputs of one forward of a tiny model (MoVQ: encode of 64x64 images, decode of 8x8 latents)."""
+    if component == "unet":
+        return [unet_parity.run_ours(model, unet_parity.inputs(model.config))]
+    if component == "prior":
+        return [prior_parity.run_ours(model, prior_parity.inputs(model.config))]
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    return [model.encode(images), model.decode(latents)]
+
+
+def _case(batch, channels, out_channels, height, width, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, channels, height, width, generator=g).contiguous(memory_format=CHANNELS_LAST)
+    weight = torch.randn(out_channels, channels, 3, 3, generator=g) / (3 * channels ** 0.5)
+    bias = torch.randn(out_channels, generator=g)
+    return x, weight.contiguous(memory_format=CHANNELS_LAST), bias
+
+
+def _direct(x, weight, bias):
+    return F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), padding=1)
+
+
+# --- CPU convolution --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(2, 8, 16, 32, 32), (3, 16, 8, 6, 10), (1, 4, 12, 2, 2), (2, 24, 24, 70, 36)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_winograd_matches_direct_convolution(shape, with_bias):
+    # (70 rows: several bands of tile rows at batch 2, the last one shorter)
+    x, weight, bias = _case(*shape)
+    bias = bias if with_bias else None
+    out = winograd_conv3x3(x, weight, bias)
+    reference = _direct(x, weight, bias)
+    assert out.shape == reference.shape and out.is_contiguous(memory_format=CHANNELS_LAST)
+    # float32 with +-1, +-1/2 transforms: a few float32 roundings of the output scale (measured ~4e-7)
+    assert (out.double() - reference).abs().max() < 5e-6 * reference.abs().max()
+
+
+def test_winograd_rejects_odd_sizes_and_mismatched_kernels():
+    x, weight, bias = _case(1, 4, 8, 6, 7)
+    with pytest.raises(ValueError, match="even height and width"):
+        winograd_conv3x3(x, weight, bias)
+    x, weight, bias = _case(1, 4, 8, 6, 6)
+    with pytest.raises(ValueError, match="weight"):
+        winograd_conv3x3(x, weight[:, :3], bias)
+
+
+@pytest.mark.parametrize("shape", [(2, 12, 20, 8, 12), (1, 16, 8, 16, 16), (3, 4, 6, 1, 5)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gemm_matches_direct_convolution(shape, with_bias):
+    x, weight, bias = _case(*shape)
+    bias = bias if with_bias else None
+    out = gemm_conv3x3(x, weight, bias)
+    reference = _direct(x, weight, bias)
+    assert out.shape == reference.shape and out.is_contiguous(memory_format=CHANNELS_LAST)
+    # one float32 GEMM over 9 * C products (measured ~3e-7 of the output scale)
+    assert (out.double() - reference).abs().max() < 5e-6 * reference.abs().max()
+
+
+def _fast_conv(in_channels: int, out_channels: int) -> Conv3x3:
+    conv = nn.Conv2d(in_channels, out_channels, 3, padding=1).to(memory_format=CHANNELS_LAST)
+    swap(conv, Conv3x3)
+    return conv
+
+
+@pytest.mark.parametrize("size", [(32, 32), (16, 16), (8, 12), (33, 35), (40, 24), (30, 30)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv3x3_dispatch_and_results(monkeypatch, size, dtype):
+    monkeypatch.setattr(cpu, "WINOGRAD_MIN_CHANNELS", 1)  # so that small test layers take it too
+    calls = []
+    monkeypatch.setattr(cpu, "winograd_conv3x3", lambda *a: calls.append("winograd") or winograd_conv3x3(*a))
+    monkeypatch.setattr(cpu, "gemm_conv3x3", lambda *a: calls.append("gemm") or gemm_conv3x3(*a))
+    torch.manual_seed(0)
+    conv = _fast_conv(12, 20).to(dtype)
+    x = torch.randn(2, 12, *size).contiguous(memory_format=CHANNELS_LAST).to(dtype)
+    with torch.no_grad():
+        out = conv(x)
+    reference = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    # of the output scale: float32 a few roundings (measured 4e-7); bfloat16 its output rounding (measured 4e-3)
+    tolerance = 5e-6 if dtype == torch.float32 else 1e-2
+    assert (out.double() - reference).abs().max() < tolerance * reference.abs().max()
+    pixels, even = size[0] * size[1], size[0] % 2 == 0 and size[1] % 2 == 0
+    if pixels <= cpu.GEMM_MAX_PIXELS:
+        expected = ["gemm"]
+    elif dtype == torch.float32 and even and pixels >= cpu.WINOGRAD_MIN_PIXELS:
+        expected = ["winograd"]
+    else:
+        expected = []  # oneDNN's direct convolution
+    assert calls == expected
+
+
+def test_conv3x3_takes_winograd_only_from_the_channel_threshold(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu, "winograd_conv3x3", lambda *a: calls.append(a[0].shape[1]) or winograd_conv3x3(*a))
+    with torch.no_grad():
+        for channels in (cpu.WINOGRAD_MIN_CHANNELS // 2, cpu.WINOGRAD_MIN_CHANNELS):
+            _fast_conv(channels, channels)(torch.randn(1, channels, 32, 32))
+    assert calls == [cpu.WINOGRAD_MIN_CHANNELS]
+
+
+def test_conv3x3_keeps_autograd_on_the_direct_path(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu, "winograd_conv3x3", lambda *a: calls.append(1) or winograd_conv3x3(*a))
+    conv = _fast_conv(256, 256)
+    x = torch.randn(1, 256, 32, 32, requires_grad=True)
+    conv(x).sum().backward()  # the Winograd path writes with out=, which autograd refuses
+    assert calls == [] and x.grad is not None and conv.weight.grad is not None
+
+
+# --- oneDNN linear ----------------------------------------------------------------------------------
+
+onednn = pytest.mark.skipif(torch.float32 not in onednn_dtypes(), reason="this torch build has no oneDNN linear")
+
+
+@onednn
+def test_onednn_linear_matches_f_linear():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 81, 64, generator=generator)
+    weight, bias = torch.randn(96, 64, generator=generator) / 8, torch.randn(96, generator=generator)
+    reference = F.linear(x.double(), weight.double(), bias.double())
+    with torch.no_grad():
+        out = onednn_linear(x, weight, bias)
+    # float32 GEMM, another summation order than MKL's (measured ~2e-7 relative)
+    assert max_errors(out, reference)[1] < 1e-5
+    # with autograd, and for dtypes oneDNN cannot run here, it is F.linear itself
+    weight.requires_grad_(True)
+    torch.testing.assert_close(onednn_linear(x, weight, bias), F.linear(x, weight, bias), rtol=0, atol=0)
+    half = (x.half(), weight.detach().half(), bias.half())
+    with torch.no_grad():
+        torch.testing.assert_close(onednn_linear(*half), F.linear(*half), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(torch.bfloat16 not in onednn_dtypes(), reason="this CPU has no oneDNN bfloat16 linear")
+def test_onednn_linear_bfloat16():
+    generator = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(2, 81, 64, generator=generator), torch.randn(96, 64, generator=generator) / 8
+    reference = F.linear(x.double(), weight.double(), None)
+    with torch.no_grad():
+        out = onednn_linear(x.bfloat16(), weight.bfloat16(), None)
+    # inputs rounded to bfloat16 (2^-9 relative each), float32 accumulation, output rounded (measured ~3e-3)
+    assert max_errors(out.float(), reference)[1] < 2e-2
+
+
+# --- device-independent rewrites --------------------------------------------------------------------
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_subpixel_upsample_equals_nearest_then_conv(channels_last):
+    upsample = randomize_(Upsample(32), 4)
+    x = torch.randn(2, 32, 5, 7, generator=torch.Generator().manual_seed(0))
+    if channels_last:
+        x = x.contiguous(memory_format=CHANNELS_LAST)
+    with torch.no_grad():
+        plain = upsample(x)
+        swap(upsample, SubpixelUpsample)
+        ours = upsample(x)
+    assert ours.shape == plain.shape == (2, 32, 10, 14)
+    # same sums of products, taps pre-added in another order: float32 rounding, values O(1) (measured ~3e-6)
+    assert max_errors(ours, plain)[0] < 1e-5
+
+
+def test_last_query_block_is_the_last_position_of_the_block():
+    prior = _tiny("prior")
+    batch = prior_parity.inputs(prior.config)
+    block = prior.blocks[-1]
+    tokens = torch.randn(2, prior.config.text_ctx + 4, prior.config.width, generator=torch.Generator().manual_seed(2))
+    mask = prior.attention_mask(batch["text_mask"], 2, tokens.device)  # with padding keys
+    with torch.no_grad():
+        full = block(tokens, mask)
+        swap(block, LastQueryBlock)
+        last = block(tokens, mask)
+    assert last.shape == (2, 1, prior.config.width)
+    # the same float32 operations on one row instead of all (measured ~1e-6 abs, values O(1))
+    assert max_errors(last, full[:, -1:])[0] < 1e-5
+
+
+# --- optimize() and plain() on the models -----------------------------------------------------------
+
+FAST_TYPES = {"unet": {Conv3x3}, "movq": {Conv3x3, SubpixelUpsample},
+              "prior": {OneDNNLinear, OneDNNLastQueryBlock} if torch.float32 in onednn_dtypes() else {LastQueryBlock}}
+
+
+@pytest.mark.parametrize("component", ["unet", "movq", "prior"])
+def test_optimize_swaps_in_place_sharing_every_tensor(component):
+    model = _tiny(component)
+    keys = list(model.state_dict())
+    tensors = dict(model.state_dict(keep_vars=True))
+    assert ops.optimize(model, "cpu", torch.float32) is model
+    assert {type(m) for m in model.modules() if isinstance(m, FastModule)} == FAST_TYPES[component]
+    state = model.state_dict(keep_vars=True)
+    assert list(state) == keys
+    assert all(state[k] is tensors[k] for k in keys)  # the same Parameter objects
+    kernels = [v for v in state.values() if v.ndim == 4]  # none in the prior
+    assert bool(kernels) == (component != "prior")
+    assert all(k.is_contiguous(memory_format=CHANNELS_LAST) for k in kernels)
+    # idempotent: nothing is copied the second time (the kernels are channels-last now)
+    pointers = {k: v.data_ptr() for k, v in state.items()}
+    types = [type(m) for m in model.modules()]
+    ops.optimize(model, "cpu", torch.float32)
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == pointers
+    assert [type(m) for m in model.modules()] == types
+    ops.plain(model)
+    assert not any(isinstance(m, FastModule) for m in model.modules())
+    assert list(model.state_dict()) == keys and {k: v.data_ptr() for k, v in model.state_dict().items()} == pointers
+
+
+def test_optimize_keeps_channels_last_kernels_as_they_are():
+    """Converted files hold the kernels as (O, kh, kw, I); loaded memory-mapped, they are channels-last views
+    of the file, which optimize must not copy."""
+    unet = _tiny("unet")
+    stored = {k: torch.empty(v.shape[0], *v.shape[2:], v.shape[1]).copy_(v.permute(0, 2, 3, 1))
+              for k, v in unet.state_dict().items() if v.ndim == 4}  # (O, kh, kw, I), as a file holds them
+    unet.load_state_dict({k: v.permute(0, 3, 1, 2) for k, v in stored.items()}, strict=False, assign=True)
+    ops.optimize(unet, "cpu", torch.float32)
+    state = unet.state_dict()
+    assert all(state[k].data_ptr() == v.data_ptr() for k, v in stored.items())
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps"])
+def test_other_devices_get_only_the_device_independent_rewrites(device):
+    """Only what is swapped depends on ``device`` (nothing is moved), so this runs without the device."""
+    model = nn.ModuleDict({"unet": _tiny("unet"), "movq": _tiny("movq"), "prior": _tiny("prior")})
+    ops.optimize(model, "cpu", torch.float32)
+    ops.optimize(model, device, torch.float32)
+    assert {type(m) for m in model.modules() if isinstance(m, FastModule)} == {SubpixelUpsample, LastQueryBlock}
+    assert model["unet"].conv_in.weight.is_contiguous(memory_format=CHANNELS_LAST)
+    assert model["movq"].encoder.conv_in.weight.is_contiguous(memory_format=CHANNELS_LAST)
+
+
+def test_prior_linears_go_through_onednn_only_for_its_dtypes():
+    prior = _tiny("prior")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        ops.optimize(prior, "cpu", dtype)
+        # half precision through oneDNN only where the CPU computes in it; elsewhere in float32 (Upcast*)
+        assert isinstance(prior.out_proj, OneDNNLinear) == (dtype in onednn_dtypes() and native_half(dtype)), dtype
+        assert isinstance(prior.blocks[-1], LastQueryBlock)
+
+
+@pytest.mark.parametrize("component, winograd", [("unet", False), ("unet", True), ("movq", False),
+                                                 ("movq", True), ("prior", False)])
+def test_optimized_model_matches_the_plain_one(monkeypatch, component, winograd):
+    if winograd:  # the full-size models' path (>= 256 channels at 32x32 and up), forced on the tiny ones
+        monkeypatch.setattr(cpu, "WINOGRAD_MIN_CHANNELS", 1)
+    model = _tiny(component)
+    with torch.no_grad():
+        plain = _run(component, model)
+        fast = _run(component, ops.optimize(model, "cpu", torch.float32))
+    for fast_output, plain_output in zip(fast, plain):
+        assert fast_output.is_contiguous()
+        # float32, the same function in another summation order: measured <= 2e-6 of the output scale
+        # (unet 1.9e-6, movq 1.8e-6, prior 4e-7)
+        assert max_errors(fast_output, plain_output)[1] < 1e-5
+
+
+def test_optimized_prior_trains_through_the_plain_kernels():
+    """Under autograd the oneDNN GEMMs fall back to F.linear: gradients flow and equal the plain model's."""
+    prior = _tiny("prior")
+    batch = prior_parity.inputs(prior.config)
+    prior_parity.run_ours(prior, batch).square().sum().backward()
+    plain = {k: v.grad.clone() for k, v in prior.named_parameters()}
+    prior.zero_grad()
+    prior_parity.run_ours(ops.optimize(prior, "cpu", torch.float32), batch).square().sum().backward()
+    for name, parameter in prior.named_parameters():
+        # the last block computes one row instead of all: float32 summation order (measured ~1e-6 relative)
+        torch.testing.assert_close(parameter.grad, plain[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_optimize_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="module: expected an nn.Module"):
+        ops.optimize("unet", "cpu", torch.float32)
+    with pytest.raises(TypeError, match="dtype: expected a torch.dtype"):
+        ops.optimize(nn.Linear(2, 2), "cpu", "float32")
+    with pytest.raises(TypeError, match="cannot swap a Linear for a Conv3x3"):
+        swap(nn.Linear(2, 2), Conv3x3)
+
+
+# --- half precision on CPUs without native half arithmetic ------------------------------------------
+
+HALF = [torch.bfloat16, torch.float16]
+# max error of the tiny models' outputs relative to their float32 outputs, native and upcast alike (measured up
+# to 2.4e-2 in bfloat16 (movq decode), 5.8e-3 in float16): 8 / 11 significant bits through a few layers
+HALF_MODEL_TOLERANCE = {torch.bfloat16: 5e-2, torch.float16: 1e-2}
+COMPUTING_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+@pytest.fixture
+def half_mode(monkeypatch):
+    """``half_mode("native" | "upcast")`` forces the path of the half dtypes; the once-only warning may fire again."""
+    monkeypatch.setattr(cpu, "_warned", set())
+    return lambda mode: monkeypatch.setenv(HALF_ENV, mode)
+
+
+@pytest.mark.parametrize("flags, native", [
+    ({"avx2": True, "f16c": True}, set()),  # AVX2 only: AMD Zen 3, Intel before Cooper Lake
+    ({"avx512_f": True, "avx512_bf16": True}, {torch.bfloat16}),  # AMD Zen 4, Intel Cooper Lake
+    ({"amx_bf16": True, "avx512_fp16": True}, {torch.bfloat16, torch.float16}),  # Intel Sapphire Rapids
+    ({"bf16": True, "fp16_arith": True}, {torch.bfloat16, torch.float16}),  # ARMv8.6
+])
+def test_native_half_reads_the_cpu_flags(monkeypatch, flags, native):
+    monkeypatch.delenv(HALF_ENV, raising=False)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: flags, raising=False)
+    cpu._native_half_dtypes.cache_clear()
+    try:
+        assert {dtype for dtype in HALF if native_half(dtype)} == native
+        assert native_half(torch.float32) and native_half(torch.float64)
+    finally:
+        cpu._native_half_dtypes.cache_clear()
+
+
+def test_native_half_asks_onednn_where_torch_lists_no_cpu_flags(monkeypatch):
+    monkeypatch.delenv(HALF_ENV, raising=False)
+    monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)
+    cpu._native_half_dtypes.cache_clear()
+    try:
+        assert native_half(torch.bfloat16) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        assert native_half(torch.float16) == torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    finally:
+        cpu._native_half_dtypes.cache_clear()
+
+
+def test_native_half_environment_override(monkeypatch):
+    for mode, native in (("native", True), ("upcast", False)):
+        monkeypatch.setenv(HALF_ENV, mode)
+        assert [native_half(dtype) for dtype in HALF] == [native, native]
+        assert native_half(torch.float32)
+    monkeypatch.setenv(HALF_ENV, "fast")
+    with pytest.raises(ValueError, match=f"{HALF_ENV}: expected 'native' or 'upcast'"):
+        native_half(torch.bfloat16)
+
+
+def _upcast_cases(generator):
+    """(plain layer, upcast class, input): linears, convolutions of other shapes, both 3x3 paths."""
+    return [(nn.Linear(64, 96), UpcastLinear, torch.randn(2, 81, 64, generator=generator)),
+            (nn.Linear(64, 96), UpcastAttentionInput, torch.randn(2, 81, 64, generator=generator)),
+            (nn.Conv2d(16, 24, 3, stride=2), UpcastConv2d, torch.randn(2, 16, 9, 11, generator=generator)),
+            (nn.Conv2d(16, 24, 1), UpcastConv2d, torch.randn(2, 16, 6, 5, generator=generator)),
+            (nn.Conv2d(16, 24, 3, padding=1), UpcastConv3x3, torch.randn(2, 16, 8, 8, generator=generator)),  # GEMM
+            (nn.Conv2d(16, 24, 3, padding=1), UpcastConv3x3, torch.randn(2, 16, 20, 18, generator=generator))]
+
+
+def _layer_function(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """What the plain ``layer`` computes, with the given tensors (float64 ones for a reference)."""
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, weight, bias)
+    return nn.Conv2d._conv_forward(layer, x, weight, bias)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_upcast_layers_compute_in_float32(dtype):
+    """Weights and inputs exact in ``dtype``: the result is the exact one rounded once, to float32 for the
+    attention inputs (which half-precision arithmetic could not give) and to ``dtype`` for the others."""
+    for layer, cls, x in _upcast_cases(torch.Generator().manual_seed(0)):
+        layer = randomize_(layer, 1).to(dtype)
+        x = x.to(dtype)
+        reference = _layer_function(layer, x.double(), layer.weight.double(), layer.bias.double())
+        swap(layer, cls)
+        with torch.no_grad():
+            out = layer(x)
+        float_output = cls is UpcastAttentionInput
+        assert out.dtype == (torch.float32 if float_output else dtype) and out.shape == reference.shape
+        # float32: summation order (measured <= 2.6e-7, against 3.9e-4 / 3.3e-3 in native float16 / bfloat16);
+        # dtype: one rounding, 2^-8 (bf16) / 2^-11 (fp16) relative (measured <= 2.1e-3 / 3.2e-4)
+        tolerance = 1e-5 if float_output else {torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}[dtype]
+        assert max_errors(out, reference)[1] < tolerance, cls
+
+
+def test_upcast_layers_train_their_half_precision_weights():
+    generator = torch.Generator().manual_seed(0)
+    for layer, cls, x in _upcast_cases(generator):
+        layer = randomize_(layer, 1).to(torch.bfloat16)
+        x = x.to(torch.bfloat16)
+        plain = {name: p.detach().double().requires_grad_() for name, p in layer.named_parameters()}
+        _layer_function(layer, x.double(), plain["weight"], plain["bias"]).sum().backward()
+        swap(layer, cls)
+        layer(x).float().sum().backward()
+        for name, parameter in layer.named_parameters():
+            assert parameter.grad.dtype == torch.bfloat16
+            # float32 gradients rounded once to bfloat16: 2^-8 relative (measured <= 3.0e-3)
+            assert max_errors(parameter.grad.float(), plain[name].grad)[1] < 2 ** -8, (cls, name)
+
+
+def test_float_weight_reuses_one_buffer_without_autograd():
+    kernel = torch.randn(8, 4, 3, 3).to(torch.bfloat16, memory_format=CHANNELS_LAST)
+    matrix = torch.randn(5, 7).to(torch.bfloat16)
+    x = torch.zeros(1)
+    with torch.no_grad():
+        first = float_weight(kernel, x)
+        assert first.dtype == torch.float32 and torch.equal(first, kernel.float())
+        assert first.is_contiguous(memory_format=CHANNELS_LAST)  # the layout the fast paths read as it is
+        pointer = first.data_ptr()
+        second = float_weight(matrix, x)
+        assert torch.equal(second, matrix.float()) and second.data_ptr() == pointer
+    weight = nn.Parameter(matrix.float())
+    copy = float_weight(weight.to(torch.bfloat16), x)  # under autograd: a fresh copy that gradients flow through
+    assert copy.requires_grad and copy.data_ptr() != pointer
+
+
+@pytest.mark.parametrize("component", ["unet", "movq", "prior"])
+@pytest.mark.parametrize("dtype", HALF)
+def test_optimize_upcasts_every_layer_keeping_half_weights(half_mode, component, dtype):
+    model = _tiny(component).to(dtype)
+    tensors = dict(model.state_dict(keep_vars=True))
+    half_mode("upcast")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing of our models is left to compute in dtype
+        ops.optimize(model, "cpu", dtype)
+    modules = list(model.modules())
+    left = [m for m in modules if isinstance(m, COMPUTING_LAYERS) and not type(m).__name__.startswith("Upcast")]
+    assert not left and not any(type(m) in (SubpixelUpsample, LastQueryBlock, OneDNNLastQueryBlock) for m in modules)
+    expected = {UpcastLinear, UpcastAttentionInput, UpcastConv2d, UpcastConv3x3, UpcastSubpixelUpsample,
+                UpcastLastQueryBlock}
+    assert {type(m) for m in modules if isinstance(m, FastModule)} <= expected
+    qkv = [m.qkv for m in modules if hasattr(m, "qkv")]
+    assert qkv and all(type(layer) is UpcastAttentionInput for layer in qkv)
+    # the memory saving is kept: the same half-precision parameters, and no float32 copy kept anywhere
+    state = model.state_dict(keep_vars=True)
+    assert list(state) == list(tensors) and all(state[k] is v for k, v in tensors.items())
+    assert all(p.dtype == dtype for p in model.parameters())
+    assert not [name for m in modules for name, value in vars(m).items() if isinstance(value, torch.Tensor)]
+    half_mode("native")
+    ops.optimize(model, "cpu", dtype)
+    assert not any(type(m).__name__.startswith("Upcast") for m in model.modules())
+    ops.plain(model)
+    assert not any(isinstance(m, FastModule) for m in model.modules())
+
+
+@pytest.mark.parametrize("component", ["unet", "movq", "prior"])
+@pytest.mark.parametrize("dtype", HALF)
+def test_upcast_outputs_match_native_and_float32(half_mode, component, dtype):
+    with torch.no_grad():
+        reference = _run(component, _tiny(component))
+        outputs = {}
+        for mode in ("native", "upcast"):
+            half_mode(mode)
+            outputs[mode] = _run(component, ops.optimize(_tiny(component).to(dtype), "cpu", dtype))
+    tolerance = HALF_MODEL_TOLERANCE[dtype]
+    for native, upcast, exact in zip(outputs["native"], outputs["upcast"], reference):
+        assert native.dtype == upcast.dtype == dtype  # the models' contract: outputs in the weights' dtype
+        assert max_errors(upcast.float(), exact)[1] < tolerance
+        assert max_errors(native.float(), exact)[1] < tolerance
+        assert max_errors(upcast.float(), native.float())[1] < tolerance
+
+
+def test_upcast_convolutions_take_the_float32_winograd_path(monkeypatch, half_mode):
+    monkeypatch.setattr(cpu, "WINOGRAD_MIN_CHANNELS", 1)  # the full-size models' path, forced on the tiny one
+    kernels = []
+    monkeypatch.setattr(cpu, "winograd_conv3x3", lambda x, w, b: kernels.append(w.dtype) or winograd_conv3x3(x, w, b))
+    half_mode("upcast")
+    model = _tiny("unet")
+    with torch.no_grad():
+        reference = _run("unet", model)[0]
+        out = _run("unet", ops.optimize(model.to(torch.bfloat16), "cpu", torch.bfloat16))[0]
+    assert kernels and set(kernels) == {torch.float32}
+    assert max_errors(out.float(), reference)[1] < HALF_MODEL_TOLERANCE[torch.bfloat16]
+
+
+def test_upcast_text_encoder_warns_once_about_its_attention(half_mode):
+    """The transformers encoders' linear layers compute in float32; their attention stays in the half dtype
+    (the rest of the transformers model expects it), which one warning says."""
+    from tiny_components import tiny_clip_text_model
+
+    model = tiny_clip_text_model()
+    input_ids = torch.randint(0, 500, (2, 77), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(input_ids).text_embeds
+    model.to(torch.bfloat16)
+    half_mode("upcast")
+    with pytest.warns(UserWarning, match=r"CLIPTextModelWithProjection .*bfloat16.*: CLIPAttention\. "
+                                         r"dtype=torch\.float32"):
+        ops.optimize(model, "cpu", torch.bfloat16)
+    assert not [m for m in model.modules() if type(m) in COMPUTING_LAYERS]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.optimize(model, "cpu", torch.bfloat16)  # once per process and dtype
+        with torch.no_grad():
+            out = model(input_ids).text_embeds
+    assert out.dtype == torch.bfloat16
+    # bfloat16 hidden states through 2 layers (measured 8.3e-3 relative)
+    assert max_errors(out.float(), reference)[1] < HALF_MODEL_TOLERANCE[torch.bfloat16]
+
+
+def test_upcast_warns_about_layers_it_cannot_upcast(half_mode):
+    model = nn.Sequential(nn.Conv1d(4, 4, 3), nn.Linear(4, 4), nn.LayerNorm(4), nn.Embedding(3, 4)).to(torch.float16)
+    half_mode("upcast")
+    with pytest.warns(UserWarning, match=r"still compute in float16, slower than in float32: Conv1d\. dtype="):
+        ops.optimize(model, "cpu", torch.float16)
+    assert type(model[1]) is UpcastLinear
+
+
+# --- the parity report's rows for the models as the pipeline runs them ------------------------------
+
+def test_unet_parity_rows_include_the_optimized_model(monkeypatch):
+    monkeypatch.setattr(cpu, "WINOGRAD_MIN_CHANNELS", 1)  # the full-size model's path, forced on the tiny one
+    calls = []
+    monkeypatch.setattr(cpu, "winograd_conv3x3", lambda *a: calls.append(1) or winograd_conv3x3(*a))
+    config = _tiny("unet").config
+    rows = list(unet_parity.diffusers_rows("unet", config, label="tiny config"))
+    assert [row.check for row in rows] == [
+        "tiny config vs diffusers, 2x32x32", "tiny config vs diffusers, 2x24x40",
+        "tiny config vs diffusers, 2x32x32, ops.optimize (CPU)",
+        "tiny config vs diffusers, 2x24x40, ops.optimize (CPU)"]
+    assert all(row.passed for row in rows) and calls
+
+
+def test_movq_parity_rows_include_the_optimized_model(monkeypatch):
+    monkeypatch.setattr(cpu, "WINOGRAD_MIN_CHANNELS", 1)
+    calls = []
+    monkeypatch.setattr(cpu, "winograd_conv3x3", lambda *a: calls.append(1) or winograd_conv3x3(*a))
+    rows = list(movq_parity.diffusers_rows(_tiny("movq").config, label="diffusers tiny"))
+    assert [row.check for row in rows] == [
+        "diffusers tiny: encode 64x64", "diffusers tiny: decode (no quantisation)", "diffusers tiny: quantize",
+        "diffusers tiny: encode 64x64, ops.optimize (CPU)",
+        "diffusers tiny: decode (no quantisation), ops.optimize (CPU)"]
+    assert all(row.passed for row in rows) and calls

@@ -1,0 +1,45 @@
+"""The tiny pipeline (:mod:`kandinsky.tiny`) saved in our layout, and tiny image-caption data sets, shared by the
+training tests. Training images are 64 px: 8 x 8 latents through the tiny MoVQ."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from kandinsky import tiny
+from kandinsky.pipeline import Kandinsky21
+
+RESOLUTION = 64  # px; the tiny MoVQ halves it three times
+EMBED_DIM = tiny.PROJECTION  # CLIP image embeddings of the tiny pipeline
+CAPTIONS = ("a red cat", "the blue sea", "a green tree", "the cat and the sea")
+
+
+def write_tiny_base(folder: Path, seed: int = 0) -> Path:
+    """The tiny pipeline saved in our layout at ``folder``."""
+    Kandinsky21.from_config("tiny", seed=seed, progress=False).save_pretrained(str(folder))
+    return folder
+
+
+def write_images(folder: Path, count: int = 4, size: int = 80, seed: int = 0) -> list[Path]:
+    """``count`` smooth random RGB images (``size`` x ``size + 16`` px, so the center crop matters)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        coarse = rng.integers(0, 256, size=(4, 5, 3), dtype=np.uint8)
+        image = Image.fromarray(coarse).resize((size + 16, size), Image.BICUBIC)
+        path = folder / f"image_{i}.png"
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+def write_jsonl_data(folder: Path, count: int = 4) -> Path:
+    """A folder with ``metadata.jsonl`` (the imagefolder convention)."""
+    paths = write_images(folder, count)
+    lines = [json.dumps({"file_name": p.name, "text": CAPTIONS[i % len(CAPTIONS)]}) for i, p in enumerate(paths)]
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
