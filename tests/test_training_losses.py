@@ -285,13 +285,14 @@ def _tiny_unet(in_channels: int = 4, out_channels: int = 8) -> UNet:
 
 
 def _decoder_batch(batch: int = 2, size: int = 8) -> dict:
+    config = _tiny_unet().config
     generator = torch.Generator().manual_seed(0)
     return dict(x0=torch.randn(batch, 4, size, size, generator=generator),
                 timesteps=torch.tensor([3, 999])[:batch],
                 noise=torch.randn(batch, 4, size, size, generator=generator),
-                text_hidden_states=torch.randn(batch, 77, 40, generator=generator),
-                text_embeds=torch.randn(batch, 48, generator=generator),
-                image_embeds=torch.randn(batch, 48, generator=generator))
+                text_hidden_states=torch.randn(batch, 77, config.text_hidden_dim, generator=generator),
+                text_embeds=torch.randn(batch, config.text_embed_dim, generator=generator),
+                image_embeds=torch.randn(batch, config.image_embed_dim, generator=generator))
 
 
 def _call_decoder(unet, batch: dict, **options) -> dict:
