@@ -31,7 +31,7 @@ from kandinsky.pipeline import Kandinsky21
 from kandinsky.png import png_metadata, save_png
 
 pytest.importorskip("diffusers")
-from test_pipeline import SIZE, build_reference, random_image  # noqa: E402
+from test_pipeline import SIZE, random_image, save_reference_weights  # noqa: E402
 
 FAST = ["--height", SIZE, "--width", SIZE, "--steps", 2, "--prior-steps", 2, "--no-progress", "--device", "cpu"]
 PROMPTS = ["the cat", "a dog", "red fish", "blue sky", "green tree", "the cat at night", "a small house"]
@@ -40,11 +40,7 @@ CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("weights") / "tiny"
-    reference = build_reference()
-    Kandinsky21.from_diffusers(reference["prior"], reference["text2img"],
-                               inpaint_pipeline=reference["inpaint"]).save_pretrained(folder)
-    return folder
+    return save_reference_weights(tmp_path_factory.mktemp("weights") / "tiny")
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from kandinsky.weights import load_converted
 
 pytest.importorskip("diffusers")
 from test_hub import FakeSnapshots  # noqa: E402
-from test_pipeline import SIZE, build_reference, random_image, seed, seed_example_mask  # noqa: E402
+from test_pipeline import SIZE, random_image, save_reference_weights, seed, seed_example_mask  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--height", str(SIZE), "--width", str(SIZE), "--steps", "2", "--prior-steps", "2", "--no-progress",
@@ -35,11 +35,7 @@ FAST = ["--height", str(SIZE), "--width", str(SIZE), "--steps", "2", "--prior-st
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("weights") / "tiny"
-    reference = build_reference()
-    Kandinsky21.from_diffusers(reference["prior"], reference["text2img"],
-                               inpaint_pipeline=reference["inpaint"]).save_pretrained(folder)
-    return folder
+    return save_reference_weights(tmp_path_factory.mktemp("weights") / "tiny")
 
 
 def run(capsys, *argv):

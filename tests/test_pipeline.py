@@ -162,6 +162,14 @@ def build_reference() -> dict:
     return pipes
 
 
+def save_reference_weights(folder):
+    """The reference pipeline converted and saved in our layout at ``folder`` (for the command-line tests)."""
+    reference = build_reference()
+    Kandinsky21.from_diffusers(reference["prior"], reference["text2img"],
+                               inpaint_pipeline=reference["inpaint"]).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def ours(reference):
     return Kandinsky21.from_diffusers(reference["prior"], reference["text2img"],
