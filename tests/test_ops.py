@@ -58,16 +58,20 @@ def _direct(x, weight, bias):
 
 # --- CPU convolution --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", [(2, 8, 16, 32, 32), (3, 16, 8, 6, 10), (1, 4, 12, 2, 2), (2, 24, 24, 70, 36)])
+# (70 rows: several Winograd bands of tile rows at batch 2, the last one shorter)
+@pytest.mark.parametrize("convolve, shape", [
+    *[(winograd_conv3x3, shape) for shape in [(2, 8, 16, 32, 32), (3, 16, 8, 6, 10), (1, 4, 12, 2, 2), (2, 24, 24, 70, 36)]],
+    *[(gemm_conv3x3, shape) for shape in [(2, 12, 20, 8, 12), (1, 16, 8, 16, 16), (3, 4, 6, 1, 5)]],
+])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_winograd_matches_direct_convolution(shape, with_bias):
-    # (70 rows: several bands of tile rows at batch 2, the last one shorter)
+def test_fast_convolutions_match_the_direct_one(convolve, shape, with_bias):
     x, weight, bias = _case(*shape)
     bias = bias if with_bias else None
-    out = winograd_conv3x3(x, weight, bias)
+    out = convolve(x, weight, bias)
     reference = _direct(x, weight, bias)
     assert out.shape == reference.shape and out.is_contiguous(memory_format=CHANNELS_LAST)
-    # float32 with +-1, +-1/2 transforms: a few float32 roundings of the output scale (measured ~4e-7)
+    # float32 transforms with +-1, +-1/2 (Winograd) or one GEMM over 9 * C products: a few float32 roundings of the
+    # output scale (measured ~4e-7 and ~3e-7)
     assert (out.double() - reference).abs().max() < 5e-6 * reference.abs().max()
 
 
@@ -78,18 +82,6 @@ def test_winograd_rejects_odd_sizes_and_mismatched_kernels():
     x, weight, bias = _case(1, 4, 8, 6, 6)
     with pytest.raises(ValueError, match="weight"):
         winograd_conv3x3(x, weight[:, :3], bias)
-
-
-@pytest.mark.parametrize("shape", [(2, 12, 20, 8, 12), (1, 16, 8, 16, 16), (3, 4, 6, 1, 5)])
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_gemm_matches_direct_convolution(shape, with_bias):
-    x, weight, bias = _case(*shape)
-    bias = bias if with_bias else None
-    out = gemm_conv3x3(x, weight, bias)
-    reference = _direct(x, weight, bias)
-    assert out.shape == reference.shape and out.is_contiguous(memory_format=CHANNELS_LAST)
-    # one float32 GEMM over 9 * C products (measured ~3e-7 of the output scale)
-    assert (out.double() - reference).abs().max() < 5e-6 * reference.abs().max()
 
 
 def _fast_conv(in_channels: int, out_channels: int) -> Conv3x3:
