@@ -384,6 +384,7 @@ def load_converted(folder: str | os.PathLike, *, device: str | torch.device = "c
     if component is not None and stored != component:
         raise WeightsFileError(f"{folder} holds a {stored!r} component, not the {component!r} expected here "
                                f"({config_path})")
+    _read_ahead(model_path)
     try:
         state = load_file(str(model_path), device=str(device))
     except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
@@ -403,6 +404,24 @@ def load_converted(folder: str | os.PathLike, *, device: str | torch.device = "c
         return build_strict(stored, lambda: cls(config), converted, source, dtype)
     except (ValueError, RuntimeError, TypeError, ZeroDivisionError) as error:  # also a config no model can have
         raise WeightsFileError(f"{model_path} does not fit {config_path}: {error}") from None
+
+
+def _read_ahead(path: Path) -> None:
+    """Ask the kernel to start reading the whole file into the page cache in the background. The tensors are
+    memory-mapped, so without this a cold first forward would stop at every layer to fault its weights in;
+    with it the disk reads overlap the computation. A no-op where ``posix_fadvise`` is missing."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # the load that follows reports the problem
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _converted_config(path: Path):

@@ -146,3 +146,47 @@ def test_gpu_component_without_cuda_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         main(["gpu"])
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_profile_splits_the_unet_forward_into_categories_that_add_up(tmp_path, monkeypatch):
+    from kandinsky.benchmark import profile
+
+    monkeypatch.setattr(profile, "CONFIG", "tiny")
+    results = profile.run(types.SimpleNamespace(repeats=1, dtype="float32", results=str(tmp_path)))
+    _check_timings(results)
+    peaks = [r for r in results if r.case.startswith("peak:")]
+    assert {r.case.split(" ")[1] for r in peaks} == {"torch.mm", "direct"}
+    assert all(r.extra["GFLOP/s"] > 0 for r in peaks)
+    total = next(r for r in results if r.case.endswith("total (profiled)"))
+    rows = [r for r in results if r not in peaks and r is not total]
+    assert [r.case.split(": ", 1)[1] for r in rows] == list(profile.ROWS)
+    for side in ("ours", "diffusers"):
+        # every self time under the forward lands in exactly one category
+        assert sum(getattr(r, side)[0] for r in rows) == pytest.approx(getattr(total, side)[0], rel=0.01)
+        assert getattr(total, side)[0] <= total.extra[f"{side} wall s"]
+    conv = rows[0].extra
+    # the tiny UNet's 32x32 level runs oneDNN's direct convolution, its 16x16 level the GEMM path
+    assert conv["ours 3x3 conv: direct s"] > 0 and conv["ours 3x3 conv: GEMM path s"] > 0
+    assert conv["ours 3x3 conv: Winograd GEMM (bmm) s"] == 0
+    attention = next(r for r in rows if r.case.endswith(": attention")).extra
+    assert attention["GFLOP"] > 0  # the CPU attention kernel is counted (torch's flop counter has no formula)
+    (text_file,) = tmp_path.glob("profile-*.txt")
+    text = text_file.read_text()
+    assert text.count(f"Top {profile.TOP_OPS} operators") == 2 and "3x3 conv: GEMM path" in text
+
+
+def test_profile_tells_the_winograd_convolution_from_attention():
+    from kandinsky.benchmark import profile
+    from kandinsky.ops.cpu import Conv3x3
+    from kandinsky.ops.generic import swap
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(256, 256, 3, padding=1).eval()
+    swap(conv, Conv3x3)
+    x = torch.randn(1, 256, 32, 32)
+    query = torch.randn(1, 4, 64, 16)
+    categories = profile.profile_forward(lambda: torch.nn.functional.scaled_dot_product_attention(
+        query, query, query).add_(conv(x).mean()), conv)["categories"]
+    assert categories["3x3 conv: Winograd GEMM (bmm)"] > 0 and categories["3x3 conv: Winograd transforms"] > 0
+    assert categories["3x3 conv: direct"] == categories["3x3 conv: GEMM path"] == 0
+    assert categories["attention"] > 0

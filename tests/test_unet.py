@@ -13,7 +13,7 @@ from kandinsky.convert import unet as convert_unet
 from kandinsky.convert.core import Source
 from kandinsky.models import config_from_dict
 from kandinsky.models.unet import UNet, UNetConfig
-from kandinsky.ops.cpu import winograd_conv3x3
+from kandinsky.ops.cpu import winograd43_conv3x3, winograd_conv3x3
 from kandinsky.parity.unet import (TOLERANCE_DIFFUSERS, TOLERANCE_ORIGINAL, diffusers_config, diffusers_unet,
                                    inputs, original_fixture_output, run_diffusers, run_ours)
 from kandinsky.testing import diffusers_reference_config, max_errors, randomize_
@@ -59,21 +59,27 @@ def test_original_fixture_forward(original_fixture, name):
 
 @pytest.mark.parametrize("config", [TINY, TINY_INPAINT], ids=["text2img", "inpaint"])
 @pytest.mark.parametrize("size", [(32, 32), (24, 40)])
-@pytest.mark.parametrize("path", ["plain", "optimized", "winograd"])
+@pytest.mark.parametrize("path", ["plain", "optimized", "winograd", "winograd43"])
 def test_matches_diffusers_tiny(monkeypatch, config, size, path):
-    """The plain model, and the model as the pipeline runs it on CPU (``ops.optimize``)."""
+    """The plain model, and the model as the pipeline runs it on CPU (``ops.optimize``), with each of the
+    full-size model's Winograd convolutions forced on the tiny one."""
     winograd = []
-    if path == "winograd":  # the full-size model's path (>= 256 channels at 32x32 and up), forced on the tiny one
+    if path == "winograd":  # F(2x2, 3x3): >= 256 channels at 32x32 and up (maps whose sides are not multiples of 4)
         monkeypatch.setattr(ops.cpu, "WINOGRAD_MIN_CHANNELS", 1)
+        monkeypatch.setattr(ops.cpu, "WINOGRAD43_MIN_CHANNELS", 10**6)
         monkeypatch.setattr(ops.cpu, "winograd_conv3x3", lambda *a: winograd.append(1) or winograd_conv3x3(*a))
+    if path == "winograd43":  # F(4x4, 3x3): >= 128 channels at 24x24 and up, sides multiples of 4
+        monkeypatch.setattr(ops.cpu, "WINOGRAD43_MIN_CHANNELS", 1)
+        monkeypatch.setattr(ops.cpu, "winograd43_conv3x3", lambda *a: winograd.append(1) or winograd43_conv3x3(*a))
     theirs, ours = diffusers_unet(config, seed=3)
     if path != "plain":
         ops.optimize(ours, "cpu", torch.float32)
     batch = inputs(config, height=size[0], width=size[1])
     with torch.no_grad():
         out, reference = run_ours(ours, batch), run_diffusers(theirs, batch)
-    # Winograd needs maps of at least WINOGRAD_MIN_PIXELS: 32x32 latents have them at the first level, 24x40 none
-    assert bool(winograd) == (path == "winograd" and size[0] * size[1] >= ops.cpu.WINOGRAD_MIN_PIXELS)
+    # each path needs maps of a minimum size at the first level: F(2x2, 3x3) 32x32 (not 24x40), F(4x4, 3x3) 24x24
+    minimum = {"winograd": ops.cpu.WINOGRAD_MIN_PIXELS, "winograd43": ops.cpu.WINOGRAD43_MIN_PIXELS}.get(path)
+    assert bool(winograd) == (minimum is not None and size[0] * size[1] >= minimum)
     abs_err, rel_err = max_errors(out, reference)
     assert rel_err < TOLERANCE_DIFFUSERS, (abs_err, rel_err)  # float32 both sides: summation order only
     assert reference.abs().max() > 0.5

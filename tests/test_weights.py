@@ -278,6 +278,24 @@ def test_round_trip(tiny, tmp_path):
         assert torch.equal(loaded.encode(_images()), same_layout.encode(_images()))
 
 
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise") or not Path("/proc/self/fd").is_dir(),
+                    reason="posix_fadvise and /proc (Linux)")
+def test_load_converted_asks_the_kernel_to_read_the_weights_ahead(tiny, tmp_path, monkeypatch):
+    """The weights are memory-mapped: the load tells the kernel to read the whole file in the background, so that a
+    cold first forward overlaps the disk reads instead of faulting each layer in as it runs."""
+    out = save_converted(tiny, "movq", tmp_path / "movq")
+    advice = []
+    real = os.posix_fadvise
+
+    def record(fd, offset, length, flag):
+        advice.append((os.readlink(f"/proc/self/fd/{fd}"), offset, length, flag))
+        return real(fd, offset, length, flag)
+
+    monkeypatch.setattr(os, "posix_fadvise", record)
+    load_converted(out)
+    assert advice == [(str((out / "model.safetensors").resolve()), 0, 0, os.POSIX_FADV_WILLNEED)]
+
+
 def test_every_kernel_is_stored_channels_last_and_loads_as_a_view_of_the_file(tmp_path):
     """Whatever the memory format of the kernels, the file stores them as (O, kh, kw, I), and loading
     hands the model channels-last kernels that are the memory-mapped bytes (no copy, no re-layout)."""

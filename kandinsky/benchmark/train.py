@@ -1,20 +1,22 @@
 """Training benchmark (``kandinsky bench train``): the full official decoder UNet, random weights, 64x64 latents
 (512 px images), batch 1, float32, on the CPU.
 
-* step time: our training step (``decoder_loss`` forward + backward + the trainer's AdamW step) against diffusers
-  0.42.1 ``UNet2DConditionModel`` forward + backward with the same loss (``decoder_loss`` on its output), the two
-  models sharing their weights, interleaved in one process; the losses of the first call are compared;
+* step time: our training step (``decoder_loss`` forward + backward, then the trainer's fused AdamW step) against
+  diffusers 0.42.1 ``UNet2DConditionModel`` forward + backward with the same loss (``decoder_loss`` on its
+  output). The two models share their weights and their forward + backward are interleaved in one process; the
+  AdamW step is timed after diffusers' model is freed (its moments, 9 GiB, do not fit next to both backward
+  passes) and added to ours. The losses of both sides on identical weights are compared;
 * memory of forward + backward, each side alone in its own process, with and without gradient checkpointing
   (ours: the trainer's per-block checkpointing; diffusers: ``enable_gradient_checkpointing``): the peak resident
   memory, and the activations alone (the peak above the weights and their pre-allocated gradients);
 * LoRA rank 4 (the trainer's adapters): trainable parameters, AdamW state bytes and step time, next to full
   fine-tuning's;
-* torch.distributed, 2 processes on one machine (gloo): samples/s and the peak resident memory of each process,
-  DDP against FSDP2 (each process holds the full training state under DDP, a half under FSDP);
+* torch.distributed, 2 processes on one machine (gloo): samples/s and the peak resident memory of each process
+  for each case of :data:`DISTRIBUTED_CASES`;
 * with CUDA: the step time and the CUDA memory of forward + backward of both sides in bfloat16 autocast.
 
-The full configuration needs about 20 GB (weights, gradients and AdamW states of 1.2 B parameters) in the main
-process, as much per DDP process; ``CONFIG = "tiny"`` (the tests) runs every measurement on a tiny UNet.
+At the full size the main process holds about 18 GiB while it times the AdamW step (weights, gradients and
+AdamW moments of 1.2 B parameters); ``CONFIG = "tiny"`` (the tests) runs every measurement on a tiny UNet.
 Run under the heavy-job lock: ``flock /tmp/kandinsky-heavy.lock python scripts/benchmark.py train``.
 """
 
@@ -44,6 +46,11 @@ CONFIGS = ("full", "tiny")
 CONFIG = "full"  # what `kandinsky bench train` measures (the tests set "tiny")
 LORA_RANK = 4
 DISTRIBUTED_STEPS = 3  # timed steps per strategy, after one warm-up step
+# name: (strategy, what is trained, gradient checkpointing). Full fine-tuning holds 18 GiB per replica at the
+# full size (weights, gradients, AdamW moments), so two DDP replicas do not fit a 24 GiB machine: DDP trains
+# LoRA adapters, FSDP2 the whole UNet (a half of that state per process), with checkpointing to leave room.
+DISTRIBUTED_CASES = {"DDP LoRA rank 4": ("ddp", "lora", False),
+                     "FSDP2 full, checkpointing": ("fsdp", "full", True)}
 BF16_AUTOCAST = torch.bfloat16
 
 
@@ -87,12 +94,16 @@ class DiffusersAsOurs(nn.Module):
                                           "text_embeds": text_embeds, "image_embeds": image_embeds})
 
 
-def forward_backward(unet: nn.Module, batch: dict, autocast: torch.dtype | None = None) -> torch.Tensor:
+def forward_loss(unet: nn.Module, batch: dict, autocast: torch.dtype | None = None) -> torch.Tensor:
     device = batch["x0"].device.type
     with torch.autocast(device, dtype=autocast, enabled=autocast is not None):
-        loss = decoder_loss(unet, batch["x0"], batch["timesteps"], batch["noise"],
+        return decoder_loss(unet, batch["x0"], batch["timesteps"], batch["noise"],
                             text_hidden_states=batch["text_hidden_states"], text_embeds=batch["text_embeds"],
                             image_embeds=batch["image_embeds"])["loss"].mean()
+
+
+def forward_backward(unet: nn.Module, batch: dict, autocast: torch.dtype | None = None) -> torch.Tensor:
+    loss = forward_loss(unet, batch, autocast)
     loss.backward()
     return loss.detach()
 
@@ -197,11 +208,12 @@ def _memory(config: str) -> list[Result]:
 
 
 def distributed_probe(config: str, steps: int) -> None:
-    """In each of the torchrun processes: FSDP2, then DDP, of our UNet (the trainer's wrapping and AdamW), one
-    sample per process; the main process prints ``DISTRIBUTED {strategy: {"step_s": [...], "peak_gib": [...]}}``
-    with the peak resident memory of every process."""
+    """In each of the torchrun processes, every case of :data:`DISTRIBUTED_CASES` in turn (the trainer's
+    wrapping and AdamW, one sample per process); the main process prints ``DISTRIBUTED {case: {"step_s": [...],
+    "peak_gib": [...]}}`` with the peak resident memory of every process."""
     import torch.distributed as dist
 
+    from kandinsky.lora import add_lora
     from kandinsky.training import distributed
     from kandinsky.training.trainer import model_blocks
 
@@ -209,14 +221,17 @@ def distributed_probe(config: str, steps: int) -> None:
     unet_cfg = unet_config(config)
     batch = training_batch(unet_cfg, latent_size(config), seed=1 + processes.rank)
     report = {}
-    for strategy in ("fsdp", "ddp"):  # the smaller first, should the peak not be resettable
+    for name, (strategy, trained, checkpointing) in DISTRIBUTED_CASES.items():
         try:
             Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from the current resident memory
         except OSError:
             pass
-        model = _build("ours", unet_cfg, False)
+        model = _build("ours", unet_cfg, checkpointing)
+        if trained == "lora":
+            torch.manual_seed(0)  # the adapters' initial A matrices, equal in every process
+            add_lora(model, LORA_RANK)
         model = distributed.wrap(model, strategy, processes, model_blocks(model))
-        optimizer = _optimizer(model.parameters())
+        optimizer = _optimizer(p for p in model.parameters() if p.requires_grad)
         times = []
         for step in range(steps + 1):
             processes.barrier()
@@ -229,7 +244,7 @@ def distributed_probe(config: str, steps: int) -> None:
                 times.append(time.perf_counter() - start)
         peaks = [None] * processes.world_size
         dist.all_gather_object(peaks, _rss_gib("VmHWM"))
-        report[strategy] = {"step_s": times, "peak_gib": peaks}
+        report[name] = {"step_s": times, "peak_gib": peaks}
         del model, optimizer
         gc.collect()
     if processes.main:
@@ -242,17 +257,24 @@ def _distributed(config: str) -> list[Result]:
                "-m", "kandinsky.benchmark.train", config, str(DISTRIBUTED_STEPS)]
     report = _run_probe(command, "DISTRIBUTED ")
     extra = {"processes": 2, "global batch": 2}
-    for strategy in ("ddp", "fsdp"):
-        extra[f"{strategy} samples/s"] = 2 / statistics.median(report[strategy]["step_s"])
-        extra[f"{strategy} peak RSS GiB per process"] = max(report[strategy]["peak_gib"])
-    return [Result("train", "2 processes (gloo), s per step: DDP (ours column) vs FSDP2 (diffusers column)",
-                   report["ddp"]["step_s"], report["fsdp"]["step_s"], extra)]
+    for name in DISTRIBUTED_CASES:
+        extra[f"{name} samples/s"] = 2 / statistics.median(report[name]["step_s"])
+        extra[f"{name} peak RSS GiB per process"] = max(report[name]["peak_gib"])
+    ddp, fsdp = DISTRIBUTED_CASES
+    return [Result("train", f"2 processes (gloo), s per step: {ddp} (ours column) vs {fsdp} (diffusers column)",
+                   report[ddp]["step_s"], report[fsdp]["step_s"], extra)]
 
 
 # ------------------------------------------------------------------------------------------------- run
 
 
 def _step_times(config: str, repeats: int) -> Result:
+    """Ours and diffusers' forward + backward interleaved on shared weights, then our AdamW step alone.
+
+    Holding AdamW's moments (8 bytes per parameter) next to a backward's gradients and activations does not fit
+    this machine at the full size together with diffusers' copy, so the optimizer step is timed once diffusers'
+    model is gone and the activations are freed; a training step is the two in sequence, so our step time is
+    forward + backward plus the median AdamW step."""
     from kandinsky.lora import add_lora, remove_lora
 
     unet_cfg = unet_config(config)
@@ -263,26 +285,32 @@ def _step_times(config: str, repeats: int) -> Result:
     ours.train().requires_grad_(True)
     theirs = DiffusersAsOurs(theirs.train().requires_grad_(True), unet_cfg)
     batch = training_batch(unet_cfg, latent_size(config))
+    with torch.no_grad():  # the same loss on identical weights
+        losses = [float(forward_loss(model, batch)) for model in (ours, theirs)]
+    loss_difference = abs(losses[0] - losses[1])
+
+    def backward(model):
+        def call():
+            forward_backward(model, batch)
+            model.zero_grad(set_to_none=True)  # one side's gradients at a time
+        return call
+
+    times = _timed({"ours": backward(ours), "diffusers": backward(theirs)}, repeats)
+    del theirs
+    gc.collect()
+
+    for p in ours.parameters():
+        p.grad = torch.zeros_like(p)  # the fused step's work does not depend on the values
     optimizer = _optimizer(ours.parameters())
-    # the same loss on identical weights, before any optimizer step moves ours
-    loss_difference = abs(float(forward_backward(ours, batch)) - float(forward_backward(theirs, batch)))
-    ours.zero_grad(set_to_none=True)
-    theirs.zero_grad(set_to_none=True)
-
-    def our_step():
-        forward_backward(ours, batch)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    def their_step():
-        forward_backward(theirs, batch)
-        theirs.zero_grad(set_to_none=True)
-
-    times = _timed({"ours": our_step, "diffusers": their_step}, repeats)
+    optimizer.step()  # the first step allocates the moments
+    adamw_times = _timed({"adamw": optimizer.step}, repeats, warmup=0)["adamw"]
+    adamw_s = statistics.median(adamw_times)
     full_parameters = sum(p.numel() for p in ours.parameters())
     extra = {"loss |ours - diffusers| before training": loss_difference, "trainable parameters": full_parameters,
+             "ours forward+backward s": statistics.median(times["ours"]), "AdamW step s": adamw_s,
              "AdamW state GiB": _state_bytes(optimizer) / 2**30}
-    optimizer.state.clear()  # 9.8 GiB at the full size
+    del optimizer
+    ours.zero_grad(set_to_none=True)
     gc.collect()
 
     add_lora(ours, LORA_RANK)
@@ -301,7 +329,7 @@ def _step_times(config: str, repeats: int) -> Result:
     remove_lora(ours)
     size = latent_size(config)
     return Result("train", f"training step 1x4x{size}x{size} float32: ours forward+backward+AdamW vs diffusers "
-                  "forward+backward", times["ours"], times["diffusers"], extra)
+                  "forward+backward", [t + adamw_s for t in times["ours"]], times["diffusers"], extra)
 
 
 def _cuda(config: str, repeats: int) -> list[Result]:

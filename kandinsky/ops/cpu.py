@@ -2,9 +2,12 @@
 
 * :class:`Conv3x3` for the residual blocks' 3x3 convolutions (UNet and MoVQ): Winograd F(2x2, 3x3)
   (:func:`winograd_conv3x3`) for wide float32 maps, one GEMM over the nine shifted windows
-  (:func:`gemm_conv3x3`) for small maps, oneDNN's direct convolution otherwise;
-* :class:`OneDNNLinear` for the prior's linear layers: the same GEMMs through oneDNN instead of MKL,
-  which is much faster for these shapes on CPUs where MKL is slow (AMD EPYC);
+  (:func:`gemm_conv3x3`) for small maps, oneDNN's direct convolution otherwise; Winograd F(4x4, 3x3)
+  (:func:`winograd43_conv3x3`, 4x fewer multiplications, float32 error a few 1e-6 of the output scale) before
+  F(2x2, 3x3) where the sides are multiples of 4 (``scripts/conv_sweep.py`` times the three);
+* :class:`OneDNNLinear` for the prior's linear layers and the UNet's attention projections, and the GEMM of
+  :func:`gemm_conv3x3`: the same GEMMs through oneDNN instead of MKL, which is much faster for these shapes on
+  CPUs where MKL is slow (AMD EPYC);
 * half-precision weights on a CPU without native arithmetic in their dtype (:func:`native_half`): every
   convolution and linear layer computes in float32 from its weights upcast per call (``Upcast*``), and the
   attention of the UNet, MoVQ and prior runs on float32 queries, keys and values. Parameters and the
@@ -40,61 +43,162 @@ _WINOGRAD_TILES_PER_CHUNK = 512  # GEMM rows per chunk: keeps the transform buff
 WINOGRAD_MIN_CHANNELS = 256
 WINOGRAD_MIN_PIXELS = 1024  # ... and from this many pixels (32x32)
 GEMM_MAX_PIXELS = 256  # maps of at most this many pixels (16x16) take the GEMM path
+_WINOGRAD43_TILES_PER_CHUNK = 256  # F(4x4, 3x3): GEMM rows per chunk
+# F(4x4, 3x3) from this many input and output channels and pixels (24x24), sides divisible by 4: it measured
+# faster than both oneDNN's direct convolution and F(2x2, 3x3) on every UNet and MoVQ shape from there
+# (128 channels at 512x512 only just); smaller maps take the GEMM path
+WINOGRAD43_MIN_CHANNELS = 128
+WINOGRAD43_MIN_PIXELS = 576
 
 
-def _winograd_kernel(weight: torch.Tensor) -> torch.Tensor:
-    """(K, C, 3, 3) kernel -> (16, C, K): ``G g G^T`` for every (output, input) channel pair."""
+# Winograd F(4x4, 3x3) (Lavin & Gray): 6x6 input tiles (stride 4), 36 channel GEMMs, 4x fewer multiplications
+# than direct. Interpolation points 0, +-1, +-2: the transforms scale by up to 8 (input), 1/24 (kernel) and 8
+# (output), so float32 rounding grows to ~15x F(2x2, 3x3)'s, still far below 1e-4 of the output scale. The
+# points 0, +-1, +-1/2 were no more accurate; 0, +-1, 1/2, -2 were (~2.5x) but need denser transforms.
+_WINOGRAD43_G = ((1 / 4, 0.0, 0.0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+                 (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0.0, 0.0, 1.0))  # kernel transform
+
+
+def _winograd_kernel(weight: torch.Tensor, transform: tuple[tuple[float, ...], ...] = _WINOGRAD_G) -> torch.Tensor:
+    """(K, C, 3, 3) kernel -> (T*T, C, K): ``G g G^T`` for every (output, input) channel pair, G (T, 3)."""
     k, c = weight.shape[:2]
-    g = torch.tensor(_WINOGRAD_G, dtype=weight.dtype, device=weight.device)
-    gg = torch.einsum("ai,bj->abij", g, g).reshape(16, 9)
-    # a view for channels-last kernels; the result is (K, 16, C), read by the GEMM as transposed (16, C, K)
+    g = torch.tensor(transform, dtype=weight.dtype, device=weight.device)
+    gg = torch.einsum("ai,bj->abij", g, g).reshape(-1, 9)
+    # a view for channels-last kernels; the result is (K, T*T, C), read by the GEMM as transposed (T*T, C, K)
     return torch.matmul(gg, weight.permute(0, 2, 3, 1).reshape(k, 9, c)).permute(1, 2, 0)
+
+
+def _winograd23_input(d: list[torch.Tensor], out: torch.Tensor) -> None:
+    """``out[i] = sum_j B^T[i, j] d[j]`` for F(2x2, 3x3)'s B^T."""
+    torch.sub(d[0], d[2], out=out[0])
+    torch.add(d[1], d[2], out=out[1])
+    torch.sub(d[2], d[1], out=out[2])
+    torch.sub(d[1], d[3], out=out[3])
+
+
+def _winograd23_output(m: list[torch.Tensor], out: list[torch.Tensor]) -> None:
+    """``out[i] = sum_j A^T[i, j] m[j]`` for F(2x2, 3x3)'s A^T."""
+    torch.add(m[0], m[1], out=out[0]).add_(m[2])
+    torch.sub(m[1], m[2], out=out[1]).sub_(m[3])
+
+
+def _winograd_bands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel: torch.Tensor,
+                    tile: int, transform_input, transform_output, tiles_per_chunk: int) -> torch.Tensor:
+    """The Winograd F(tile x tile, 3x3) convolution with the (T*T, C, K) transformed ``kernel`` (T = tile + 2)
+    and the one-axis transforms B^T (``transform_input``) and A^T (``transform_output``).
+
+    The image is processed in bands of tile rows, so that the transformed input (T*T/tile^2 times the band's
+    pixels) and the GEMM output stay small; per-band buffers stay under glibc's mmap threshold, so they are
+    recycled without page faults.
+    """
+    b, c, height, width = x.shape
+    k, t = weight.shape[0], tile + 2
+    rows, cols = height // tile, width // tile  # output tiles
+    band = max(1, min(rows, tiles_per_chunk // (b * cols)))  # tile rows per chunk
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # (B, H+2, W+2, C)
+    out = torch.empty((b, height, width, k), dtype=x.dtype, device=x.device)
+    out_tiles = out.view(b, rows, tile, cols, tile, k)
+    for r0 in range(0, rows, band):
+        n = min(band, rows - r0)
+        col_t = x.new_empty((t, b, tile * n + 2, cols, c))
+        tiles = x.new_empty((t, t, b, n, cols, c))
+        src = padded[:, tile * r0:tile * r0 + tile * n + 2]  # the band's padded rows, overlapping by 2
+        # input transform B^T d B, separable: along columns (tiles overlap by two pixels) then rows
+        transform_input([src[:, :, j:j + tile * cols:tile] for j in range(t)], col_t)
+        transform_input([col_t[:, :, j:j + tile * n:tile] for j in range(t)], tiles)
+        products = torch.bmm(tiles.view(t * t, -1, c), kernel).view(t, t, b, n, cols, k)
+        if bias is not None:
+            products[1, 1] += bias  # A^T's column 1 is all ones: A^T m A adds the (1, 1) entry to every output
+        # output transform A^T m A: along rows into a buffer, then columns straight into the output pixels
+        row_t = x.new_empty((tile, t, b, n, cols, k))
+        transform_output(list(products), list(row_t))
+        for r in range(tile):
+            transform_output(list(row_t[r]), [out_tiles[:, r0:r0 + n, r, :, j] for j in range(tile)])
+    return out.permute(0, 3, 1, 2)
+
+
+def _check_winograd(name: str, tile: int, x: torch.Tensor, weight: torch.Tensor) -> None:
+    _, c, height, width = x.shape
+    if height % tile or width % tile:
+        raise ValueError(f"x: {name} needs height and width divisible by {tile}, got {height}x{width}")
+    if weight.shape[1:] != (c, 3, 3):
+        raise ValueError(f"weight: expected shape (K, {c}, 3, 3) for x with {c} channels, got {tuple(weight.shape)}")
 
 
 def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` for even H and W by Winograd F(2x2, 3x3); returns a
-    channels-last (B, K, H, W) tensor. Inference only (it writes into buffers with ``out=``).
+    channels-last (B, K, H, W) tensor. Inference only (it writes into buffers with ``out=``). The kernel is
+    transformed on every call (no second copy is kept)."""
+    _check_winograd("winograd_conv3x3", 2, x, weight)
+    return _winograd_bands(x, weight, bias, _winograd_kernel(weight), 2, _winograd23_input, _winograd23_output,
+                           _WINOGRAD_TILES_PER_CHUNK)
 
-    The image is processed in bands of tile rows, so that the transformed input (4x the band's pixels)
-    and the GEMM output stay small; the kernel is transformed on every call (no second copy is kept).
+
+def _reusable_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A buffer kept across calls: a normal tensor even when first needed under ``torch.inference_mode``, where
+    an inference tensor could not be written to by later calls outside it."""
+    with torch.inference_mode(False):
+        return torch.empty(numel, dtype=dtype)
+
+
+_kernel_scratch = threading.local()  # per thread: the transformed kernel of the F(4x4, 3x3) layer running now
+
+
+def _winograd43_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """:func:`_winograd_kernel` for F(4x4, 3x3), in a per-thread buffer that every layer reuses.
+
+    The transformed kernel is 4x the layer's weights: a fresh one per call would be served by ``mmap`` and
+    fault its pages in again on every call, which made the transform several times slower (see
+    :func:`float_weight`). The buffer is as large as the largest layer's transformed kernel.
     """
-    b, c, height, width = x.shape
-    if height % 2 or width % 2:
-        raise ValueError(f"x: winograd_conv3x3 needs even height and width, got {height}x{width}")
-    if weight.shape[1:] != (c, 3, 3):
-        raise ValueError(f"weight: expected shape (K, {c}, 3, 3) for x with {c} channels, got {tuple(weight.shape)}")
-    k = weight.shape[0]
-    rows, cols = height // 2, width // 2  # output tiles of 2x2 pixels
-    band = max(1, min(rows, _WINOGRAD_TILES_PER_CHUNK // (b * cols)))  # tile rows per chunk
-    kernel = _winograd_kernel(weight)
-    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # (B, H+2, W+2, C)
-    out = torch.empty((b, height, width, k), dtype=x.dtype, device=x.device)
-    out_tiles = out.view(b, rows, 2, cols, 2, k)
-    for r0 in range(0, rows, band):
-        n = min(band, rows - r0)
-        # per-band buffers stay under glibc's mmap threshold, so they are recycled without page faults
-        col_t = x.new_empty((4, b, 2 * n + 2, cols, c))
-        tiles = x.new_empty((4, 4, b, n, cols, c))
-        src = padded[:, 2 * r0:2 * r0 + 2 * n + 2]  # the band's padded rows, overlapping by 2
-        # input transform B^T d B, separable: along columns (tiles overlap by two pixels) then rows
-        c0, c1, c2, c3 = (src[:, :, j:j + 2 * cols:2] for j in range(4))
-        torch.sub(c0, c2, out=col_t[0])
-        torch.add(c1, c2, out=col_t[1])
-        torch.sub(c2, c1, out=col_t[2])
-        torch.sub(c1, c3, out=col_t[3])
-        d0, d1, d2, d3 = (col_t[:, :, j:j + 2 * n:2] for j in range(4))
-        torch.sub(d0, d2, out=tiles[0])
-        torch.add(d1, d2, out=tiles[1])
-        torch.sub(d2, d1, out=tiles[2])
-        torch.sub(d1, d3, out=tiles[3])
-        products = torch.bmm(tiles.view(16, -1, c), kernel).view(4, 4, b, n, cols, k)
-        if bias is not None:
-            products[1, 1] += bias  # A^T m A adds the (1, 1) entry to all four outputs
-        # output transform A^T m A: along rows, then columns straight into the output pixels
-        for r, row in enumerate((products[0] + products[1] + products[2], products[1] - products[2] - products[3])):
-            torch.add(row[0], row[1], out=out_tiles[:, r0:r0 + n, r, :, 0]).add_(row[2])
-            torch.sub(row[1], row[2], out=out_tiles[:, r0:r0 + n, r, :, 1]).sub_(row[3])
-    return out.permute(0, 3, 1, 2)
+    k, c = weight.shape[:2]
+    if not (weight.device.type == "cpu" and _inference(weight, weight)):
+        return _winograd_kernel(weight, _WINOGRAD43_G)
+    g = torch.tensor(_WINOGRAD43_G, dtype=weight.dtype)
+    gg = torch.einsum("ai,bj->abij", g, g).reshape(36, 9)
+    buffer = getattr(_kernel_scratch, "buffer", None)
+    if buffer is None or buffer.dtype != weight.dtype or buffer.numel() < 36 * c * k:
+        buffer = _kernel_scratch.buffer = None  # free the old one first
+        buffer = _kernel_scratch.buffer = _reusable_buffer(36 * c * k, weight.dtype)
+    kernel = buffer[:36 * c * k].view(k, 36, c)
+    torch.matmul(gg, weight.permute(0, 2, 3, 1).reshape(k, 9, c), out=kernel)
+    return kernel.permute(1, 2, 0)
+
+
+def _winograd43_input(d: list[torch.Tensor], out: torch.Tensor) -> None:
+    """``out[i] = sum_j B^T[i, j] d[j]`` for F(4x4, 3x3)'s B^T, in 12 elementwise passes (shared terms)."""
+    torch.add(d[4], d[0], alpha=4, out=out[0]).add_(d[2], alpha=-5)  # 4 d0 - 5 d2 + d4
+    torch.add(d[5], d[1], alpha=4, out=out[5]).add_(d[3], alpha=-5)  # 4 d1 - 5 d3 + d5
+    torch.add(d[4], d[2], alpha=-4, out=out[1])  # (d4 - 4 d2) +- (d3 - 4 d1)
+    torch.add(d[3], d[1], alpha=-4, out=out[2])
+    out[1].add_(out[2])
+    torch.add(out[1], out[2], alpha=-2, out=out[2])
+    torch.sub(d[4], d[2], out=out[3])  # (d4 - d2) +- 2 (d3 - d1)
+    torch.sub(d[3], d[1], out=out[4])
+    out[3].add_(out[4], alpha=2)
+    torch.add(out[3], out[4], alpha=-4, out=out[4])
+
+
+def _winograd43_output(m: list[torch.Tensor], out: list[torch.Tensor]) -> None:
+    """``out[i] = sum_j A^T[i, j] m[j]`` for F(4x4, 3x3)'s A^T, in 10 elementwise passes (shared terms)."""
+    torch.add(m[1], m[2], out=out[0])  # s = m1 + m2, t = m3 + m4: out0 = m0 + s + t, out2 = s + 4 t
+    torch.add(m[3], m[4], out=out[2])
+    out[0].add_(out[2])
+    torch.add(out[0], out[2], alpha=3, out=out[2])
+    out[0].add_(m[0])
+    torch.sub(m[1], m[2], out=out[1])  # u = m1 - m2, v = m3 - m4: out1 = u + 2 v, out3 = u + 8 v + m5
+    torch.sub(m[3], m[4], out=out[3])
+    out[1].add_(out[3], alpha=2)
+    torch.add(out[1], out[3], alpha=6, out=out[3]).add_(m[5])
+
+
+def winograd43_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` for H and W divisible by 4 by Winograd F(4x4, 3x3); returns a
+    channels-last (B, K, H, W) tensor. Inference only (it writes into buffers with ``out=``). The kernel is
+    transformed on every call, into a buffer that every layer reuses (:func:`_winograd43_kernel`)."""
+    _check_winograd("winograd43_conv3x3", 4, x, weight)
+    return _winograd_bands(x, weight, bias, _winograd43_kernel(weight), 4, _winograd43_input, _winograd43_output,
+                           _WINOGRAD43_TILES_PER_CHUNK)
 
 
 def gemm_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -109,7 +213,7 @@ def gemm_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     windows = [padded[:, i:i + height, j:j + width] for i in range(3) for j in range(3)]
     columns = torch.cat(windows, dim=-1).view(b * height * width, 9 * c)  # (B*H*W, [kh, kw, C])
     kernel = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], 9 * c)  # a view when channels-last
-    out = columns @ kernel.t() if bias is None else torch.addmm(bias, columns, kernel.t())  # (B*H*W, K)
+    out = onednn_linear(columns, kernel, bias)  # (B*H*W, K); oneDNN's GEMM is the faster for these shapes
     return out.view(b, height, width, -1).permute(0, 3, 1, 2)
 
 
@@ -123,11 +227,13 @@ def _is_same_padding_3x3(conv: nn.Conv2d) -> bool:
 
 
 class Conv3x3(FastModule, nn.Conv2d):
-    """``nn.Conv2d(C, K, 3, padding=1)`` with two faster CPU paths (channels-last outputs):
+    """``nn.Conv2d(C, K, 3, padding=1)`` with faster CPU paths (channels-last outputs):
 
-    * float32 maps of at least ``WINOGRAD_MIN_PIXELS`` with even sides and at least
-      ``WINOGRAD_MIN_CHANNELS`` input and output channels, without autograd: :func:`winograd_conv3x3`;
-    * maps of at most ``GEMM_MAX_PIXELS``: :func:`gemm_conv3x3`.
+    * maps of at most ``GEMM_MAX_PIXELS``, without autograd: :func:`gemm_conv3x3`;
+    * float32 maps without autograd, of at least ``WINOGRAD43_MIN_PIXELS`` with sides divisible by 4 and at least
+      ``WINOGRAD43_MIN_CHANNELS`` input and output channels: :func:`winograd43_conv3x3`;
+    * else float32 maps without autograd, of at least ``WINOGRAD_MIN_PIXELS`` with even sides and at least
+      ``WINOGRAD_MIN_CHANNELS`` input and output channels: :func:`winograd_conv3x3`.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,10 +246,21 @@ class Conv3x3(FastModule, nn.Conv2d):
             return self._conv_forward(x, weight, bias)
         if height * width <= GEMM_MAX_PIXELS:
             return gemm_conv3x3(x, weight, bias)
-        if (x.dtype == torch.float32 and height * width >= WINOGRAD_MIN_PIXELS and height % 2 == 0 and width % 2 == 0
-                and min(c, self.out_channels) >= WINOGRAD_MIN_CHANNELS and _inference(x, weight)):
-            return winograd_conv3x3(x, weight, bias)
-        return self._conv_forward(x, weight, bias)
+        winograd = self._winograd(x) if x.dtype == torch.float32 and _inference(x, weight) else None
+        if winograd is None:
+            return self._conv_forward(x, weight, bias)
+        return winograd(x, weight, bias)
+
+    def _winograd(self, x: torch.Tensor):
+        _, c, height, width = x.shape
+        channels = min(c, self.out_channels)
+        if (height * width >= WINOGRAD43_MIN_PIXELS and height % 4 == 0 and width % 4 == 0
+                and channels >= WINOGRAD43_MIN_CHANNELS):
+            return winograd43_conv3x3
+        if (height * width >= WINOGRAD_MIN_PIXELS and height % 2 == 0 and width % 2 == 0
+                and channels >= WINOGRAD_MIN_CHANNELS):
+            return winograd_conv3x3
+        return None
 
 
 @functools.cache
@@ -234,7 +351,7 @@ def float_weight(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return weight.float()
     buffer = getattr(_scratch, "buffer", None)
     if buffer is None or buffer.numel() < weight.numel():
-        buffer = _scratch.buffer = torch.empty(weight.numel())
+        buffer = _scratch.buffer = _reusable_buffer(weight.numel(), torch.float32)
     return buffer[:weight.numel()].as_strided(weight.shape, weight.stride()).copy_(weight)
 
 
@@ -328,17 +445,22 @@ def optimize(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Swap the CPU kernels into every UNet, MoVQ and Prior in ``module`` (in place) for weights of ``dtype``;
     where :func:`native_half` says ``dtype`` is emulated, make every linear layer and convolution in
     ``module`` (text encoders included) compute in float32."""
+    onednn = dtype in onednn_dtypes() and native_half(dtype)
     for sub in module.modules():
         if isinstance(sub, (unet.ResBlock, movq.ResBlock)):
             for conv in (sub.conv1, sub.conv2):
                 if type(conv) is nn.Conv2d and _is_same_padding_3x3(conv):
                     swap(conv, Conv3x3)
-        if isinstance(sub, prior.Prior) and dtype in onednn_dtypes() and native_half(dtype):
+        if isinstance(sub, prior.Prior) and onednn:
             for layer in sub.modules():
                 if type(layer) is nn.Linear:
                     swap(layer, OneDNNLinear)
                 elif type(layer) is LastQueryBlock:
                     swap(layer, OneDNNLastQueryBlock)
+        if isinstance(sub, unet.Attention) and onednn:  # thousands of tokens by 768-1536 channels: oneDNN's shapes
+            for layer in (sub.qkv, sub.context_kv, sub.proj_out):
+                if type(layer) is nn.Linear:
+                    swap(layer, OneDNNLinear)
     if not native_half(dtype):
         _upcast(module, dtype)
     return module

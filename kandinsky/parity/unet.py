@@ -97,7 +97,7 @@ def original_fixture_output(name: str) -> tuple[torch.Tensor, torch.Tensor]:
 def diffusers_rows(name: str, config: UNetConfig, label: str = "full config",
                    sizes: tuple[tuple[int, int], ...] = ((32, 32), (24, 40))) -> Iterator[Row]:
     """``config`` against diffusers at each latent size, batch 2: our plain model, then ours as the pipeline
-    runs it on CPU (``ops.optimize``: at full size Winograd convolutions at 32x32, GEMM ones on small maps)."""
+    runs it on CPU (``ops.optimize``: at full size Winograd convolutions from 24x24, GEMM ones on small maps)."""
     theirs, ours = diffusers_unet(config)
     batches = [inputs(config, height=height, width=width) for height, width in sizes]
     with torch.no_grad():
