@@ -207,6 +207,19 @@ def test_onednn_linear_matches_f_linear():
         torch.testing.assert_close(onednn_linear(*half), F.linear(*half), rtol=0, atol=0)
 
 
+@onednn
+def test_onednn_linear_compiles_to_the_same_call():
+    # inductor cannot lower oneDNN's linear on an unpacked weight: under torch.compile it is an opaque op,
+    # so the compiled function runs the very same kernel as eager (bitwise equal)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 81, 64, generator=generator)
+    weight, bias = torch.randn(96, 64, generator=generator) / 8, torch.randn(96, generator=generator)
+    torch._dynamo.reset()
+    compiled = torch.compile(onednn_linear, backend="inductor", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, weight, bias), onednn_linear(x, weight, bias), rtol=0, atol=0)
+
+
 @pytest.mark.skipif(torch.bfloat16 not in onednn_dtypes(), reason="this CPU has no oneDNN bfloat16 linear")
 def test_onednn_linear_bfloat16():
     generator = torch.Generator().manual_seed(0)

@@ -263,21 +263,45 @@ class Conv3x3(FastModule, nn.Conv2d):
         return None
 
 
-@functools.cache
-def onednn_dtypes() -> tuple[torch.dtype, ...]:
-    """The dtypes oneDNN's linear kernel runs on this CPU: none without the kernel in this torch build;
-    bfloat16 needs AVX-512 BF16 (or AMX), without which oneDNN cannot build a bfloat16 primitive at all."""
+def _detect_onednn_dtypes() -> tuple[torch.dtype, ...]:
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return ()
     return (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
 
 
+# Read by onednn_linear as a constant (torch.compile cannot trace the detection)
+_ONEDNN_DTYPES = _detect_onednn_dtypes()
+
+
+def onednn_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes oneDNN's linear kernel runs on this CPU: none without the kernel in this torch build;
+    bfloat16 needs AVX-512 BF16 (or AMX), without which oneDNN cannot build a bfloat16 primitive at all."""
+    return _ONEDNN_DTYPES
+
+
+def _onednn_linear_eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+
+
+# The same call as an opaque custom op for torch.compile (eager calls skip its ~20 us of dispatch)
+_onednn_linear = torch.library.custom_op("kandinsky::onednn_linear", mutates_args=())(_onednn_linear_eager)
+
+
+@_onednn_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear`` through oneDNN instead of MKL where that applies (CPU, no autograd, a dtype of
-    :func:`onednn_dtypes`), ``F.linear`` otherwise. Same GEMM: the results differ in summation order only."""
-    if (x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in onednn_dtypes()
+    :func:`onednn_dtypes`), ``F.linear`` otherwise. Same GEMM: the results differ in summation order only.
+    Under ``torch.compile`` it is one opaque custom op: inductor cannot lower oneDNN's op on a weight it did
+    not pack itself, and this way a compiled model keeps the eager model's numbers."""
+    if (x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in _ONEDNN_DTYPES
             and _inference(x, weight)):
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+        if torch.compiler.is_compiling():
+            return _onednn_linear(x, weight, bias)
+        return _onednn_linear_eager(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
