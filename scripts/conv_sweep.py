@@ -1,11 +1,11 @@
 """Time the CPU paths of the residual blocks' 3x3 convolutions on every shape of the official UNet (batch 2,
 64x64 and 96x96 latents) and MoVQ (batch 1, 512 px decode and encode): oneDNN's direct convolution
-(``F.conv2d`` on channels-last tensors), Winograd F(2x2, 3x3) and F(4x4, 3x3), the median of several calls
-each, interleaved; with each fast path's error against a float64 direct convolution (on a band of output
+(``F.conv2d`` on channels-last tensors), the GEMM path (maps of at most ``cpu.GEMM_MAX_PIXELS``), Winograd
+F(2x2, 3x3) and F(4x4, 3x3), the median of several calls each, interleaved; with each fast path's error against a float64 direct convolution (on a band of output
 rows that includes the image border), relative to the output scale.
 
 The shapes come from a forward pass of the full-size models on the meta device (no weights, no memory).
-``python scripts/conv_sweep.py [--threads 2] [--calls 5] [--only unet64,movq_decode] [--band 256]``;
+``python scripts/conv_sweep.py [--threads 2] [--calls 5] [--only unet64,movq_decode] [--band 256] [--min-pixels N]``;
 ``--band`` sets F(4x4, 3x3)'s GEMM rows per chunk (``cpu._WINOGRAD43_TILES_PER_CHUNK``).
 """
 
@@ -75,6 +75,8 @@ def relative_error(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bia
 
 def paths(height: int, width: int) -> dict:
     found = {"direct": lambda x, w, b: F.conv2d(x, w, b, padding=1)}
+    if height * width <= cpu.GEMM_MAX_PIXELS:
+        found["GEMM"] = cpu.gemm_conv3x3
     if height % 2 == 0 and width % 2 == 0:
         found["F(2,3)"] = cpu.winograd_conv3x3
     if height % 4 == 0 and width % 4 == 0:
@@ -105,8 +107,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=5, help="timed calls per path and shape (median)")
     parser.add_argument("--only", default="", help="comma-separated models: unet64, unet96, movq_decode, movq_encode")
     parser.add_argument("--band", type=int, default=None, help="F(4x4, 3x3) GEMM rows per chunk")
-    parser.add_argument("--min-pixels", type=int, default=cpu.GEMM_MAX_PIXELS + 1,
-                        help="skip smaller maps (they take the GEMM path)")
+    parser.add_argument("--min-pixels", type=int, default=1, help="skip smaller maps")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.band:
@@ -119,7 +120,7 @@ def main() -> None:
     done = {}
     for model in chosen:
         print(f"\n{model}: shape (B, C, K, H, W) x calls per forward")
-        print(f"{'shape':>28} {'n':>3} {'direct':>9} {'F(2,3)':>9} {'F(4,3)':>9} {'4,3/best':>8}"
+        print(f"{'shape':>28} {'n':>3} {'direct':>9} {'GEMM':>9} {'F(2,3)':>9} {'F(4,3)':>9} {'4,3/best':>8}"
               f" {'err F(2,3)':>10} {'err F(4,3)':>10}")
         totals = collections.Counter()
         for shape, count in sorted(models[model].items(), key=lambda item: (-item[0][3], item[0][1:3])):
@@ -130,10 +131,10 @@ def main() -> None:
             times, errors = done[shape]
             others = min(t for name, t in times.items() if name != "F(4,3)")
             totals["direct"] += count * times["direct"]
-            totals["best of direct, F(2,3)"] += count * others
+            totals["best of direct, GEMM, F(2,3)"] += count * others
             totals["best of all"] += count * min(times.values())
             cells = [f"{times[name] * 1e3:9.1f}" if name in times else f"{'-':>9}"
-                     for name in ("direct", "F(2,3)", "F(4,3)")]
+                     for name in ("direct", "GEMM", "F(2,3)", "F(4,3)")]
             ratio = f"{times['F(4,3)'] / others:8.2f}" if "F(4,3)" in times else f"{'-':>8}"
             errs = [f"{errors[name]:10.1e}" if name in errors else f"{'-':>10}" for name in ("F(2,3)", "F(4,3)")]
             print(f"{str(shape):>28} {count:3d} {' '.join(cells)} {ratio} {' '.join(errs)}", flush=True)

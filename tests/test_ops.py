@@ -155,7 +155,8 @@ def test_conv3x3_takes_winograd_only_from_the_channel_threshold(monkeypatch):
 
 
 @pytest.mark.parametrize("size, expected", [((24, 24), "winograd43"), ((32, 36), "winograd43"), ((32, 34), "winograd"),
-                                            ((26, 26), "direct"), ((16, 16), "gemm")])
+                                            ((26, 26), "direct"), ((16, 16), "winograd43"), ((12, 12), "gemm"),
+                                            ((12, 16), "gemm")])
 def test_conv3x3_takes_winograd43_for_sides_divisible_by_4(monkeypatch, size, expected):
     monkeypatch.setattr(cpu, "WINOGRAD_MIN_CHANNELS", 1)
     calls = []

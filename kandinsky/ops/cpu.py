@@ -42,13 +42,14 @@ _WINOGRAD_TILES_PER_CHUNK = 512  # GEMM rows per chunk: keeps the transform buff
 # per channel, outweigh the saved multiplications
 WINOGRAD_MIN_CHANNELS = 256
 WINOGRAD_MIN_PIXELS = 1024  # ... and from this many pixels (32x32)
-GEMM_MAX_PIXELS = 256  # maps of at most this many pixels (16x16) take the GEMM path
+GEMM_MAX_PIXELS = 256  # maps of at most this many pixels (16x16) that no Winograd path takes: the GEMM path
 _WINOGRAD43_TILES_PER_CHUNK = 256  # F(4x4, 3x3): GEMM rows per chunk
-# F(4x4, 3x3) from this many input and output channels and pixels (24x24), sides divisible by 4: it measured
-# faster than both oneDNN's direct convolution and F(2x2, 3x3) on every UNet and MoVQ shape from there
-# (128 channels at 512x512 only just); smaller maps take the GEMM path
+# F(4x4, 3x3) from this many input and output channels and pixels (16x16), sides divisible by 4: it measured
+# faster than oneDNN's direct convolution and F(2x2, 3x3) on every UNet and MoVQ shape from 24x24 (128
+# channels at 512x512 only just), and than the GEMM path on the UNet's 16x16 maps (0.6-0.7x its time on
+# most); on 8x8 maps the GEMM path is the faster, on 12x12 they are within ~10%
 WINOGRAD43_MIN_CHANNELS = 128
-WINOGRAD43_MIN_PIXELS = 576
+WINOGRAD43_MIN_PIXELS = 256
 
 
 # Winograd F(4x4, 3x3) (Lavin & Gray): 6x6 input tiles (stride 4), 36 channel GEMMs, 4x fewer multiplications
@@ -229,11 +230,11 @@ def _is_same_padding_3x3(conv: nn.Conv2d) -> bool:
 class Conv3x3(FastModule, nn.Conv2d):
     """``nn.Conv2d(C, K, 3, padding=1)`` with faster CPU paths (channels-last outputs):
 
-    * maps of at most ``GEMM_MAX_PIXELS``, without autograd: :func:`gemm_conv3x3`;
     * float32 maps without autograd, of at least ``WINOGRAD43_MIN_PIXELS`` with sides divisible by 4 and at least
       ``WINOGRAD43_MIN_CHANNELS`` input and output channels: :func:`winograd43_conv3x3`;
     * else float32 maps without autograd, of at least ``WINOGRAD_MIN_PIXELS`` with even sides and at least
-      ``WINOGRAD_MIN_CHANNELS`` input and output channels: :func:`winograd_conv3x3`.
+      ``WINOGRAD_MIN_CHANNELS`` input and output channels: :func:`winograd_conv3x3`;
+    * else maps of at most ``GEMM_MAX_PIXELS``: :func:`gemm_conv3x3`.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -244,12 +245,12 @@ class Conv3x3(FastModule, nn.Conv2d):
         _, c, height, width = x.shape
         if x.device.type != "cpu":
             return self._conv_forward(x, weight, bias)
+        winograd = self._winograd(x) if x.dtype == torch.float32 and _inference(x, weight) else None
+        if winograd is not None:
+            return winograd(x, weight, bias)
         if height * width <= GEMM_MAX_PIXELS:
             return gemm_conv3x3(x, weight, bias)
-        winograd = self._winograd(x) if x.dtype == torch.float32 and _inference(x, weight) else None
-        if winograd is None:
-            return self._conv_forward(x, weight, bias)
-        return winograd(x, weight, bias)
+        return self._conv_forward(x, weight, bias)
 
     def _winograd(self, x: torch.Tensor):
         _, c, height, width = x.shape
