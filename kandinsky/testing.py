@@ -49,3 +49,13 @@ def max_errors(ours: torch.Tensor, reference: torch.Tensor) -> tuple[float, floa
     diff = (ours.double() - reference.double()).abs().max().item()
     scale = reference.double().abs().max().item()
     return diff, diff / max(scale, 1e-12)
+
+
+def conv3x3_case(batch: int, channels: int, out_channels: int, height: int, width: int,
+                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A channels-last input, 3x3 kernel and bias with outputs of about unit scale, for the convolution paths."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, channels, height, width, generator=generator).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(out_channels, channels, 3, 3, generator=generator) / (3 * channels ** 0.5)
+    bias = torch.randn(out_channels, generator=generator)
+    return x, weight.contiguous(memory_format=torch.channels_last), bias

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from kandinsky.models import movq, unet
 from kandinsky.ops import cpu
+from kandinsky.testing import conv3x3_case
 
-CHANNELS_LAST = torch.channels_last
 REFERENCE_ROWS = 16  # output rows compared with the float64 convolution
 
 
@@ -57,15 +57,6 @@ def model_shapes() -> dict[str, collections.Counter]:
             "movq_encode": conv_shapes(movq_model, lambda model: model.encode(torch.randn(1, 3, 512, 512)))}
 
 
-def case(batch, channels, out_channels, height, width, seed=0):
-    """Random channels-last input, kernel and bias at unit output scale (as the tests' cases)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, channels, height, width, generator=g).contiguous(memory_format=CHANNELS_LAST)
-    weight = torch.randn(out_channels, channels, 3, 3, generator=g) / (3 * channels ** 0.5)
-    bias = torch.randn(out_channels, generator=g)
-    return x, weight.contiguous(memory_format=CHANNELS_LAST), bias
-
-
 def relative_error(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> float:
     """max |out - float64 direct| / max |float64 direct| over the first output rows (the top border included)."""
     rows = min(REFERENCE_ROWS, x.shape[2])
@@ -86,7 +77,7 @@ def paths(height: int, width: int) -> dict:
 
 def sweep(shape: tuple[int, ...], calls: int) -> tuple[dict[str, float], dict[str, float]]:
     """({path: median seconds}, {path: relative error}) for one convolution shape."""
-    x, weight, bias = case(*shape)
+    x, weight, bias = conv3x3_case(*shape)
     candidates = paths(*shape[3:])
     times = {name: [] for name in candidates}
     errors = {}

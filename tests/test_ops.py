@@ -22,7 +22,7 @@ from kandinsky.ops.generic import FastModule, LastQueryBlock, SubpixelUpsample, 
 from kandinsky.parity import movq as movq_parity
 from kandinsky.parity import prior as prior_parity
 from kandinsky.parity import unet as unet_parity
-from kandinsky.testing import max_errors, randomize_
+from kandinsky.testing import conv3x3_case, max_errors, randomize_
 
 ROOT = Path(__file__).resolve().parent.parent
 CHANNELS_LAST = torch.channels_last
@@ -42,14 +42,6 @@ def _run(component: str, model: nn.Module) -> list[torch.Tensor]:
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     return [model.encode(images), model.decode(latents)]
-
-
-def _case(batch, channels, out_channels, height, width, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, channels, height, width, generator=g).contiguous(memory_format=CHANNELS_LAST)
-    weight = torch.randn(out_channels, channels, 3, 3, generator=g) / (3 * channels ** 0.5)
-    bias = torch.randn(out_channels, generator=g)
-    return x, weight.contiguous(memory_format=CHANNELS_LAST), bias
 
 
 def _direct(x, weight, bias):
@@ -72,7 +64,7 @@ def _direct(x, weight, bias):
 ])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_fast_convolutions_match_the_direct_one(convolve, shape, bound, with_bias):
-    x, weight, bias = _case(*shape)
+    x, weight, bias = conv3x3_case(*shape)
     bias = bias if with_bias else None
     out = convolve(x, weight, bias)
     reference = _direct(x, weight, bias)
@@ -85,7 +77,7 @@ def test_reused_buffers_made_under_inference_mode_serve_later_calls(monkeypatch)
     must still be writable by a later call under no_grad (an inference tensor would not be)."""
     monkeypatch.setattr(cpu, "_kernel_scratch", cpu.threading.local())
     monkeypatch.setattr(cpu, "_scratch", cpu.threading.local())
-    x, weight, bias = _case(1, 8, 8, 8, 8)
+    x, weight, bias = conv3x3_case(1, 8, 8, 8, 8)
     with torch.inference_mode():
         first = winograd43_conv3x3(x, weight, bias).clone(), float_weight(weight.bfloat16(), x).clone()
     with torch.no_grad():
@@ -95,10 +87,10 @@ def test_reused_buffers_made_under_inference_mode_serve_later_calls(monkeypatch)
 
 @pytest.mark.parametrize("convolve, tile", [(winograd_conv3x3, 2), (winograd43_conv3x3, 4)])
 def test_winograd_rejects_sizes_off_the_tile_and_mismatched_kernels(convolve, tile):
-    x, weight, bias = _case(1, 4, 8, 2 * tile, 2 * tile + 1)
+    x, weight, bias = conv3x3_case(1, 4, 8, 2 * tile, 2 * tile + 1)
     with pytest.raises(ValueError, match=f"x: .*divisible by {tile}, got {2 * tile}x{2 * tile + 1}"):
         convolve(x, weight, bias)
-    x, weight, bias = _case(1, 4, 8, 2 * tile, 2 * tile)
+    x, weight, bias = conv3x3_case(1, 4, 8, 2 * tile, 2 * tile)
     with pytest.raises(ValueError, match="weight"):
         convolve(x, weight[:, :3], bias)
 
