@@ -27,7 +27,6 @@ import csv
 import dataclasses
 import datetime
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -35,11 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kandinsky.png import png_metadata, save_png
+from kandinsky.png import save_png
 
 TASKS = ("text2img", "img2img", "inpaint")
 PROMPT_SUFFIXES = (".txt", ".jsonl", ".csv")
-MASK_CONVENTIONS = ("repaint", "legacy")
 MANIFEST = "manifest.jsonl"
 PARTS = "manifest.parts"
 INDEX_DIGITS = 6  # 000000.png ...: names stay stable while a prompt file grows up to a million items
@@ -71,32 +69,34 @@ class Settings:
         if self.guidance is None:
             object.__setattr__(self, "guidance", 7.0 if self.task == "img2img" else 4.0)
 
+    def task_settings(self):
+        """The task's settings dataclass (:mod:`kandinsky.settings`): validated by the same code as the Python API
+        and the CLI; a ValueError names the prompt-file column."""
+        from kandinsky.settings import TASK_SETTINGS
+
+        cls = TASK_SETTINGS[self.task]
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{field: getattr(self, column) for column, field in FIELDS.items() if field in names})
+        except ValueError as error:
+            name, _, rest = str(error).partition(": ")
+            raise ValueError(f"{COLUMN.get(name, name)}: {rest}") from None
+
     def check(self) -> Settings:
         """These settings, or a ValueError naming the first bad field."""
-        from kandinsky.schedulers import SAMPLERS
-
         if self.task not in TASKS:
             raise ValueError(f"task: expected one of {list(TASKS)}, got {self.task!r}")
-        for name in ("steps", "prior_steps", "height", "width"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
-        for name in ("guidance", "prior_guidance", "strength"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name}: expected a finite number, got {value!r}")
-        if not 0 < self.strength <= 1:
-            raise ValueError(f"strength: expected a number in (0, 1], got {self.strength!r}")
-        samplers = [s for s in SAMPLERS if s != "unclip"]  # unclip is the prior's
-        if self.sampler not in samplers:
-            raise ValueError(f"sampler: expected one of {samplers}, got {self.sampler!r}")
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
             raise ValueError(f"negative_prompt: expected a string, got {self.negative_prompt!r}")
-        if self.mask_convention not in MASK_CONVENTIONS:
-            raise ValueError(f"mask_convention: expected one of {list(MASK_CONVENTIONS)}, got {self.mask_convention!r}")
+        self.task_settings()
         return self
 
 
+# the run's settings as prompt-file columns -> the fields of the task settings (kandinsky.settings)
+FIELDS = {"steps": "num_inference_steps", "guidance": "guidance_scale", "prior_steps": "prior_num_inference_steps",
+          "prior_guidance": "prior_guidance_scale", "height": "height", "width": "width", "sampler": "sampler",
+          "strength": "strength", "crop": "crop", "mask_convention": "mask_convention"}
+COLUMN = {field: column for column, field in FIELDS.items()}
 # a row may set these (types as in a JSON file; CSV cells are converted)
 ROW_SETTINGS = {"steps": int, "guidance": float, "prior_steps": int, "prior_guidance": float, "height": int,
                 "width": int, "sampler": str, "strength": float, "negative_prompt": str}
@@ -320,13 +320,9 @@ def generate(pipe, items: Sequence[Item], output_type: str = "pil"):
     # the original p_sampler thresholds the whole batch with the first image's x0 quantile: per image here, which
     # is the same for one image and keeps an image independent of its batch
     options = {"threshold": "per_sample"} if settings.sampler == "p_sampler" else None
-    common = dict(
-        negative_prompt=None if settings.negative_prompt is None else [i.settings.negative_prompt for i in items],
-        num_inference_steps=settings.steps, guidance_scale=settings.guidance,
-        prior_num_inference_steps=settings.prior_steps, prior_guidance_scale=settings.prior_guidance,
-        height=settings.height, width=settings.width, sampler=settings.sampler, crop=settings.crop,
-        sampler_options=options, output_type=output_type,
-        generator=[torch.Generator().manual_seed(item.seed) for item in items])
+    common = dict(settings.task_settings().kwargs(), sampler_options=options, output_type=output_type,
+                  generator=[torch.Generator().manual_seed(item.seed) for item in items])
+    negatives = None if settings.negative_prompt is None else [i.settings.negative_prompt for i in items]
     prompts = [item.prompt for item in items]
 
     def read(file: Path, mode: str):
@@ -334,22 +330,24 @@ def generate(pipe, items: Sequence[Item], output_type: str = "pil"):
             return image.convert(mode)
 
     if settings.task == "text2img":
-        return pipe.text2img(prompts, **common)
+        return pipe.text2img(prompts, negatives, **common)
     images = [read(item.image, "RGB") for item in items]
     if settings.task == "img2img":
-        return pipe.img2img(prompts, images, strength=settings.strength, **common)
+        return pipe.img2img(prompts, images, negative_prompt=negatives, **common)
     masks = [read(item.mask, "L") for item in items]
-    return pipe.inpaint(prompts, images, masks, mask_convention=settings.mask_convention, **common)
+    return pipe.inpaint(prompts, images, masks, negatives, **common)
 
 
 # ------------------------------------------------------------------------------------------- files
 
 
-def item_settings(item: Item, run_info: dict) -> dict:
-    """What the PNG's ``settings`` chunk and the manifest record say about how ``item`` was made."""
-    return {**run_info, **dataclasses.asdict(item.settings), "seed": item.seed, "id": item.id,
-            "image": None if item.image is None else str(item.image),
-            "mask": None if item.mask is None else str(item.mask)}
+def item_settings(item: Item, image_settings: dict, run_info: dict) -> dict:
+    """What the PNG's ``settings`` chunk and the manifest record say about how ``item`` was made: the pipeline's
+    (``image_settings``, :mod:`kandinsky.png`'s schema) and, under ``"batch"``, the item's place in the run."""
+    place = {"id": item.id, "index": item.index, "line": item.line,
+             "image": None if item.image is None else str(item.image),
+             "mask": None if item.mask is None else str(item.mask)}
+    return {**image_settings, "batch": {**run_info, **place}}
 
 
 def finished(item: Item, folder: Path) -> bool:
@@ -370,14 +368,16 @@ def finished(item: Item, folder: Path) -> bool:
         recorded = json.loads(text.get("settings", "{}"))
     except json.JSONDecodeError:
         recorded = {}
-    expected = {"prompt": item.prompt, "seed": str(item.seed), **dataclasses.asdict(item.settings)}
-    found = {"prompt": text.get("prompt"), "seed": text.get("seed"), **{k: recorded.get(k) for k in expected
-                                                                         if k not in ("prompt", "seed")}}
+    recorded = recorded if isinstance(recorded, dict) else {}
+    expected = {"prompt": item.prompt, "seed": str(item.seed), "negative_prompt": item.settings.negative_prompt,
+                **item.settings.task_settings().recorded()}
+    found = {"prompt": text.get("prompt"), "seed": text.get("seed"), "negative_prompt": text.get("negative_prompt"),
+             **{k: recorded.get(k) for k in expected if k not in ("prompt", "seed", "negative_prompt")}}
     different = [k for k in expected if found[k] != expected[k]]
     if different:
         key = different[0]
-        raise ValueError(f"{path} was made from another item or settings ({key}: {found[key]!r} there, "
-                         f"{expected[key]!r} now); use another --output folder or delete it")
+        raise ValueError(f"{path} was made from another item or settings ({COLUMN.get(key, key)}: {found[key]!r} "
+                         f"there, {expected[key]!r} now); use another --output folder or delete it")
     return True
 
 
@@ -426,13 +426,14 @@ class Summary:
 def run(items: Sequence[Item], output: str | os.PathLike, load_pipeline: Callable[[], Any], *, batch_size: int = 1,
         processes=None, run_info: dict | None = None, progress: bool = False) -> Summary:
     """Generate the images of ``items`` that ``output`` lacks, this process's share of them when ``processes``
-    (:func:`kandinsky.training.distributed.start`) holds several: batch ``k`` of :func:`batches` goes to rank
+    (:func:`kandinsky.distributed.start`) holds several: batch ``k`` of :func:`batches` goes to rank
     ``k % world_size``. ``load_pipeline()`` is called once, only if there is something to generate. ``run_info``
-    (weights, dtype, ...) goes into every PNG's settings and manifest record. Rank 0 merges the manifest once
+    (the command, prompt file, device, ...) goes into every PNG's settings and manifest record, under
+    ``"batch"`` beside the item's place in the run. Rank 0 merges the manifest once
     every process has finished; only rank 0 shows a progress bar (of its own share)."""
     from tqdm.auto import tqdm
 
-    from kandinsky.training.distributed import Processes
+    from kandinsky.distributed import Processes
 
     processes = processes or Processes()
     output = Path(output)
@@ -456,7 +457,7 @@ def run(items: Sequence[Item], output: str | os.PathLike, load_pipeline: Callabl
             for item, image in zip(batch, images):
                 if item not in missing:
                     continue
-                settings = item_settings(item, run_info or {})
+                settings = item_settings(item, json.loads(image.info["settings"]), run_info or {})
                 record = {"index": item.index, "id": item.id, "file": item.file, "line": item.line,
                           "prompt": item.prompt, "negative_prompt": item.settings.negative_prompt, "seed": item.seed,
                           "settings": settings, "seconds": round(seconds, 4), "batch_size": len(batch),
@@ -464,8 +465,8 @@ def run(items: Sequence[Item], output: str | os.PathLike, load_pipeline: Callabl
                           "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
                 with open(part, "a", encoding="utf-8") as handle:  # before the PNG: a finished image has a record
                     handle.write(json.dumps(record, sort_keys=True, default=str) + "\n")
-                save_png(image, output / item.file, png_metadata(item.prompt, item.seed, item.index, settings,
-                                                                 item.settings.negative_prompt))
+                info = {**image.info, "image_index": str(item.index), "settings": json.dumps(settings, sort_keys=True, default=str)}
+                save_png(image, output / item.file, info)  # kandinsky.png's schema, with the item's place
                 summary.written += 1
                 bar.update(1)
         bar.close()

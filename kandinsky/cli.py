@@ -241,7 +241,7 @@ def _batch_parser(commands) -> None:
 
 def _batch(args) -> int:
     from kandinsky import batch
-    from kandinsky.training.distributed import start
+    from kandinsky.distributed import start
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
@@ -252,8 +252,8 @@ def _batch(args) -> int:
     items = batch.read_prompt_file(args.prompts, settings, seed=args.seed)  # every row checked before any work
     processes = start(args.device)
     try:
-        run_info = {"command": "batch", "prompts": args.prompts, "weights": args.weights, "revision": args.revision,
-                    "dtype": args.dtype, "device": processes.device.type, "batch_size": args.batch_size}
+        run_info = {"command": "batch", "prompts": args.prompts, "device": processes.device.type,
+                    "batch_size": args.batch_size}
         options = argparse.Namespace(**{**vars(args), "device": str(processes.device), "no_progress": True})
         summary = batch.run(items, args.output, lambda: _pipeline(options), batch_size=args.batch_size,
                             processes=processes, run_info=run_info, progress=not args.no_progress)
@@ -493,8 +493,7 @@ def _export(args) -> int:
         from kandinsky.hub import resolve
 
         model = resolve(args.weights, revision=args.revision, cache_dir=args.cache_dir)[component].load()
-    # plain NCHW kernels: the memory-mapped channels-last views would be saved as views of the whole file
-    model = model.to(getattr(torch, args.dtype), memory_format=torch.contiguous_format)
+    model = model.to(getattr(torch, args.dtype))
     print(export(args.target, model, output, format=format, overwrite=args.overwrite))
     return 0
 
@@ -557,13 +556,36 @@ def _pipeline(args):
                                        offload="sequential" if args.offload else None, progress=not args.no_progress)
 
 
-def _metadata(args, seed: int, index: int):
-    from kandinsky.png import png_metadata
+# the settings' fields (kandinsky.settings) as the generating commands spell them
+FLAGS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "prior_num_inference_steps": "--prior-steps",
+         "prior_guidance_scale": "--prior-guidance", "num_images_per_prompt": "--num-images", "height": "--height",
+         "width": "--width", "sampler": "--sampler", "strength": "--strength", "mask_convention": "--legacy-mask",
+         "crop": "--crop"}
 
-    settings = {k: v for k, v in vars(args).items() if k not in ("output", "overwrite", "no_progress", "grid")}
-    settings["seed"] = seed
-    prompt = getattr(args, "prompt", None) or " | ".join(getattr(args, "items", []))
-    return png_metadata(prompt, seed, index, settings, args.negative_prompt)
+
+def task_settings(args):
+    """The command's settings (:mod:`kandinsky.settings`), validated by the same code as the Python API: a bad
+    value is a :class:`UsageError` naming the flag."""
+    from kandinsky.settings import TASK_SETTINGS
+
+    task = {"generate": "text2img"}.get(args.command, args.command)
+    values = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height, width=args.width,
+                  num_images_per_prompt=args.num_images, sampler=args.sampler, crop=args.crop,
+                  prior_num_inference_steps=args.prior_steps, prior_guidance_scale=args.prior_guidance)
+    if task == "img2img":
+        values["strength"] = args.strength
+    if task == "inpaint":
+        values["mask_convention"] = "legacy" if args.legacy_mask else "repaint"
+    try:
+        return TASK_SETTINGS[task](**values)
+    except ValueError as error:
+        raise UsageError(_flag_message(str(error))) from None
+
+
+def _flag_message(message: str) -> str:
+    """A settings error ("num_inference_steps: expected ...") in the command's words ("--steps: expected ...")."""
+    name, _, rest = message.partition(": ")
+    return f"{FLAGS[name]}: {rest}" if name in FLAGS else message
 
 
 def _run(args, parser: argparse.ArgumentParser) -> int:
@@ -571,12 +593,7 @@ def _run(args, parser: argparse.ArgumentParser) -> int:
 
     from kandinsky.png import save_png
 
-    for name in ("steps", "prior_steps", "num_images"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
-    for name in ("height", "width"):
-        if not 1 <= getattr(args, name) <= MAX_IMAGE_SIDE:
-            parser.error(f"--{name}: expected an integer in [1, {MAX_IMAGE_SIDE}], got {getattr(args, name)}")
+    settings = task_settings(args)  # every argument error before any model work and before a seed is printed
     if args.command == "mix" and args.ratios is not None and len(args.ratios) != len(args.items):
         parser.error(f"--ratios: expected one weight per item ({len(args.items)}), got {len(args.ratios)}")
     outputs = _outputs(args.output, args.num_images)
@@ -595,27 +612,22 @@ def _run(args, parser: argparse.ArgumentParser) -> int:
     generator = torch.Generator().manual_seed(seed)
 
     pipe = _pipeline(args)
-    common = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
-                  width=args.width, num_images_per_prompt=args.num_images, generator=generator,
-                  sampler=args.sampler, crop=args.crop, prior_num_inference_steps=args.prior_steps,
-                  prior_guidance_scale=args.prior_guidance)
+    common = dict(generator=generator, **settings.kwargs())
     if args.command == "generate":
-        images = pipe.text2img(args.prompt, negative_prompt=args.negative_prompt, **common)
+        images = pipe.text2img(args.prompt, args.negative_prompt, **common)
     elif args.command == "img2img":
-        images = pipe.img2img(args.prompt, image, strength=args.strength, negative_prompt=args.negative_prompt,
-                              **common)
+        images = pipe.img2img(args.prompt, image, negative_prompt=args.negative_prompt, **common)
     elif args.command == "inpaint":
-        images = pipe.inpaint(args.prompt, image, mask, negative_prompt=args.negative_prompt,
-                              mask_convention="legacy" if args.legacy_mask else "repaint", **common)
+        images = pipe.inpaint(args.prompt, image, mask, args.negative_prompt, **common)
     else:
         images = pipe.mix(items, ratios, negative_prompt=args.negative_prompt or "", **common)
 
-    for index, (picture, path) in enumerate(zip(images, outputs)):
-        save_png(picture, path, _metadata(args, seed, index))
+    for picture, path in zip(images, outputs):
+        save_png(picture, path)  # the pipeline's metadata (kandinsky.png), as in Python
         print(path)
     if grid is not None:
         inputs = [i for i in items if not isinstance(i, str)]
-        save_png(_grid(inputs, images), grid, _metadata(args, seed, 0))
+        save_png(_grid(inputs, images), grid, images[0].info)
         print(grid)
     return 0
 

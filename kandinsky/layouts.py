@@ -124,20 +124,25 @@ def _lora_layers(module: nn.Module) -> dict[str, nn.Module]:
 def _state(module: nn.Module, lora: str) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
     """(our plain state dict, adapters). LoRA layers become plain weights: fused with their adapters
     (``lora="fuse"``), or the base weights with the adapters returned as {path: (lora_A, lora_B, scaling)}."""
-    from kandinsky.lora import ADAPTER
+    from kandinsky.lora import adapter_names, delta_weight
 
     state = dict(module.state_dict())
     adapters = {}
+    names = adapter_names(module)
+    if lora == "separate" and len(names) > 1:
+        raise ValueError(f"module: {len(names)} LoRA adapters; lora='separate' writes one adapter file per model "
+                         "(fuse them, or load one adapter)")
     for path, wrapped in _lora_layers(module).items():
         for key in [k for k in state if k.startswith(f"{path}.")]:
             del state[key]
         base = wrapped.get_base_layer()
         weight = base.weight.detach()
         if lora == "fuse":
-            weight = (weight.float() + wrapped.get_delta_weight(ADAPTER).float()).to(weight.dtype)
+            weight = (weight.float() + delta_weight(wrapped)).to(weight.dtype)
         else:
-            adapters[path] = (wrapped.lora_A[ADAPTER].weight.detach(), wrapped.lora_B[ADAPTER].weight.detach(),
-                              float(wrapped.scaling[ADAPTER]))
+            name = names[0]
+            adapters[path] = (wrapped.lora_A[name].weight.detach(), wrapped.lora_B[name].weight.detach(),
+                              float(wrapped.scaling[name]))
         state[f"{path}.weight"] = weight
         if base.bias is not None:
             state[f"{path}.bias"] = base.bias.detach()

@@ -55,7 +55,9 @@ FORMAT = "kandinsky21"
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 BASE_FILE = "base.json"
-CHANNELS_LAST_KEY = "channels_last"  # safetensors metadata: JSON list of the kernels stored as (O, kh, kw, I)
+# safetensors metadata of files written by earlier versions, which stored kernels physically channels-last: a JSON
+# list of the kernels stored as (O, kh, kw, I). Read only, to load those files; never written.
+CHANNELS_LAST_KEY = "channels_last"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # how each component of the pipeline is stored in our layout
 KINDS = {**{name: "converted" for name in CONVERTED}, "mclip": "mclip", "clip_text": "transformers",
@@ -319,40 +321,35 @@ def save_converted(module: nn.Module, component: str, folder: str | os.PathLike,
                    source_info: dict | None = None) -> Path:
     """Write ``module`` as ``folder/model.safetensors`` + ``folder/config.json`` with :func:`atomic_folder`.
 
-    Every 4-D floating-point tensor (a convolution kernel) is stored in channels-last byte order, as
-    (O, kh, kw, I), whatever its memory format here; :func:`load_converted` hands it back as a channels-last
-    (O, I, kh, kw) view of the memory-mapped file.
+    The file holds ``module.state_dict()`` as it is: every tensor contiguous, in the module's own shape
+    (a convolution kernel as (O, I, kh, kw), whatever its memory format here), so a saved pipeline and a
+    training checkpoint share one format. Physical layouts (channels-last kernels, pre-transformed weights)
+    are never stored: :func:`kandinsky.ops.optimize` applies them after :func:`load_converted`.
     """
     meta = {"format": FORMAT, "component": component, "config": config_to_dict(module.config), "source": source_info}
 
     def write(temporary: Path) -> None:
-        state, channels_last = _file_layout(module.state_dict())
-        save_file(state, str(temporary / MODEL_FILE),
-                  metadata={"format": FORMAT, "component": component, CHANNELS_LAST_KEY: json.dumps(channels_last)})
+        save_file(_file_tensors(module.state_dict()), str(temporary / MODEL_FILE),
+                  metadata={"format": FORMAT, "component": component})
         (temporary / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     return atomic_folder(folder, write, overwrite=overwrite, component=component)
 
 
-def _file_layout(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The tensors as the file stores them (contiguous), and the keys of the kernels stored as (O, kh, kw, I).
-
-    Kernels in channels-last order are the same bytes (no copy); the others are copied once here, so that
-    every model gets channels-last kernels straight from the file.
-    """
-    state, channels_last = {}, []
-    for key, tensor in state_dict.items():
-        tensor = tensor.detach()
-        if tensor.ndim == 4 and tensor.is_floating_point():
-            tensor = tensor.permute(0, 2, 3, 1)
-            channels_last.append(key)
-        state[key] = tensor.contiguous()
-    return state, channels_last
+def _file_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors as a file stores them: detached, contiguous (a copy only of those that are not, such as
+    channels-last kernels), in their state-dict shapes."""
+    return {key: tensor.detach().contiguous() for key, tensor in state_dict.items()}
 
 
 def _channels_last_keys(path: Path) -> list[str]:
+    """The kernels a file written by an earlier version stores as (O, kh, kw, I) (:data:`CHANNELS_LAST_KEY`);
+    none in the files written now."""
     with safe_open(str(path), framework="pt") as file:
-        return json.loads((file.metadata() or {}).get(CHANNELS_LAST_KEY, "[]"))
+        keys = json.loads((file.metadata() or {}).get(CHANNELS_LAST_KEY, "[]"))
+    if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
+        raise TypeError(f"expected a JSON list of tensor names, got {keys!r}")
+    return keys
 
 
 def is_converted(folder: str | os.PathLike) -> bool:
@@ -369,10 +366,13 @@ def load_converted(folder: str | os.PathLike, *, device: str | torch.device = "c
     """Our module from a folder written by :func:`save_converted`, in eval mode.
 
     The module is built on the meta device and takes the memory-mapped tensors as its parameters
-    (``assign=True``), so the weights are never copied when device and dtype match the file; the kernels
-    listed as channels-last arrive as channels-last views. Folders without that list (or with a partial
-    one) load too: their unlisted kernels are stored as (O, I, kh, kw). ``dtype`` casts the weights; by
-    default they keep the file's dtype, and a file mixing floating-point dtypes is read as float32.
+    (``assign=True``), so the weights are never copied when device and dtype match the file. Every tensor
+    arrives contiguous in its state-dict shape, as the file holds it; :func:`kandinsky.ops.optimize` then
+    applies the layouts that run fastest (channels-last kernels). Folders written by earlier versions, whose
+    kernels listed under the metadata key :data:`CHANNELS_LAST_KEY` are stored as (O, kh, kw, I), load too:
+    those kernels are copied back into contiguous (O, I, kh, kw) tensors, the same weights (re-save such a
+    folder to map them without a copy). ``dtype`` casts the weights; by default they keep the file's dtype,
+    and a file mixing floating-point dtypes is read as float32.
     ``component`` (e.g. ``"unet"``) refuses a folder holding another one. Every problem with the files is
     a :class:`WeightsFileError` naming the file.
     """
@@ -393,8 +393,8 @@ def load_converted(folder: str | os.PathLike, *, device: str | torch.device = "c
     if dtype is None and len({t.dtype for t in state.values()}) > 1:
         dtype = torch.float32  # a tensor cast by hand: one dtype for the whole module, without losing precision
     try:
-        for key in _channels_last_keys(model_path):
-            state[key] = state[key].permute(0, 3, 1, 2)  # (O, kh, kw, I) on disk -> channels-last (O, I, kh, kw) view
+        for key in _channels_last_keys(model_path):  # an earlier version's file: (O, kh, kw, I) on disk
+            state[key] = state[key].permute(0, 3, 1, 2).contiguous()  # -> (O, I, kh, kw), as every file holds it now
     except (KeyError, RuntimeError, TypeError, ValueError) as error:  # ValueError: JSONDecodeError
         raise WeightsFileError(f"{model_path}: bad {CHANNELS_LAST_KEY!r} metadata ({type(error).__name__}: {error})") from None
     source = Source(state, FORMAT)
@@ -484,8 +484,7 @@ def save_component(name: str, component, folder: str | os.PathLike, *, overwrite
     if kind == "mclip":
         def write(temporary: Path) -> None:
             (temporary / CONFIG_FILE).write_text(json.dumps(component.to_config(), indent=2) + "\n")
-            save_file({k: v.detach().contiguous() for k, v in component.state_dict().items()},
-                      str(temporary / MODEL_FILE))
+            save_file(_file_tensors(component.state_dict()), str(temporary / MODEL_FILE))
     else:  # transformers CLIP towers and tokenizers
         def write(temporary: Path) -> None:
             component.save_pretrained(str(temporary))

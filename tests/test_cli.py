@@ -20,6 +20,7 @@ import kandinsky.hub as hub
 import kandinsky.weights as weights_module
 from kandinsky.cli import main
 from kandinsky.pipeline import Kandinsky21
+from kandinsky.png import read_png_metadata, save_png
 from kandinsky.testing import load_original_fixture, max_errors, prefixed
 from kandinsky.weights import load_converted
 
@@ -56,11 +57,17 @@ def test_generate_writes_png_with_metadata_and_matches_the_api(weights, tmp_path
         pixels = np.asarray(image)
     assert text["prompt"] == "the cat" and text["seed"] == "7" and text["negative_prompt"] == "dark"
     settings = json.loads(text["settings"])
-    assert settings["steps"] == 2 and settings["weights"] == str(weights) and settings["sampler"] == "ddim"
+    assert settings["num_inference_steps"] == 2 and settings["sampler"] == "ddim" and settings["task"] == "text2img"
+    assert settings["weights"] == {"source": str(weights)}
     pipe = Kandinsky21.from_pretrained(str(weights), progress=False)
     expected = pipe.text2img("the cat", negative_prompt="dark", height=SIZE, width=SIZE, num_inference_steps=2,
                              prior_num_inference_steps=2, generator=seed(7))[0]
     assert np.array_equal(pixels, np.asarray(expected))
+    # the Python API's PNG carries the same metadata, key for key
+    save_png(expected, tmp_path / "api.png")
+    assert read_png_metadata(tmp_path / "api.png") == read_png_metadata(out)
+    with Image.open(tmp_path / "api.png") as image:
+        assert dict(image.text) == text
 
 
 def test_never_overwrites_without_flag(weights, tmp_path, capsys):
@@ -136,13 +143,14 @@ def test_runtime_errors_are_one_line_without_traceback(weights, tmp_path, capsys
     code, _, stderr = run(capsys, "img2img", "x", "--image", tmp_path / "missing.png", "-o", tmp_path / "b.png",
                           "--weights", weights, *FAST)
     assert code == 1 and "--image" in stderr
+    # an argument error is a usage error (exit 2), found before the files are read
     code, _, stderr = run(capsys, "img2img", "x", "--image", tmp_path / "missing.png", "--strength", 2, "-o",
                           tmp_path / "b.png", "--weights", weights, *FAST)
-    assert code == 1
+    assert code == 2 and "--strength: expected a number in (0, 1], got 2.0" in stderr
     random_image(1).save(tmp_path / "in.png")
     code, _, stderr = run(capsys, "img2img", "x", "--image", tmp_path / "in.png", "--strength", 2, "-o",
                           tmp_path / "b.png", "--weights", weights, *FAST)
-    assert code == 1 and "strength" in stderr and not (tmp_path / "b.png").exists()
+    assert code == 2 and "strength" in stderr and not (tmp_path / "b.png").exists()
     # the hub unreachable: the message says what failed and how to use local files
     monkeypatch.setattr(hub, "snapshot_download", FakeSnapshots(tmp_path, tmp_path / "s", fail=True))
     code, _, stderr = run(capsys, "generate", "x", "-o", tmp_path / "c.png", "--cache-dir", tmp_path / "cache",
@@ -154,8 +162,8 @@ def test_runtime_errors_are_one_line_without_traceback(weights, tmp_path, capsys
 @pytest.mark.parametrize("argv", [["generate"], ["generate", "x", "--steps", "0"], ["nope"],
                                   ["generate", "x", "--dtype", "int8"], ["mix", "a", "b", "--ratios", "1"]])
 def test_usage_errors_exit_2(capsys, argv):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own checks exit; the others return 2
+        raise SystemExit(main(argv))
     assert exit_info.value.code == 2
     assert _one_error_line(capsys.readouterr().err)
 
@@ -301,8 +309,11 @@ def test_broken_weight_files_are_one_line(weights, tmp_path, capsys, monkeypatch
     (["--device", "bogus"], "--device: expected a torch device such as 'cpu', 'cuda' or 'cuda:1', got 'bogus'"),
     (["--seed", str(2**64)], "argument --seed: expected an integer in [0, 2**64 - 1], got 18446744073709551616"),
     (["--seed", "-1"], "argument --seed: expected an integer in [0, 2**64 - 1], got -1"),
-    (["--height", "100000"], "--height: expected an integer in [1, 4096], got 100000"),
-    (["--width", "0"], "--width: expected an integer in [1, 4096], got 0"),
+    (["--height", "100000"], "--height: expected at most 4096 px (MAX_IMAGE_SIDE), got 100000"),
+    (["--width", "0"], "--width: expected a positive integer, got 0"),
+    (["--guidance", "1e30"], "--guidance: expected a number in [0, 100], got 1e+30"),
+    (["--guidance=-1e30"], "--guidance: expected a number in [0, 100], got -1e+30"),
+    (["--prior-guidance", "nan"], "--prior-guidance: expected a finite number, got nan"),
 ])
 def test_bad_arguments_are_one_line_usage_errors(weights, tmp_path, capsys, argv, needle):
     argv = ["generate", "x", "-o", str(tmp_path / "out.png"), "--weights", str(weights), "--steps", "1", *argv]
@@ -329,7 +340,7 @@ def test_a_size_beyond_the_documented_maximum_is_refused_before_allocating(weigh
     for name in ("height", "width"):
         with pytest.raises(ValueError, match=f"{name}: expected at most 4096 px"):
             pipe.text2img("the cat", **{name: 10**6}, num_inference_steps=1, prior_num_inference_steps=1)
-    assert pipe._modules == {}  # nothing was loaded, let alone allocated
+    assert pipe.components.loaded() == []  # nothing was loaded, let alone allocated
 
 
 def test_mix_item_that_looks_like_a_missing_image_is_an_error(weights, tmp_path, capsys):

@@ -23,6 +23,7 @@ from kandinsky.parity import movq as movq_parity
 from kandinsky.parity import prior as prior_parity
 from kandinsky.parity import unet as unet_parity
 from kandinsky.testing import conv3x3_case, max_errors, randomize_
+from kandinsky.weights import load_converted, save_converted
 
 ROOT = Path(__file__).resolve().parent.parent
 CHANNELS_LAST = torch.channels_last
@@ -278,15 +279,37 @@ def test_optimize_swaps_in_place_sharing_every_tensor(component):
 
 
 def test_optimize_keeps_channels_last_kernels_as_they_are():
-    """Converted files hold the kernels as (O, kh, kw, I); loaded memory-mapped, they are channels-last views
-    of the file, which optimize must not copy."""
+    """Kernels that are already channels-last (views of (O, kh, kw, I) buffers) are not copied: optimize
+    copies only the kernels it must re-lay out."""
     unet = _tiny("unet")
     stored = {k: torch.empty(v.shape[0], *v.shape[2:], v.shape[1]).copy_(v.permute(0, 2, 3, 1))
-              for k, v in unet.state_dict().items() if v.ndim == 4}  # (O, kh, kw, I), as a file holds them
+              for k, v in unet.state_dict().items() if v.ndim == 4}  # (O, kh, kw, I)
     unet.load_state_dict({k: v.permute(0, 3, 1, 2) for k, v in stored.items()}, strict=False, assign=True)
     ops.optimize(unet, "cpu", torch.float32)
     state = unet.state_dict()
     assert all(state[k].data_ptr() == v.data_ptr() for k, v in stored.items())
+
+
+@pytest.mark.parametrize("component", ["unet", "movq"])
+def test_optimize_makes_kernels_loaded_from_weight_files_channels_last(component, tmp_path):
+    """Weight files hold the plain state dict: loaded, the kernels are contiguous (O, I, kh, kw) tensors mapped
+    from the file; optimize gives them the channels-last layout (a copy), and the model computes as the
+    optimized original does."""
+    model = _tiny(component)
+    loaded = load_converted(save_converted(model, component, tmp_path / component))
+    kernels = [k for k, v in loaded.state_dict().items() if v.ndim == 4]
+    assert kernels and all(loaded.state_dict()[k].is_contiguous() for k in kernels)
+    assert not all(loaded.state_dict()[k].is_contiguous(memory_format=CHANNELS_LAST) for k in kernels)
+    ops.optimize(loaded, "cpu", torch.float32)
+    ops.optimize(model, "cpu", torch.float32)
+    state = loaded.state_dict()
+    assert all(state[k].is_contiguous(memory_format=CHANNELS_LAST) for k in kernels)
+    assert {type(m) for m in loaded.modules()} == {type(m) for m in model.modules()}
+    for key, value in model.state_dict().items():
+        assert torch.equal(state[key], value), key
+    with torch.no_grad():  # the same weights in the same layout through the same kernels: the same result
+        for ours, reference in zip(_run(component, loaded), _run(component, model)):
+            assert torch.equal(ours, reference)
 
 
 @pytest.mark.parametrize("device", ["cuda", "mps"])

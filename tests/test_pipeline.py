@@ -566,7 +566,7 @@ def test_p_sampler_is_diffusers_ddpm_on_the_respaced_timesteps(ours, reference):
 
 
 def test_sequential_offload_keeps_one_stage(ours):
-    from kandinsky.pipeline import DECODER_STAGE, MODULES, PRIOR_STAGE, Lazy
+    from kandinsky.hub import DECODER_STAGE, MODULES, PRIOR_STAGE, Lazy
 
     loads = []
 
@@ -578,9 +578,9 @@ def test_sequential_offload_keeps_one_stage(ours):
                        **{name: lazy(name) for name in MODULES}, offload="sequential", progress=False)
     args = dict(height=SIZE, width=SIZE, num_inference_steps=2, prior_num_inference_steps=2, output_type="pt")
     images = pipe.text2img("the cat", generator=seed(31), **args)
-    assert set(pipe._modules) <= set(DECODER_STAGE)  # the prior stage was dropped before the decoder ran
+    assert set(pipe.components.loaded()) <= set(DECODER_STAGE)  # the prior stage was dropped before the decoder ran
     pipe.prior("the cat", num_inference_steps=2)
-    assert set(pipe._modules) <= set(PRIOR_STAGE)
+    assert set(pipe.components.loaded()) <= set(PRIOR_STAGE)
     assert loads.count("prior") == 2 and "unet_inpaint" not in loads  # text2img never loads the inpainting UNet
     assert torch.equal(images, ours.text2img("the cat", generator=seed(31), **args))
 
@@ -591,7 +591,7 @@ def _compiled_run(ours, pipe, backend):
     eager = ours.decode("the cat", embeds, negative, generator=seed(34), **args)
     pipe.compile_unet(backend=backend)
     compiled = pipe.decode("the cat", embeds, negative, generator=seed(34), **args)
-    assert isinstance(pipe._compiled_unets["unet"][1], torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(pipe.components.compiled("unet"), torch._dynamo.eval_frame.OptimizedModule)
     return eager, compiled
 
 
@@ -600,7 +600,7 @@ def test_compile_unet_routes_the_decoder_through_torch_compile(reference, ours):
     eager, compiled = _compiled_run(ours, pipe, "eager")  # dynamo's graph capture, no code generation
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-6)
     pipe.compile_unet(disable=True)
-    assert pipe._compile_options is None and not pipe._compiled_unets
+    assert pipe.components.compile_options is None and pipe.components.compiled("unet") is None
 
 
 @pytest.mark.slow
@@ -658,7 +658,8 @@ def test_p_sampler_clamps_x0_as_the_original(ours):
 
 
 def test_p_sampler_inpainting_keeps_the_image_latents_every_step(ours):
-    from kandinsky.pipeline import _images_to_tensor, dilate_repaint
+    from kandinsky.images import images_to_tensor
+    from kandinsky.pipeline import dilate_repaint
 
     image, mask = random_image(5), seed_example_mask()
     embeds = torch.randn(1, EMBED_DIM, generator=seed(42))
@@ -670,7 +671,7 @@ def test_p_sampler_inpainting_keeps_the_image_latents_every_step(ours):
 
     steps = _recorded_x0(inpaint, threshold=None)
     with torch.no_grad():
-        latents = ours.module("movq").encode(_images_to_tensor(image, SIZE, SIZE)[0]).float()
+        latents = ours.module("movq").encode(images_to_tensor(image, SIZE, SIZE)[0]).float()
     keep = 1 - torch.from_numpy(mask)[None, None]
     keep = dilate_repaint(torch.nn.functional.interpolate(keep, size=latents.shape[-2:], mode="nearest"))
     assert 0 < keep.mean() < 1

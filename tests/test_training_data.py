@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kandinsky.pipeline import Kandinsky21
+from kandinsky.components import Components
 from kandinsky.training.data import (
     FEATURES,
     CachedFeatures,
@@ -144,14 +144,14 @@ def test_with_dropout_replaces_the_dropped_rows():
 
 
 @pytest.fixture(scope="module")
-def tiny_pipe():
-    return Kandinsky21.from_config("tiny", progress=False)
+def tiny_components():
+    return Components.from_config("tiny")
 
 
 @pytest.mark.parametrize("task", ["decoder", "prior"])
-def test_cache_holds_what_the_encoders_compute(tmp_path, tiny_pipe, task):
+def test_cache_holds_what_the_encoders_compute(tmp_path, tiny_components, task):
     records = read_records(write_jsonl_data(tmp_path / "data"))
-    encoders = Encoders(tiny_pipe, task, RESOLUTION)
+    encoders = Encoders(tiny_components, task, RESOLUTION)
     description = cache_description(task, records, RESOLUTION, {"source": "tiny"})
     folder = tmp_path / "cache"
     # two processes' shares (shard size 3: shards 0 and 1), the second process first; the index comes last

@@ -1,4 +1,5 @@
-"""The trainer (kandinsky/training/trainer.py, distributed.py) and kandinsky/lora.py on a tiny base pipeline:
+"""The trainer (kandinsky/training/: config, loop, checkpoints, cli; kandinsky/distributed.py) and kandinsky/lora.py
+on a tiny base pipeline:
 one process against two (torchrun, gloo, DDP and FSDP2), an interrupted-and-resumed run against an
 uninterrupted one, the trained folder and LoRA adapters in the pipeline, a tiny model overfitting 4 images.
 
@@ -25,7 +26,8 @@ from safetensors.torch import load_file
 from kandinsky import tiny
 from kandinsky.cli import main
 from kandinsky.pipeline import Kandinsky21
-from kandinsky.training.trainer import TrainConfig, freeze, learning_rate
+from kandinsky.training.config import TrainConfig
+from kandinsky.training.loop import freeze, learning_rate
 from kandinsky.weights import load_converted
 from tiny_training import EMBED_DIM, RESOLUTION, write_jsonl_data, write_tiny_base
 

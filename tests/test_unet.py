@@ -226,19 +226,18 @@ def test_inpainting_checks_channels():
         run_ours(unet, inputs(TINY))
 
 
-def test_converted_weights_are_channels_last_and_reload_exactly(tmp_path):
-    """``ops.optimize`` makes the convolution kernels channels-last. A converted file holds them so: loaded
-    memory-mapped they are channels-last views of the file, which optimize keeps (no copy), and the
-    reloaded model gives the same output bit for bit."""
+def test_converted_weights_hold_the_state_dict_and_optimize_makes_them_channels_last(tmp_path):
+    """A converted file holds the kernels in the model's own (O, I, kh, kw) layout, whatever the memory format of
+    the model it was saved from; ``ops.optimize`` makes them channels-last at load, and the reloaded model gives
+    the same output bit for bit."""
     theirs, ours = diffusers_unet(TINY, seed=4)
     ops.optimize(ours, "cpu", torch.float32)
     kernels = [v for v in ours.state_dict().values() if v.ndim == 4]
     assert kernels and all(k.is_contiguous(memory_format=torch.channels_last) for k in kernels)
     save_converted(ours, "unet", tmp_path / "unet")
     fresh = load_converted(tmp_path / "unet")
-    pointers = {k: v.data_ptr() for k, v in fresh.state_dict().items()}
+    assert all(v.is_contiguous() for v in fresh.state_dict().values())
     ops.optimize(fresh, "cpu", torch.float32)
-    assert {k: v.data_ptr() for k, v in fresh.state_dict().items()} == pointers
     assert all(v.is_contiguous(memory_format=torch.channels_last) for v in fresh.state_dict().values() if v.ndim == 4)
     batch = inputs(TINY)
     with torch.no_grad():

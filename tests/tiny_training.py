@@ -1,4 +1,4 @@
-"""The tiny pipeline (:mod:`kandinsky.tiny`) saved in our layout, and tiny image-caption data sets, shared by the
+"""The tiny components (:mod:`kandinsky.tiny`) saved in our layout, and tiny image-caption data sets, shared by the
 training tests. Training images are 64 px: 8 x 8 latents through the tiny MoVQ."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from kandinsky import tiny
-from kandinsky.pipeline import Kandinsky21
+from kandinsky.components import Components
 
 RESOLUTION = 64  # px; the tiny MoVQ halves it three times
 EMBED_DIM = tiny.PROJECTION  # CLIP image embeddings of the tiny pipeline
@@ -18,8 +18,8 @@ CAPTIONS = ("a red cat", "the blue sea", "a green tree", "the cat and the sea")
 
 
 def write_tiny_base(folder: Path, seed: int = 0) -> Path:
-    """The tiny pipeline saved in our layout at ``folder``."""
-    Kandinsky21.from_config("tiny", seed=seed, progress=False).save_pretrained(str(folder))
+    """The tiny components saved in our layout at ``folder``."""
+    Components.from_config("tiny", seed=seed).save_pretrained(folder)
     return folder
 
 

@@ -17,7 +17,8 @@
 
 At the full size the main process holds about 18 GiB while it times the AdamW step (weights, gradients and
 AdamW moments of 1.2 B parameters); ``CONFIG = "tiny"`` (the tests) runs every measurement on a tiny UNet.
-Run under the heavy-job lock: ``flock /tmp/kandinsky-heavy.lock python scripts/benchmark.py train``.
+Run it with nothing else busy on the machine (the timings and the memory peaks are of the whole machine):
+``python scripts/benchmark.py train``.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ CONFIG = "full"  # what `kandinsky bench train` measures (the tests set "tiny")
 LORA_RANK = 4
 DISTRIBUTED_STEPS = 3  # timed steps per strategy, after one warm-up step
 # name: (strategy, what is trained, gradient checkpointing). Full fine-tuning holds 18 GiB per replica at the
-# full size (weights, gradients, AdamW moments), so two DDP replicas do not fit a 24 GiB machine: DDP trains
+# full size (weights, gradients, AdamW moments), so two DDP replicas on one machine would need 36 GiB: DDP trains
 # LoRA adapters, FSDP2 the whole UNet (a half of that state per process), with checkpointing to leave room.
 DISTRIBUTED_CASES = {"DDP LoRA rank 4": ("ddp", "lora", False),
                      "FSDP2 full, checkpointing": ("fsdp", "full", True)}
@@ -109,7 +110,8 @@ def forward_backward(unet: nn.Module, batch: dict, autocast: torch.dtype | None 
 
 
 def _optimizer(parameters) -> torch.optim.Optimizer:
-    from kandinsky.training.trainer import TrainConfig, make_optimizer
+    from kandinsky.training.config import TrainConfig
+    from kandinsky.training.loop import make_optimizer
 
     return make_optimizer(TrainConfig(task="decoder", weights="", data="", output="", lr=1e-5), list(parameters))
 
@@ -140,7 +142,7 @@ def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 def _build(side: str, unet_cfg: UNetConfig, checkpointing: bool, device: str = "cpu") -> nn.Module:
     """One side alone, random weights allocated directly, in training mode."""
-    from kandinsky.training.trainer import checkpoint_blocks, model_blocks
+    from kandinsky.training.loop import checkpoint_blocks, model_blocks
 
     with torch.device("meta"):
         if side == "ours":
@@ -214,8 +216,8 @@ def distributed_probe(config: str, steps: int) -> None:
     import torch.distributed as dist
 
     from kandinsky.lora import add_lora
-    from kandinsky.training import distributed
-    from kandinsky.training.trainer import model_blocks
+    from kandinsky import distributed
+    from kandinsky.training.loop import model_blocks
 
     processes = distributed.start("cpu")
     unet_cfg = unet_config(config)

@@ -32,7 +32,9 @@ def optimize(module: nn.Module, device: str | torch.device, dtype: torch.dtype) 
     computes in float32 (text encoders included).
 
     The kernels of the UNet and MoVQ become channels-last: a copy only for kernels not already in that
-    format (converted weight files hold them channels-last, so memory-mapped kernels stay views of the file).
+    format. Weight files hold the plain state dict (contiguous (O, I, kh, kw) kernels), so this is where the
+    physical layout is applied, once per load: the kernels of a model from
+    :func:`~kandinsky.weights.load_converted` are copied out of the memory-mapped file here.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module: expected an nn.Module, got {type(module).__name__}")

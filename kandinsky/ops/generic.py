@@ -5,7 +5,8 @@
 * :class:`LastQueryBlock`: the prior's last block computes only the last position, the one
   ``Prior.forward`` reads;
 * channels-last UNet and MoVQ: convolutions then need no layout reorders (and on CPU no per-call
-  re-layout of each kernel), and attention reads (B, H*W, C) tokens of a feature map as a view.
+  re-layout of each kernel), and attention reads (B, H*W, C) tokens of a feature map as a view. Weight
+  files hold the kernels in their plain (O, I, kh, kw) layout; :func:`optimize` converts them.
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ def optimize(module: nn.Module) -> nn.Module:
     """Apply the device-independent rewrites to every UNet, MoVQ and Prior in ``module`` (in place)."""
     for sub in module.modules():
         if isinstance(sub, (unet.UNet, movq.MoVQ)):
-            sub.to(memory_format=torch.channels_last)  # returns tensors already channels-last as they are
+            # copies the kernels not yet channels-last (those loaded from a file), keeps the others as they are
+            sub.to(memory_format=torch.channels_last)
         if type(sub) is movq.Upsample:
             swap(sub, SubpixelUpsample)
         if isinstance(sub, prior.Prior) and len(sub.blocks) and type(sub.blocks[-1]) is prior.Block:

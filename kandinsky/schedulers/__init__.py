@@ -22,10 +22,15 @@ from .samplers import (
     unclip_float32_scalars,
     unclip_float32_step,
 )
-from .schedule import SPACINGS, NoiseSchedule, add_noise, space_timesteps, spaced_timesteps
+from .schedule import (NUM_TRAIN_TIMESTEPS, SPACINGS, NoiseSchedule, add_noise, decoder_schedule, img2img_schedule,
+                       prior_schedule, space_timesteps, spaced_timesteps)
 
 __all__ = [
+    "NUM_TRAIN_TIMESTEPS",
     "NoiseSchedule",
+    "prior_schedule",
+    "decoder_schedule",
+    "img2img_schedule",
     "SAMPLERS",
     "SPACINGS",
     "DEFAULT_SPACING",

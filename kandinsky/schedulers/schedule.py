@@ -16,12 +16,19 @@ import torch
 from kandinsky.validation import check_positive_int
 
 __all__ = [
+    "NUM_TRAIN_TIMESTEPS",
     "NoiseSchedule",
+    "prior_schedule",
+    "decoder_schedule",
+    "img2img_schedule",
     "add_noise",
     "space_timesteps",
     "spaced_timesteps",
     "SPACINGS",
 ]
+
+
+NUM_TRAIN_TIMESTEPS = 1000  # both of Kandinsky's diffusions (prior and decoder) were trained on 1000 steps
 
 
 @dataclass(frozen=True, eq=False)
@@ -241,3 +248,22 @@ def _check_timestep_range(name: str, values: Sequence[int], T: int) -> None:
     bad = [v for v in values if not 0 <= v < T]
     if bad:
         raise ValueError(f"{name}: expected timesteps in 0..{T - 1}, got {bad[:5]}")
+
+
+# ---- Kandinsky's schedules ----------------------------------------------------------------------
+
+
+def prior_schedule() -> NoiseSchedule:
+    """The prior's diffusion: squared-cosine betas over 1000 steps."""
+    return NoiseSchedule.squared_cosine(NUM_TRAIN_TIMESTEPS)
+
+
+def decoder_schedule() -> NoiseSchedule:
+    """The decoder's diffusion: linear betas 0.00085..0.012 over 1000 steps."""
+    return NoiseSchedule.linear(NUM_TRAIN_TIMESTEPS, 0.00085, 0.012)
+
+
+def img2img_schedule() -> NoiseSchedule:
+    """What img2img noises its start image with: Ho et al.'s linear betas 1e-4..0.02, not the decoder's (both
+    references do)."""
+    return NoiseSchedule.linear(NUM_TRAIN_TIMESTEPS, 0.0001, 0.02)

@@ -33,12 +33,17 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from kandinsky.schedulers import NUM_TRAIN_TIMESTEPS
+
+if TYPE_CHECKING:
+    from kandinsky.components import Components
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-NUM_TRAIN_TIMESTEPS = 1000
 CACHE_FORMAT = "kandinsky21-train-cache"
 CACHE_INDEX = "index.json"
 NULL_FILE = "null.safetensors"
@@ -47,8 +52,6 @@ FEATURES = {
     "decoder": ("latents", "image_embeds", "text_embeds", "text_hidden_states"),
     "prior": ("image_embeds", "text_embeds", "text_hidden_states", "text_mask"),
 }
-TEXT_FEATURES = {"decoder": ("text_embeds", "text_hidden_states"),
-                 "prior": ("text_embeds", "text_hidden_states", "text_mask")}
 # spawn-key prefixes of the two random streams (different lengths as well, so they never coincide)
 _SAMPLE_STREAM, _ORDER_STREAM = 0, 1
 
@@ -311,31 +314,34 @@ def _inside(x: np.ndarray, y: np.ndarray, height: int, width: int) -> np.ndarray
 
 
 class Encoders:
-    """The frozen encoders of one task, run without gradients on a :class:`~kandinsky.pipeline.Kandinsky21`'s
-    modules. Per sample (float32 on the CPU):
+    """The frozen encoders of one task, run without gradients on the modules of a
+    :class:`~kandinsky.components.Components` (on its device and dtype). Per sample (float32 on the CPU):
 
     * ``"decoder"``: ``latents`` (4, R/8, R/8) MoVQ encoding of the cropped image, ``image_embeds`` (768,) CLIP
       image embedding, ``text_embeds`` (768,) and ``text_hidden_states`` (77, 1024) from M-CLIP;
     * ``"prior"``: ``image_embeds`` (768,) raw CLIP image embedding, ``text_embeds`` (768,),
       ``text_hidden_states`` (77, 768) and ``text_mask`` (77,) bool from the CLIP text tower.
+
+    The modules are loaded on first use.
     """
 
-    def __init__(self, pipe, task: str, resolution: int):
+    def __init__(self, components: Components, task: str, resolution: int):
         if task not in FEATURES:
             raise ValueError(f"task: expected one of {list(FEATURES)}, got {task!r}")
-        self.pipe, self.task, self.resolution = pipe, task, resolution
+        self.components, self.task, self.resolution = components, task, resolution
 
     @torch.no_grad()
     def encode(self, records: Sequence[Record]) -> dict[str, torch.Tensor]:
         from kandinsky.text_encoders import encode_clip_images
 
+        components = self.components
         images = [load_image(r.image) for r in records]
         captions = [r.caption for r in records]
-        out = {"image_embeds": encode_clip_images(self.pipe.module("clip_vision"), images)}
+        out = {"image_embeds": encode_clip_images(components.module("clip_vision"), images)}
         if self.task == "decoder":
-            movq = self.pipe.module("movq")
+            movq = components.module("movq")
             pixels = torch.stack([training_pixels(image, self.resolution) for image in images])
-            out["latents"] = movq.encode(pixels.to(self.pipe.device, self.pipe.dtype))
+            out["latents"] = movq.encode(pixels.to(components.device, components.dtype))
         out.update(self._text(captions))
         return {key: _to_cpu(value) for key, value in out.items()}
 
@@ -348,17 +354,18 @@ class Encoders:
 
         out = self._text([""])
         if self.task == "decoder":
-            out["image_embeds"] = zero_image_embeds(self.pipe.module("clip_vision"), 1)
+            out["image_embeds"] = zero_image_embeds(self.components.module("clip_vision"), 1)
         return {key: _to_cpu(value) for key, value in out.items()}
 
     def _text(self, captions: list[str]) -> dict[str, torch.Tensor]:
         from kandinsky.text_encoders import encode_clip_text, encode_multilingual
 
+        components = self.components
         if self.task == "decoder":
-            embeds, hidden, _ = encode_multilingual(self.pipe.tokenizer("mclip_tokenizer"), self.pipe.module("mclip"),
-                                                    captions)
+            embeds, hidden, _ = encode_multilingual(components.tokenizer("mclip_tokenizer"),
+                                                    components.module("mclip"), captions)
             return {"text_embeds": embeds, "text_hidden_states": hidden}
-        embeds, hidden, mask = encode_clip_text(self.pipe.tokenizer("clip_tokenizer"), self.pipe.module("clip_text"),
+        embeds, hidden, mask = encode_clip_text(components.tokenizer("clip_tokenizer"), components.module("clip_text"),
                                                 captions)
         return {"text_embeds": embeds, "text_hidden_states": hidden, "text_mask": mask}
 

@@ -19,7 +19,10 @@ Prior (:func:`prior_loss`), on CLIP image embeddings normalised with the prior's
 with the 1000-step squared-cosine schedule: ``loss = mse = mean_d (x0 - prior(x_t, t))^2`` (the prior predicts x0).
 
 Every loss is per sample, shape (B,), in float32; the trainer minimises its mean. Schedule coefficients are
-float64, indexed by t and only then cast to float32, as the original does.
+float64, indexed by t and only then cast to float32, as the original does. The coefficient tables are computed
+once on the CPU and kept on each device the losses run on, and indexed there: no step waits for the device.
+Timesteps given on the CPU (as the trainer draws them) are range-checked there; on an accelerator they are
+checked by the device itself (an asynchronous assertion), without a round trip to the host.
 """
 
 from __future__ import annotations
@@ -30,27 +33,30 @@ import math
 import torch
 from torch import nn
 
-from kandinsky.schedulers import NoiseSchedule, add_noise
+from kandinsky import schedulers
+from kandinsky.schedulers import NUM_TRAIN_TIMESTEPS, NoiseSchedule
 from kandinsky.validation import check_number
 
 __all__ = ["NUM_TRAIN_TIMESTEPS", "OBJECTIVES", "decoder_loss", "decoder_schedule", "prior_loss", "prior_schedule"]
 
-NUM_TRAIN_TIMESTEPS = 1000
 OBJECTIVES = ("original", "eps")
 
 
+# The original trains through SpacedDiffusion, which re-derives every beta from the cumulative products even when
+# it keeps all steps: respacing the inference schedules onto every timestep reproduces its float64 values.
+
 @functools.cache
 def decoder_schedule() -> NoiseSchedule:
-    """The decoder's training diffusion: linear betas 0.00085..0.012 over 1000 steps."""
-    # The original trains through SpacedDiffusion, which re-derives every beta from the cumulative products
-    # even when it keeps all steps: respacing onto every timestep reproduces its float64 values.
-    return NoiseSchedule.linear(NUM_TRAIN_TIMESTEPS, 0.00085, 0.012).respaced(range(NUM_TRAIN_TIMESTEPS))
+    """The decoder's training diffusion: :func:`kandinsky.schedulers.decoder_schedule` (linear betas
+    0.00085..0.012 over 1000 steps) as the original's trainer computes it."""
+    return schedulers.decoder_schedule().respaced(range(NUM_TRAIN_TIMESTEPS))
 
 
 @functools.cache
 def prior_schedule() -> NoiseSchedule:
-    """The prior's training diffusion: squared-cosine betas over 1000 steps."""
-    return NoiseSchedule.squared_cosine(NUM_TRAIN_TIMESTEPS).respaced(range(NUM_TRAIN_TIMESTEPS))
+    """The prior's training diffusion: :func:`kandinsky.schedulers.prior_schedule` (squared-cosine betas over 1000
+    steps) as the original's trainer computes it."""
+    return schedulers.prior_schedule().respaced(range(NUM_TRAIN_TIMESTEPS))
 
 
 def decoder_loss(unet: nn.Module, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, *,
@@ -83,9 +89,9 @@ def decoder_loss(unet: nn.Module, x0: torch.Tensor, timesteps: torch.Tensor, noi
     inpainting = _check_decoder(unet, x0, inpaint_image, inpaint_mask, objective)
     channels = x0.shape[1]
 
-    schedule = decoder_schedule()
+    tables = _tables("decoder", x0.device)
     x0, noise = x0.float(), noise.float()
-    x_t = add_noise(x0, noise, timesteps, schedule)  # (B, 4, h, w)
+    x_t = _add_noise(x0, noise, timesteps, tables)  # (B, 4, h, w)
     model_input = x_t
     if inpainting:
         # what the original InpaintText2ImUNet feeds its first conv: it masks the known latents once more itself
@@ -99,12 +105,11 @@ def decoder_loss(unet: nn.Module, x0: torch.Tensor, timesteps: torch.Tensor, noi
     mse = (noise - eps).square().mean(dim=(1, 2, 3))  # (B,)
     if objective == "original":
         # the bound trains only the variance: its mean comes from the detached noise prediction
-        vb = _variational_bound(x0, x_t, eps.detach(), variance, timesteps, schedule)
+        vb = _variational_bound(x0, x_t, eps.detach(), variance, timesteps, tables)
         return {"loss": mse + vb, "mse": mse, "vb": vb}
     loss = mse
     if snr_gamma is not None:
-        ab = schedule.alphas_cumprod
-        snr = ab / (1 - ab)
+        snr = tables["snr"]
         loss = mse * _at(snr.clamp(max=snr_gamma) / snr, timesteps, mse)
     return {"loss": loss, "mse": mse}
 
@@ -129,7 +134,7 @@ def prior_loss(prior: nn.Module, image_embeds: torch.Tensor, timesteps: torch.Te
     _check_like("noise", noise, image_embeds)
     timesteps = _check_timesteps(timesteps, image_embeds)
     x0 = _unwrapped(prior, "prior").normalize(image_embeds.float())  # (B, clip_dim)
-    x_t = add_noise(x0, noise.float(), timesteps, prior_schedule())
+    x_t = _add_noise(x0, noise.float(), timesteps, _tables("prior", x0.device))
     # the original's prior diffusion does not rescale timesteps: the model gets the integer steps
     predicted_x0 = prior(x_t, timesteps, text_embeds=text_embeds, text_hidden_states=text_hidden_states,
                          text_mask=text_mask).float()
@@ -140,21 +145,21 @@ def prior_loss(prior: nn.Module, image_embeds: torch.Tensor, timesteps: torch.Te
 # ---- the variational-bound term -----------------------------------------------------------------------------
 
 def _variational_bound(x0: torch.Tensor, x_t: torch.Tensor, eps: torch.Tensor, variance: torch.Tensor,
-                       timesteps: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
+                       timesteps: torch.Tensor, tables: dict[str, torch.Tensor]) -> torch.Tensor:
     """The single-step term L_t of the bound in bits per dimension, (B,): the KL between the true posterior
     q(x_{t-1} | x_t, x0) and the model's Gaussian for t > 0, the discretized decoder NLL of x0 at t = 0."""
-    ab = schedule.alphas_cumprod
-    coef_x0 = _at(schedule.posterior_mean_coef1, timesteps, x0)
-    coef_xt = _at(schedule.posterior_mean_coef2, timesteps, x0)
-    posterior_log_variance = _at(schedule.posterior_log_variance_clipped, timesteps, x0)  # log beta~_t
+    coef_x0 = _at(tables["posterior_mean_coef1"], timesteps, x0)
+    coef_xt = _at(tables["posterior_mean_coef2"], timesteps, x0)
+    posterior_log_variance = _at(tables["posterior_log_variance"], timesteps, x0)  # log beta~_t
     true_mean = coef_x0 * x0 + coef_xt * x_t
 
     # the model's mean: the posterior mean around its x0 estimate (x_t - sqrt(1 - ab) eps) / sqrt(ab)
-    predicted_x0 = _at((1 / ab).sqrt(), timesteps, x0) * x_t - _at((1 / ab - 1).sqrt(), timesteps, x0) * eps
+    predicted_x0 = (_at(tables["sqrt_recip_ab"], timesteps, x0) * x_t
+                    - _at(tables["sqrt_recipm1_ab"], timesteps, x0) * eps)
     model_mean = coef_x0 * predicted_x0 + coef_xt * x_t
     # learned range: v in [-1, 1] interpolates the log-variance between beta~_t (the posterior's) and beta_t
     frac = (variance + 1) / 2
-    model_log_variance = frac * _at(schedule.betas.log(), timesteps, x0) + (1 - frac) * posterior_log_variance
+    model_log_variance = frac * _at(tables["log_betas"], timesteps, x0) + (1 - frac) * posterior_log_variance
 
     kl = _normal_kl(true_mean, posterior_log_variance, model_mean, model_log_variance)
     kl = kl.mean(dim=(1, 2, 3)) / math.log(2.0)
@@ -194,13 +199,37 @@ def _discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, lo
 
 # ---- helpers ----------------------------------------------------------------------------------------------------
 
+@functools.cache
+def _tables(schedule: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """The float64 coefficient tables (T,) of the ``"decoder"`` or ``"prior"`` training schedule on ``device``,
+    computed on the CPU (the same values on every device) and moved there once."""
+    noise_schedule = decoder_schedule() if schedule == "decoder" else prior_schedule()
+    ab = noise_schedule.alphas_cumprod
+    tables = {"sqrt_ab": ab.sqrt(), "sqrt_one_minus_ab": (1 - ab).sqrt()}
+    if schedule == "decoder":
+        tables.update(posterior_mean_coef1=noise_schedule.posterior_mean_coef1,
+                      posterior_mean_coef2=noise_schedule.posterior_mean_coef2,
+                      posterior_log_variance=noise_schedule.posterior_log_variance_clipped,
+                      sqrt_recip_ab=(1 / ab).sqrt(), sqrt_recipm1_ab=(1 / ab - 1).sqrt(),
+                      log_betas=noise_schedule.betas.log(), snr=ab / (1 - ab))
+    return {name: table.to(device) for name, table in tables.items()}
+
+
 def _at(table: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``table[timesteps]`` as float32 of shape (B, 1, ..., 1), broadcastable against ``like``.
+    """``table[timesteps]`` as float32 of shape (B, 1, ..., 1), broadcastable against ``like``; ``table`` and
+    ``timesteps`` on ``like``'s device.
 
     The float64 table is indexed first and cast afterwards, as the original's ``_extract_into_tensor``.
     """
-    values = table[timesteps.cpu()].to(like.device, torch.float32)
+    values = table.index_select(0, timesteps.long()).to(torch.float32)
     return values.view(-1, *([1] * (like.ndim - 1)))
+
+
+def _add_noise(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+               tables: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The forward process q(x_t | x0) = sqrt(ab_t) x0 + sqrt(1 - ab_t) noise of float32 ``x0`` and ``noise``:
+    the arithmetic of :func:`kandinsky.schedulers.add_noise`, on the device."""
+    return _at(tables["sqrt_ab"], timesteps, x0) * x0 + _at(tables["sqrt_one_minus_ab"], timesteps, x0) * noise
 
 
 def _unwrapped(model: nn.Module, name: str) -> nn.Module:
@@ -276,7 +305,13 @@ def _check_timesteps(timesteps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         got = f"shape {tuple(timesteps.shape)} {timesteps.dtype}" if isinstance(timesteps, torch.Tensor) \
             else type(timesteps).__name__
         raise ValueError(f"timesteps: expected an integer tensor of shape ({batch},), got {got}")
-    low, high = int(timesteps.min()), int(timesteps.max())
-    if low < 0 or high >= NUM_TRAIN_TIMESTEPS:
-        raise ValueError(f"timesteps: expected steps in 0..{NUM_TRAIN_TIMESTEPS - 1}, got values in {low}..{high}")
+    expected = f"timesteps: expected steps in 0..{NUM_TRAIN_TIMESTEPS - 1}"
+    if timesteps.device.type == "cpu":  # on the host already: checked here, then copied without waiting
+        if not torch.compiler.is_compiling():  # (compiled, the indexing of the tables checks them)
+            low, high = int(timesteps.min()), int(timesteps.max())
+            if low < 0 or high >= NUM_TRAIN_TIMESTEPS:
+                raise ValueError(f"{expected}, got values in {low}..{high}")
+        return timesteps.to(x.device, non_blocking=True)
+    # on an accelerator: reading them back would stall the step, so the device checks them itself
+    torch._assert_async(((timesteps >= 0) & (timesteps < NUM_TRAIN_TIMESTEPS)).all(), expected)
     return timesteps.to(x.device)

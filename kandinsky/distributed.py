@@ -1,5 +1,5 @@
-"""torch.distributed for the trainer: the process group (gloo on CPU, nccl on CUDA), DDP or FSDP2 wrapping,
-gradient-sync control during accumulation, and full (unsharded) state dicts for checkpoints.
+"""torch.distributed for training and batch generation: the process group (gloo on CPU, nccl on CUDA), DDP or
+FSDP2 wrapping, gradient-sync control during accumulation, and full (unsharded) state dicts for checkpoints.
 
 One process (no ``WORLD_SIZE`` in the environment) needs no process group at all; ``torchrun`` sets
 ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``MASTER_ADDR`` / ``MASTER_PORT``, on one machine or many.

@@ -1,0 +1,180 @@
+"""The settings of one training run (:class:`TrainConfig`, one field per option of ``kandinsky train``), their
+defaults and their validation (:class:`ConfigError`, found before any work is done)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from kandinsky import distributed
+from kandinsky.training.losses import OBJECTIVES
+
+# task -> the component it trains
+TASKS = {"prior": "prior", "decoder": "unet", "inpaint": "unet_inpaint"}
+OPTIMIZERS = ("adamw", "adafactor")
+FREEZE = ("resblocks", "attention")
+PRECISIONS = ("no", "bf16", "fp16")
+DEFAULT_LR = 1e-5  # full fine-tuning; the original used Adafactor at 5e-6
+DEFAULT_LORA_LR = 1e-4
+# the original datasets' conditioning dropout
+DEFAULT_TEXT_DROPOUT = {"prior": 0.1, "decoder": 0.5, "inpaint": 0.5}
+DEFAULT_IMAGE_DROPOUT = 0.1
+# settings a resumed run must share with the run it continues (the others may change, e.g. --steps)
+RESUME_FIXED = ("task", "batch_size", "seed", "optimizer", "weight_decay", "lr", "lr_warmup", "objective",
+                "snr_gamma", "lora_rank", "lora_alpha", "freeze", "ema", "resolution", "text_dropout",
+                "image_dropout")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work, found before any work is done (exit code 2)."""
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run; the command-line options of ``kandinsky train`` (see ``--help``)."""
+
+    task: str
+    weights: str
+    data: str
+    output: str
+    steps: int = 1000
+    batch_size: int = 1  # global: all processes, all accumulation micro-batches together
+    grad_accum: int = 1
+    lr: float | None = None  # None: DEFAULT_LR, or DEFAULT_LORA_LR with lora_rank
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    lr_warmup: int = 0
+    max_grad_norm: float | None = None
+    seed: int = 0
+    objective: str = "original"
+    snr_gamma: float | None = None
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    freeze: tuple[str, ...] = ()
+    ema: float | None = None
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    strategy: str = "ddp"
+    save_every: int = 1000
+    keep_checkpoints: int = 1
+    resume: bool = False
+    stop_after: int | None = None
+    resolution: int = 512
+    cache: str | None = None
+    text_dropout: float | None = None  # None: DEFAULT_TEXT_DROPOUT[task]
+    image_dropout: float = DEFAULT_IMAGE_DROPOUT
+    revision: str | None = None
+    cache_dir: str | None = None
+    device: str | None = None
+    progress: bool = True
+
+    @property
+    def component(self) -> str:
+        return TASKS[self.task]
+
+    @property
+    def feature_task(self) -> str:
+        """What the frozen encoders compute for this task (:data:`kandinsky.training.data.FEATURES`)."""
+        return "prior" if self.task == "prior" else "decoder"
+
+    @property
+    def resolved_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return DEFAULT_LORA_LR if self.lora_rank else DEFAULT_LR
+
+    @property
+    def resolved_text_dropout(self) -> float:
+        return DEFAULT_TEXT_DROPOUT[self.task] if self.text_dropout is None else self.text_dropout
+
+    @property
+    def source(self) -> str:
+        """``weights``, a local folder made absolute (``base.json`` must still point at it from the output)."""
+        local = Path(self.weights).expanduser()
+        return str(local.resolve()) if local.exists() else self.weights
+
+    @property
+    def base_options(self) -> dict:
+        """The options of the base weights besides their source (``base.json``, the cache description)."""
+        return {"revision": self.revision} if self.revision is not None else {}
+
+    def as_json(self) -> dict:
+        """The settings as JSON values (tuples as lists), as ``train_config.json`` and checkpoints record them."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def check(self, world_size: int = 1) -> None:
+        """Raise :class:`ConfigError` naming the option for any setting that cannot work."""
+        self._check_ranges()
+        self._check_combinations(world_size)
+
+    def _check_ranges(self) -> None:
+        def positive(name: str, value, allow_zero: bool = False) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+                raise ConfigError(f"--{name}: expected an integer >= {0 if allow_zero else 1}, got {value!r}")
+
+        def choice(name: str, value, choices) -> None:
+            if value not in choices:
+                raise ConfigError(f"--{name}: expected one of {list(choices)}, got {value!r}")
+
+        def probability(name: str, value) -> None:
+            if not 0 <= value <= 1:
+                raise ConfigError(f"--{name}: expected a probability in [0, 1], got {value}")
+
+        choice("task", self.task, TASKS)
+        for name in ("steps", "batch_size", "grad_accum", "keep_checkpoints", "resolution"):
+            positive(name.replace("_", "-"), getattr(self, name))
+        for name in ("lr_warmup", "save_every", "seed"):
+            positive(name.replace("_", "-"), getattr(self, name), allow_zero=True)
+        if self.stop_after is not None:
+            positive("stop-after", self.stop_after)
+        if self.lora_rank is not None:
+            positive("lora-rank", self.lora_rank)
+        choice("optimizer", self.optimizer, OPTIMIZERS)
+        choice("objective", self.objective, OBJECTIVES)
+        choice("mixed-precision", self.mixed_precision, PRECISIONS)
+        choice("strategy", self.strategy, distributed.STRATEGIES)
+        for part in self.freeze:
+            choice("freeze", part, FREEZE)
+        if not self.resolved_lr > 0:
+            raise ConfigError(f"--lr: expected a positive number, got {self.resolved_lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"--weight-decay: expected a number >= 0, got {self.weight_decay}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigError(f"--max-grad-norm: expected a positive number, got {self.max_grad_norm}")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise ConfigError(f"--ema: expected a decay in (0, 1), e.g. 0.9999, got {self.ema}")
+        if self.lora_alpha is not None and self.lora_rank is None:
+            raise ConfigError("--lora-alpha: only with --lora-rank")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ConfigError(f"--lora-alpha: expected a positive number, got {self.lora_alpha}")
+        probability("text-dropout", self.resolved_text_dropout)
+        probability("image-dropout", self.image_dropout)
+
+    def _check_combinations(self, world_size: int) -> None:
+        if self.task == "prior":
+            if self.freeze:
+                raise ConfigError("--freeze: the original's resblocks/attention freezing applies to the decoder UNets, "
+                                  "not the prior")
+            if self.objective != "original" or self.snr_gamma is not None:
+                raise ConfigError("--objective/--snr-gamma: the prior has one objective (x0 MSE); these are for "
+                                  "decoder and inpaint")
+        if self.snr_gamma is not None and self.objective != "eps":
+            raise ConfigError("--snr-gamma: Min-SNR weighting needs --objective eps")
+        if self.snr_gamma is not None and not self.snr_gamma > 0:
+            raise ConfigError(f"--snr-gamma: expected a positive number (5 is usual), got {self.snr_gamma}")
+        if self.freeze and self.lora_rank is not None:
+            raise ConfigError("--freeze: LoRA already freezes every base weight; use either --freeze or --lora-rank")
+        if self.task != "prior" and self.resolution % 64:
+            raise ConfigError(f"--resolution: expected a multiple of 64 (the MoVQ and the UNet halve it 6 times), "
+                              f"got {self.resolution}")
+        if self.optimizer == "adafactor" and self.strategy == "fsdp" and world_size > 1:
+            raise ConfigError("--optimizer adafactor: transformers' Adafactor cannot update FSDP's sharded parameters; "
+                              "use --strategy ddp or --optimizer adamw")
+        if self.mixed_precision == "fp16" and self.strategy == "fsdp" and world_size > 1:
+            raise ConfigError("--mixed-precision fp16: the gradient scaler would check each process's shard for "
+                              "overflow separately under FSDP; use bf16 with --strategy fsdp (or ddp with fp16)")
+        shares = world_size * self.grad_accum
+        if self.batch_size % shares:
+            raise ConfigError(f"--batch-size: the global batch ({self.batch_size}) must split evenly into "
+                              f"{world_size} process(es) x {self.grad_accum} accumulation step(s)")
