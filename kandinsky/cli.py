@@ -40,7 +40,7 @@ EXPORT_FORMATS = ("pt2", "onnx")
 EXPORT_TARGETS = ("movq_decode", "movq_encode", "prior", "unet", "unet_inpaint")
 MAX_IMAGE_SIDE = 4096
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
-DEFAULT_WEIGHTS = "kandinsky-community/kandinsky-2-1"  # = kandinsky.hub.DEFAULT_WEIGHTS, without importing
+DEFAULT_WEIGHTS = "kandinsky-community/kandinsky-2-1"  # = kandinsky.hub.DEFAULT_SOURCE, without importing
 # transformers (2+ s) just to print --help
 
 

@@ -167,6 +167,16 @@ class Components:
         """The modules in memory now."""
         return list(self._modules)
 
+    def replace(self, name: str, module: nn.Module) -> None:
+        """Put ``module`` in place of the module ``name`` (its lazy loader, if any, is dropped)."""
+        if name not in MODULES:
+            raise ValueError(f"name: expected one of {list(MODULES)}, got {name!r}")
+        if not isinstance(module, nn.Module):
+            raise ValueError(f"module: expected an nn.Module, got {type(module).__name__}")
+        self._loaders.pop(name, None)
+        self._compiled.pop(name, None)
+        self._modules[name] = module
+
     # ---- ready models ---------------------------------------------------------------------------------
 
     def module(self, name: str) -> nn.Module:

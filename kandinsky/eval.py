@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from kandinsky.hub import WeightsNotFoundError
+from kandinsky.images import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DEFAULT_SIZE = 256
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 # torch-fidelity's conversion of the TensorFlow FID Inception weights (what torchmetrics downloads by default)

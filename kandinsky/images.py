@@ -19,6 +19,9 @@ import torch.nn.functional as F
 
 from kandinsky.validation import check_finite
 
+# the image files that training data, batch inputs and evaluation folders may hold (what PIL reads everywhere)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
 
 def images_to_tensor(image: Any, height: int, width: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """Images -> ((B, 3, height, width) float32 in [-1, 1], (H, W) of the input before resizing)."""

@@ -233,7 +233,8 @@ def test_png_metadata_is_what_generate_writes(uninterrupted):
     assert text["Software"].startswith("kandinsky21 ")
     settings = json.loads(text["settings"])
     assert settings == record["settings"]
-    assert settings["steps"] == 2 and settings["sampler"] == "ddim" and settings["command"] == "batch"
+    assert settings["num_inference_steps"] == 2 and settings["sampler"] == "ddim" and settings["task"] == "text2img"
+    assert settings["batch"]["command"] == "batch" and settings["batch"]["index"] == 3
     assert record["prompt"] == PROMPTS[3] and record["line"] == 5 and record["seconds"] > 0  # line 4 is blank
 
 

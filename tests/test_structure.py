@@ -1,8 +1,8 @@
 """The package's layering, read from the source with ``ast``: imports point down only.
 
-    cli, __main__                      > training, batch, eval
-    > pipeline > hub > weights (+ lora, layouts, export: the other readers and writers of weight files)
-    > convert > models, text_encoders, schedulers, ops, tiny > validation, png
+    cli, __main__, ui > batch > the tasks: pipeline, training, eval, export > components (the one store)
+    > hub > weights (+ lora, layouts: the other readers and writers of weight files) > convert
+    > models, text_encoders, schedulers, ops, tiny, settings, images > validation, png, distributed
 
 Modules of one layer may import each other. The package root imports nothing when imported; its public names
 (``from kandinsky import Kandinsky21, save_png``) load pipeline and png on first use. Proof tooling (parity, benchmark, testing) may import anything;
@@ -20,15 +20,17 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "kandinsky"
 LAYERS = [  # top first
-    {"cli", "__main__"},
-    {"training", "batch", "eval"},
-    {"pipeline"},
+    {"cli", "__main__", "ui"},
+    {"batch"},
+    {"pipeline", "training", "eval", "export"},
+    {"components"},
     {"hub"},
-    {"weights", "lora", "layouts", "export"},
+    {"weights", "lora", "layouts"},
     {"convert"},
-    {"models", "text_encoders", "schedulers", "ops", "tiny"},
-    {"validation", "png"},
+    {"models", "text_encoders", "schedulers", "ops", "tiny", "settings", "images"},
+    {"validation", "png", "distributed"},
 ]
+TASKS = {"pipeline", "training", "eval", "export"}  # each takes a Components store, never another task
 TOOLING = {"parity", "benchmark", "testing"}
 INIT_LAZY = {"pipeline", "png"}  # what the package root's public names come from
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
@@ -103,3 +105,39 @@ def test_no_private_names_are_imported_from_other_modules(path):
                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kandinsky")
                for alias in node.names if alias.name.startswith("_") and not alias.name.startswith("__")]
     assert not private, f"kandinsky/{path.relative_to(PACKAGE)} imports private names {private}: make them public"
+
+
+def test_tasks_do_not_import_each_other():
+    """Training, export and evaluation take a Components store (or a model from it), never a pipeline; the
+    component benchmarks and the parity tooling neither (only the end-to-end benchmarks run the pipeline)."""
+    for path in _files():
+        unit = _unit(path)
+        if unit in TASKS:
+            others = sorted(imported_units(path) & TASKS - {unit})
+            assert not others, f"kandinsky/{path.relative_to(PACKAGE)} ({unit}) imports other tasks: {others}"
+    end_to_end = {"pipeline.py", "gpu.py", "batch.py", "__init__.py"}  # benchmark/: the end-to-end benchmarks
+    for path in sorted((PACKAGE / "benchmark").glob("*.py")) + sorted((PACKAGE / "parity").glob("*.py")):
+        if path.parent.name == "benchmark" and path.name in end_to_end:
+            continue
+        assert "pipeline" not in imported_units(path), f"kandinsky/{path.relative_to(PACKAGE)} imports the pipeline"
+
+
+MAX_POSITIONAL = 8  # more and a call reads as a row of unnamed values: take the rest by keyword
+
+
+@pytest.mark.parametrize("path", _files(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_function_takes_more_than_8_positional_parameters(path):
+    wide = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            names = [a.arg for a in node.args.posonlyargs + node.args.args if a.arg not in ("self", "cls")]
+            if len(names) > MAX_POSITIONAL:
+                wide.append(f"{node.name}({len(names)})")
+    assert not wide, f"kandinsky/{path.relative_to(PACKAGE)}: {wide} take more than {MAX_POSITIONAL} positional " \
+                     "parameters: make the rest keyword-only"
+
+
+def test_pipeline_files_stay_readable():
+    long = {str(p.relative_to(PACKAGE)): n for p in sorted((PACKAGE / "pipeline").glob("*.py"))
+            if (n := len(p.read_text().splitlines())) > 600}
+    assert not long, f"pipeline files over 600 lines: {long}"

@@ -281,6 +281,13 @@ def test_freeze_follows_the_original_names():
     assert {n.split(".")[-2] for n in frozen} == {"qkv", "proj_out"}
 
 
+def test_training_takes_its_models_from_components_not_a_pipeline():
+    from test_structure import PACKAGE, imported_units
+
+    for path in sorted((PACKAGE / "training").glob("*.py")):
+        assert "pipeline" not in imported_units(path), f"kandinsky/training/{path.name} imports the pipeline"
+
+
 def test_learning_rate_warmup():
     config = TrainConfig(task="decoder", weights="w", data="d", output="o", lr=1e-4, lr_warmup=4)
     assert [learning_rate(config, s) for s in range(6)] == pytest.approx([2.5e-5, 5e-5, 7.5e-5, 1e-4, 1e-4, 1e-4])

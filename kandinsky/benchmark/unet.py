@@ -1,8 +1,7 @@
 """Decoder UNet benchmark: the full official configuration, batch 2 (classifier-free guidance doubles the
 batch of one image), 64x64 latents (512 px images) and 96x96 (768 px), ours vs diffusers 0.42.1 with the
-same weights, interleaved in one process; peak memory of each side in its own process.
-
-Run under the heavy-job lock: ``flock /tmp/kandinsky-heavy.lock python scripts/benchmark.py unet``.
+same weights, interleaved in one process; peak memory of each side in its own process. Run it alone on a quiet
+machine: ``python scripts/benchmark.py unet``.
 """
 
 from __future__ import annotations

@@ -525,7 +525,7 @@ def _t_batch(t, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), t if dtype is torch.float32 else int(t), dtype=dtype, device=x.device)
 
 
-def _ancestral_loop(denoise, x, schedule, timesteps, steps, prediction, noise_fn, callback, x0_process, x0_fn,
+def _ancestral_loop(denoise, x, schedule, timesteps, steps, prediction, noise_fn, callback, *, x0_process, x0_fn,
                     noise_if_t_positive: bool, float32: bool = False):
     ac = schedule.alphas_cumprod
     ts = [int(t) for t in timesteps.tolist()]
@@ -558,8 +558,8 @@ def _p_sampler(denoise, x, schedule, timesteps, steps, prediction, noise_fn, cal
         raise ValueError(f"threshold: expected 'batch0', 'per_sample' or None, got {threshold!r}")
     process = None if threshold is None else (lambda x0: dynamic_threshold(x0, 0.995, batch0=threshold == "batch0"))
     # The original draws noise at every step but multiplies the last one by 0: no draw at the last step here.
-    return _ancestral_loop(denoise, x, schedule, timesteps, steps, prediction, noise_fn, callback, process, x0_fn,
-                           noise_if_t_positive=False)
+    return _ancestral_loop(denoise, x, schedule, timesteps, steps, prediction, noise_fn, callback,
+                           x0_process=process, x0_fn=x0_fn, noise_if_t_positive=False)
 
 
 def _ddpm(denoise, x, schedule, timesteps, steps, prediction, noise_fn, callback, *, thresholding=True,
@@ -568,8 +568,8 @@ def _ddpm(denoise, x, schedule, timesteps, steps, prediction, noise_fn, callback
     if thresholding:
         process = lambda x0: dynamic_threshold(x0, dynamic_thresholding_ratio, max_value=sample_max_value)  # noqa: E731
     # diffusers DDPMScheduler draws noise when t > 0.
-    return _ancestral_loop(denoise, x, schedule, timesteps, steps, prediction, noise_fn, callback, process, x0_fn,
-                           noise_if_t_positive=True)
+    return _ancestral_loop(denoise, x, schedule, timesteps, steps, prediction, noise_fn, callback,
+                           x0_process=process, x0_fn=x0_fn, noise_if_t_positive=True)
 
 
 def _unclip(denoise, x, schedule, timesteps, steps, prediction, noise_fn, callback, *, clip_sample_range=10.0,
@@ -580,8 +580,8 @@ def _unclip(denoise, x, schedule, timesteps, steps, prediction, noise_fn, callba
     if clip_sample_range is not None:
         process = lambda x0: x0.clamp(-clip_sample_range, clip_sample_range)  # noqa: E731
     # diffusers UnCLIPScheduler draws noise when t > 0.
-    return _ancestral_loop(denoise, x, schedule, timesteps, steps, prediction, noise_fn, callback, process, x0_fn,
-                           noise_if_t_positive=True, float32=arithmetic == "float32")
+    return _ancestral_loop(denoise, x, schedule, timesteps, steps, prediction, noise_fn, callback,
+                           x0_process=process, x0_fn=x0_fn, noise_if_t_positive=True, float32=arithmetic == "float32")
 
 
 def _check_eta(eta) -> float:

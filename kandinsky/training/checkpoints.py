@@ -13,7 +13,9 @@ Layout::
     cache/                      --cache without a folder: the frozen encoders' outputs
 
 Every folder is written to a temporary name and renamed (:func:`kandinsky.weights.atomic_folder`), so a run
-killed while saving leaves the previous checkpoint and outputs intact.
+killed while saving leaves the previous checkpoint and outputs intact. ``from_pretrained(OUT)`` (of
+:class:`~kandinsky.components.Components` or a pipeline) loads the base with the trained component in its place;
+``load_lora(OUT)`` adds trained adapters.
 """
 
 from __future__ import annotations

@@ -36,8 +36,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,136 +45,14 @@ from torch import nn
 from kandinsky import schedulers
 from kandinsky.components import Components
 from kandinsky.images import images_to_tensor, mask_to_tensor, to_output, unit_range
+from kandinsky.pipeline.common import (DecoderStart, NonFiniteError, TaskCall, dilate_repaint, guided_denoiser,
+                                       initial_seeds, match_batch, negative_list, original_x0_fn)
 from kandinsky.png import png_text, recorded_settings
 from kandinsky.settings import (MAX_EMBED, MAX_WEIGHT, PRIOR_SAMPLERS, DecodeSettings, Img2ImgSettings,
                                 InpaintSettings, MixSettings, Text2ImgSettings, check_guidance, check_prior_sampler,
                                 check_steps, rounded_size)
 from kandinsky.text_encoders import encode_clip_images, encode_clip_text, encode_multilingual, zero_image_embeds
 from kandinsky.validation import check_finite, check_in_range, check_positive_int, prompt_list
-
-__all__ = ["Kandinsky21", "NonFiniteError", "dilate_repaint", "guide", "guided_denoiser", "rounded_size"]
-
-
-class NonFiniteError(ValueError):
-    """A generation produced NaN or infinite values from valid arguments: the weights hold NaN/inf, or the
-    weight dtype overflowed (float16 above 65504)."""
-
-
-def _negative_list(negative_prompt: str | Sequence[str] | None, count: int) -> list[str] | None:
-    """None, or one negative prompt per prompt (a single string applies to every prompt)."""
-    if negative_prompt is None:
-        return None
-    if isinstance(negative_prompt, str):
-        return [negative_prompt] * count
-    negatives = prompt_list(negative_prompt, "negative_prompt")
-    if len(negatives) != count:
-        raise ValueError(f"negative_prompt: expected one negative prompt per prompt ({count}), got {len(negatives)}")
-    return negatives
-
-
-def dilate_repaint(keep: torch.Tensor) -> torch.Tensor:
-    """Grow the repaint area (0 in ``keep``) of a (B, 1, h, w) latent keep-mask by one latent pixel.
-
-    Reproduces diffusers' ``prepare_mask`` exactly, including its asymmetry: a repaint pixel spreads to
-    its up, down, left, right, up-left and down-right neighbours (not to up-right / down-left).
-    """
-    repaint = 1 - keep
-    # conv2d is a cross-correlation: out[i, j] = sum_kl w[k, l] * in[i + k - 1, j + l - 1]; pixel q becomes
-    # repaint if some repaint p has q - p in {(0,0), (+-1,0), (0,+-1), (-1,-1), (1,1)}: w[1 - di, 1 - dj] = 1.
-    kernel = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 1.0, 1.0]], dtype=keep.dtype, device=keep.device)
-    spread = F.conv2d(repaint, kernel[None, None], padding=1)
-    return (spread <= 0).to(keep.dtype)
-
-
-def _initial_seeds(generator: torch.Generator | list[torch.Generator]) -> list[int | None]:
-    """The seed of each generator when nothing was drawn from it since it was seeded (the seed then
-    reproduces the call), else None."""
-    seeds = []
-    for g in generator if isinstance(generator, list) else [generator]:
-        fresh = torch.Generator(g.device).manual_seed(g.initial_seed())
-        seeds.append(g.initial_seed() if torch.equal(fresh.get_state(), g.get_state()) else None)
-    return seeds
-
-
-# ------------------------------------------------------------------------------------------- guidance
-
-
-def guide(output: torch.Tensor, guidance_scale: float, guided_channels: int | None = None) -> torch.Tensor:
-    """Classifier-free guidance of a model output on the batch ``[unconditional, conditional]``:
-    ``uncond + guidance_scale * (cond - uncond)``, (B, ...) from (2B, ...).
-
-    Only the first ``guided_channels`` channels are guided (all by default); the rest come from the
-    conditional half as they are (the decoder UNet's learned-variance channels, as both references do).
-    """
-    uncond, cond = output.chunk(2)
-    if guided_channels is None:
-        return uncond + guidance_scale * (cond - uncond)
-    uncond, cond_guided, cond_rest = uncond[:, :guided_channels], cond[:, :guided_channels], cond[:, guided_channels:]
-    return torch.cat([uncond + guidance_scale * (cond_guided - uncond), cond_rest], dim=1)
-
-
-def guided_denoiser(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], guidance_scale: float,
-                    guided_channels: int | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The samplers' ``denoise(x, t)`` from ``predict(x, timesteps)``, a model conditioned on a batch of
-    ``[unconditional, conditional]`` rows when ``guidance_scale > 1`` (then ``x`` runs twice and the output
-    is :func:`guide`-d), on the conditional rows alone otherwise. The output is float32."""
-    use_guidance = guidance_scale > 1.0
-
-    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        x_in = torch.cat([x, x]) if use_guidance else x
-        timesteps = t.reshape(-1)[:1].expand(x_in.shape[0])  # the sampler's (B,) timesteps are all equal
-        out = predict(x_in, timesteps).float()
-        return guide(out, guidance_scale, guided_channels) if use_guidance else out
-
-    return denoise
-
-
-def _original_x0_fn(known: tuple[torch.Tensor, torch.Tensor] | None) -> Callable:
-    """The original's ``denoised_fn`` of its p_sampler path: x0 clamped to [-2, 2] at every step and, when
-    inpainting, the kept region (``keep`` = 1) replaced by the image latents."""
-    def x0_fn(x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        x0 = x0.clamp(-2, 2)
-        if known is None:
-            return x0
-        latents, keep = known
-        return x0 * (1 - keep) + latents * keep
-
-    return x0_fn
-
-
-# ------------------------------------------------------------------------------------------- pipeline
-
-
-@dataclass(frozen=True)
-class _Call:
-    """One task call: its prompts, a negative prompt per prompt (or None: empty unconditional text), settings."""
-
-    prompts: tuple[str, ...]
-    negatives: tuple[str, ...] | None
-    settings: DecodeSettings
-
-    @classmethod
-    def of(cls, prompt, negative_prompt, settings: DecodeSettings) -> _Call:
-        prompts = prompt_list(prompt)
-        negatives = _negative_list(negative_prompt, len(prompts))
-        return cls(tuple(prompts), None if negatives is None else tuple(negatives), settings)
-
-    @property
-    def rows(self) -> int:
-        """Images the call makes: prompts x images per prompt."""
-        return len(self.prompts) * self.settings.num_images_per_prompt
-
-
-@dataclass
-class _Start:
-    """Where the decoder starts from: noised image latents and their timesteps (img2img), the UNet's extra input
-    channels and the known latents (inpainting)."""
-
-    x: torch.Tensor | None = None
-    timesteps: torch.Tensor | None = None
-    condition: torch.Tensor | None = None
-    known: tuple[torch.Tensor, torch.Tensor] | None = None
-    unet: str = "unet"
 
 
 class Kandinsky21:
@@ -340,7 +217,7 @@ class Kandinsky21:
         [0, 100] (at most 1: no guidance).
         """
         prompts = prompt_list(prompt)
-        negatives = _negative_list(negative_prompt, len(prompts))
+        negatives = negative_list(negative_prompt, len(prompts))
         steps = check_steps("num_inference_steps", num_inference_steps, "unclip")
         guidance = check_guidance("guidance_scale", guidance_scale)
         per_prompt = check_positive_int("num_images_per_prompt", num_images_per_prompt)
@@ -458,11 +335,11 @@ class Kandinsky21:
         ``image_embeds`` / ``negative_image_embeds`` have one row per prompt, or one row per output image
         (len(prompt) * num_images_per_prompt).
         """
-        call = _Call.of(prompt, negative_prompt, DecodeSettings.from_values(locals()))
+        call = TaskCall.of(prompt, negative_prompt, DecodeSettings.from_values(locals()))
         generator = self._generator(generator)
         record = self._record(call, generator)
         image_embeds, negative_image_embeds = self._expand_embeds(image_embeds, negative_image_embeds, call)
-        return self._decoder(call, image_embeds, negative_image_embeds, generator, _Start(), record)
+        return self._decoder(call, image_embeds, negative_image_embeds, generator, DecoderStart(), record)
 
     @torch.no_grad()
     def text2img(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
@@ -483,11 +360,11 @@ class Kandinsky21:
         and ``prior_sampler`` (see :meth:`prior`). A generation that yields NaN or infinite values raises
         :class:`NonFiniteError`.
         """
-        call = _Call.of(prompt, negative_prompt, Text2ImgSettings.from_values(locals()))
+        call = TaskCall.of(prompt, negative_prompt, Text2ImgSettings.from_values(locals()))
         generator = self._generator(generator)
         record = self._record(call, generator)
         embeds = self._prior_of(call, generator)
-        return self._decoder(call, *embeds, generator, _Start(), record)
+        return self._decoder(call, *embeds, generator, DecoderStart(), record)
 
     @torch.no_grad()
     def img2img(self, prompt: str | Sequence[str], image, strength: float = 0.3,
@@ -506,7 +383,7 @@ class Kandinsky21:
         are run. ``strength`` 1 starts from almost pure noise. Pass ``image_embeds`` /
         ``negative_image_embeds`` to skip the prior.
         """
-        call = _Call.of(prompt, negative_prompt, Img2ImgSettings.from_values(locals()))
+        call = TaskCall.of(prompt, negative_prompt, Img2ImgSettings.from_values(locals()))
         generator = self._generator(generator)
         record = self._record(call, generator, prior=image_embeds is None)
         latents, _ = self._image_start(call, image, None)
@@ -519,7 +396,7 @@ class Kandinsky21:
         noise_timestep = max(int(self.img2img_schedule.num_train_timesteps * strength) - 2, 0)
         noise = schedulers.randn(latents.shape, generator, self.device)
         x = schedulers.add_noise(latents, noise, noise_timestep, self.img2img_schedule)
-        return self._decoder(call, *embeds, generator, _Start(x=x, timesteps=timesteps), record)
+        return self._decoder(call, *embeds, generator, DecoderStart(x=x, timesteps=timesteps), record)
 
     @torch.no_grad()
     def inpaint(self, prompt: str | Sequence[str], image, mask_image,
@@ -543,7 +420,7 @@ class Kandinsky21:
         every step (and x0 clamped to [-2, 2]), as the original's p_sampler path does; diffusers' samplers
         never blend. ``sampler_options={"x0_fn": ...}`` replaces that step.
         """
-        call = _Call.of(prompt, negative_prompt, InpaintSettings.from_values(locals()))
+        call = TaskCall.of(prompt, negative_prompt, InpaintSettings.from_values(locals()))
         generator = self._generator(generator)
         record = self._record(call, generator, prior=image_embeds is None)
         latents, mask = self._image_start(call, image, mask_image)
@@ -554,7 +431,7 @@ class Kandinsky21:
         per_prompt = call.settings.num_images_per_prompt
         condition = torch.cat([latents * keep, keep], dim=1).repeat_interleave(per_prompt, 0)
         known = (latents.repeat_interleave(per_prompt, 0), keep.repeat_interleave(per_prompt, 0))
-        start = _Start(condition=condition, known=known, unet="unet_inpaint")
+        start = DecoderStart(condition=condition, known=known, unet="unet_inpaint")
         return self._decoder(call, *embeds, generator, start, record)
 
     @torch.no_grad()
@@ -566,7 +443,7 @@ class Kandinsky21:
             sampler_options: dict | None = None, prior_sampler: str = "unclip"):
         """Images from a weighted mix of prompts and images (:meth:`interpolate`, then the decoder with an
         empty prompt, as the original ``mix_images`` and diffusers' interpolate example do)."""
-        call = _Call.of([""], None, MixSettings.from_values(locals()))
+        call = TaskCall.of([""], None, MixSettings.from_values(locals()))
         generator = self._generator(generator)
         items = images_and_prompts if isinstance(images_and_prompts, Sequence) else ()
         label = " | ".join(item if isinstance(item, str) else "<image>" for item in items)
@@ -578,16 +455,16 @@ class Kandinsky21:
                                   negative_prior_prompt=negative_prior_prompt, negative_prompt=negative_prompt,
                                   generator=generator, sampler=settings.prior_sampler)
         embeds = self._expand_embeds(*embeds, call)
-        return self._decoder(call, *embeds, generator, _Start(), record)
+        return self._decoder(call, *embeds, generator, DecoderStart(), record)
 
     # ---- task internals ---------------------------------------------------------------------------------
 
-    def _size(self, call: _Call) -> tuple[int, int]:
+    def _size(self, call: TaskCall) -> tuple[int, int]:
         """The requested size rounded up for the MoVQ (64 px multiples for the official one)."""
         settings = call.settings
         return rounded_size(settings.height, settings.width, self.module("movq").config.downsample_factor)
 
-    def _prior_of(self, call: _Call, generator):
+    def _prior_of(self, call: TaskCall, generator):
         settings = call.settings
         return self.prior(call.prompts, negative_prompt=call.negatives,
                           num_inference_steps=settings.prior_num_inference_steps,
@@ -595,7 +472,7 @@ class Kandinsky21:
                           num_images_per_prompt=settings.num_images_per_prompt, generator=generator,
                           sampler=settings.prior_sampler)
 
-    def _expand_embeds(self, image_embeds, negative_image_embeds, call: _Call):
+    def _expand_embeds(self, image_embeds, negative_image_embeds, call: TaskCall):
         rows, count = call.rows, len(call.prompts)
         out = []
         for name, embeds in (("image_embeds", image_embeds), ("negative_image_embeds", negative_image_embeds)):
@@ -616,14 +493,14 @@ class Kandinsky21:
             out.append(embeds.float().to(self.device))
         return out
 
-    def _embeds_or_prior(self, call: _Call, image_embeds, negative_image_embeds, generator):
+    def _embeds_or_prior(self, call: TaskCall, image_embeds, negative_image_embeds, generator):
         if (image_embeds is None) != (negative_image_embeds is None):
             raise ValueError("image_embeds, negative_image_embeds: pass both or neither")
         if image_embeds is None:
             return self._prior_of(call, generator)
         return self._expand_embeds(image_embeds, negative_image_embeds, call)
 
-    def _image_start(self, call: _Call, image, mask_image) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _image_start(self, call: TaskCall, image, mask_image) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``image`` (and ``mask_image``, if not None) read at the rounded size, one per prompt: the image's MoVQ
         latents (B, 4, h, w) float32 and the mask (B, 1, H, W), B = len(call.prompts)."""
         height, width = self._size(call)
@@ -631,13 +508,13 @@ class Kandinsky21:
         mask = None if mask_image is None else mask_to_tensor(mask_image, height, width, image_size)
         if mask is not None and mask.shape[0] not in (1, pixels.shape[0]) and pixels.shape[0] != 1:
             raise ValueError(f"mask_image: expected 1 or {pixels.shape[0]} masks (one per image), got {mask.shape[0]}")
-        pixels = _match_batch("image", pixels, len(call.prompts))
+        pixels = match_batch("image", pixels, len(call.prompts))
         if mask is not None:
-            mask = _match_batch("mask_image", mask, len(call.prompts))
+            mask = match_batch("mask_image", mask, len(call.prompts))
         latents = self.module("movq").encode(pixels.to(self.device, self.dtype)).float()
         return latents, mask
 
-    def _decoder(self, call: _Call, image_embeds, negative_image_embeds, generator, start: _Start,
+    def _decoder(self, call: TaskCall, image_embeds, negative_image_embeds, generator, start: DecoderStart,
                  record: dict | None):
         """Guided sampling of the UNet from ``start`` (unit noise by default) and MoVQ decoding; ``record``
         (:meth:`_record`): what each PIL image's ``info`` then carries."""
@@ -679,7 +556,7 @@ class Kandinsky21:
                                                      settings.num_inference_steps)
         options = dict(settings.sampler_options or {})
         if settings.sampler == "p_sampler":
-            options.setdefault("x0_fn", _original_x0_fn(start.known))
+            options.setdefault("x0_fn", original_x0_fn(start.known))
         if len(timesteps) > 0:
             x = schedulers.sample(settings.sampler, denoise, x, self.decoder_schedule, timesteps,
                                   generator=generator, progress=self.progress, **options)
@@ -696,7 +573,7 @@ class Kandinsky21:
                 image.info.update(png_text(prompts[prompt], seeds[row % len(seeds)], row, record["settings"], negative))
         return output
 
-    def _record(self, call: _Call, generator, *, prior: bool = True, prompts: Sequence[str] | None = None,
+    def _record(self, call: TaskCall, generator, *, prior: bool = True, prompts: Sequence[str] | None = None,
                 **inputs) -> dict:
         """What the PIL images of a call carry in their ``info`` (:func:`kandinsky.png.png_text`): the call's
         settings, where the weights came from, the adapters, each image's prompt (``prompts``, one per prompt of
@@ -707,12 +584,4 @@ class Kandinsky21:
         if not prior:  # the caller gave the image embeddings: no prior ran
             for name in ("prior_num_inference_steps", "prior_guidance_scale", "prior_sampler"):
                 values.pop(name, None)
-        return {"settings": values, "seeds": _initial_seeds(generator), "prompts": tuple(prompts or call.prompts)}
-
-
-def _match_batch(name: str, tensor: torch.Tensor, count: int) -> torch.Tensor:
-    if tensor.shape[0] == count:
-        return tensor
-    if tensor.shape[0] == 1:
-        return tensor.expand(count, *tensor.shape[1:])
-    raise ValueError(f"{name}: expected 1 or {count} (one per prompt), got {tensor.shape[0]}")
+        return {"settings": values, "seeds": initial_seeds(generator), "prompts": tuple(prompts or call.prompts)}
