@@ -92,6 +92,7 @@ def _model_options(parser: argparse.ArgumentParser, steps: int, guidance: float 
                          help="weight dtype (default auto: float16 on CUDA, float32 on CPU)")
     weights.add_argument("--offload", action="store_true",
                          help="keep only the prior or the decoder in memory at a time")
+    _lora_option(weights)
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--steps", type=int, default=steps, help=f"decoder steps (default: {steps})")
     sampling.add_argument("--guidance", type=float, default=guidance, help="decoder guidance scale (default: "
@@ -109,6 +110,26 @@ def _model_options(parser: argparse.ArgumentParser, steps: int, guidance: float 
     return sampling
 
 
+def _lora(text: str) -> tuple[str, float]:
+    """``--lora PATH[:SCALE]``: an adapter file or training output folder, and its scale (default 1)."""
+    path, _, scale = text.rpartition(":")
+    if path and not Path(text).exists():
+        try:
+            value = float(scale)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected PATH or PATH:SCALE with a number SCALE, got {text!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"SCALE: expected a finite number, got {scale!r}")
+        return path, value
+    return text, 1.0
+
+
+def _lora_option(parser) -> None:
+    parser.add_argument("--lora", type=_lora, action="append", default=[], metavar="PATH[:SCALE]",
+                        help="a LoRA adapter (lora.safetensors or a training output folder) and its scale "
+                             "(default 1); repeat to stack adapters")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kandinsky import __version__
 
@@ -117,7 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     generate = commands.add_parser("generate", help="text to image")
-    generate.add_argument("prompt")
+    generate.add_argument("prompt", nargs="?", default=None, help="what to draw (optional with --from-png)")
+    generate.add_argument("--from-png", default=None, metavar="IMAGE.png",
+                          help="regenerate IMAGE.png: its prompt, seed, settings, weights and adapters (see "
+                               "`kandinsky info`); flags given explicitly override them")
     _common(generate, steps=100, guidance=4.0)
     img2img = commands.add_parser("img2img", help="repaint an image towards a prompt")
     img2img.add_argument("prompt")
@@ -138,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="one weight per item (default: equal weights summing to 1)")
     mix.add_argument("--grid", default=None, help="also write a PNG grid: the inputs, then the result")
     _common(mix, steps=100, guidance=4.0)
+    info = commands.add_parser("info", help="how a PNG of ours was made: prompt, seed, settings, weights, adapters")
+    info.add_argument("image", help="a PNG written by kandinsky (generate, batch, the Python API or the web UI)")
+    info.add_argument("--json", action="store_true", help="print the metadata as one JSON object")
     _batch_parser(commands)
     _eval_parser(commands)
     _convert_parser(commands)
@@ -162,7 +189,11 @@ def main(argv: list[str] | None = None) -> int:
                 check_device("--device", args.device)
             except ValueError as error:
                 raise UsageError(str(error)) from None
-        handlers = {"convert": _convert, "export": _export, "batch": _batch, "eval": _evaluate}
+        if getattr(args, "from_png", None) is not None:
+            _apply_png(args, _explicit(parser, args.command, argv))
+        if args.command == "generate" and args.prompt is None:
+            raise UsageError("prompt: expected a prompt (or --from-png IMAGE.png)")
+        handlers = {"convert": _convert, "export": _export, "batch": _batch, "eval": _evaluate, "info": _info}
         with _progress_bars(not getattr(args, "no_progress", False)):
             return handlers[args.command](args) if args.command in handlers else _run(args, parser)
     except KeyboardInterrupt:
@@ -171,6 +202,60 @@ def main(argv: list[str] | None = None) -> int:
     except (CommandError, ValueError, OSError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2 if isinstance(error, UsageError) else 1
+
+
+def _explicit(parser: argparse.ArgumentParser, command: str, argv: list[str]) -> set[str]:
+    """The destinations of the options of ``command`` that ``argv`` gives explicitly."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    given = set()
+    for action in sub._actions:
+        for option in action.option_strings:
+            if any(token == option or token.startswith(option + "=") for token in argv):
+                given.add(action.dest)
+    return given
+
+
+# settings of the PNG schema (kandinsky.png) -> the generating commands' options
+PNG_OPTIONS = {"num_inference_steps": "steps", "guidance_scale": "guidance", "prior_num_inference_steps": "prior_steps",
+               "prior_guidance_scale": "prior_guidance", "height": "height", "width": "width", "sampler": "sampler",
+               "crop": "crop", "num_images_per_prompt": "num_images", "dtype": "dtype"}
+
+
+def _apply_png(args, explicit: set[str]) -> None:
+    """``--from-png``: the stored prompt, seed, settings, weights and adapters, under the explicit flags."""
+    from kandinsky.png import read_png_metadata
+
+    try:
+        stored = read_png_metadata(args.from_png)
+    except ValueError as error:
+        raise UsageError(f"--from-png: {error}") from None
+    settings = stored["settings"]
+    task = {"generate": "text2img"}.get(args.command, args.command)
+    if settings.get("task") != task:
+        raise UsageError(f"--from-png: {args.from_png} was made by the {settings.get('task')!r} task, not {task!r}")
+    values = {option: settings[key] for key, option in PNG_OPTIONS.items() if key in settings}
+    values.update(prompt=stored["prompt"], negative_prompt=stored["negative_prompt"], seed=stored["seed"])
+    weights = settings.get("weights") or {}
+    values.update(weights=weights.get("source"), revision=weights.get("revision"),
+                  lora=[(a["path"], a["scale"]) for a in settings.get("adapters", [])])
+    for option, value in values.items():
+        if option not in explicit and value is not None and not (option == "prompt" and args.prompt is not None):
+            setattr(args, option, value)
+    if "num_images" not in explicit and settings.get("num_images_per_prompt", 1) > 1:
+        args.only_image = stored["image_index"]  # the call's other images are made, not written
+
+
+def _info(args) -> int:
+    from kandinsky.png import read_png_metadata
+
+    metadata = read_png_metadata(args.image)
+    if args.json:
+        print(json.dumps(metadata, sort_keys=True))
+        return 0
+    settings = metadata.pop("settings")
+    for key, value in [*metadata.items(), *sorted(settings.items())]:
+        print(f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    return 0
 
 
 def _delegate(command: str, argv: list[str]) -> int:
@@ -350,9 +435,10 @@ def _convert_parser(commands) -> None:
     convert.add_argument("--dtype", default=None, choices=[d for d in DTYPES if d != "auto"],
                          help="cast the weights (default: keep the checkpoint's dtype; float16 with --to original, "
                               "as released)")
-    convert.add_argument("--lora", default="fuse", choices=["fuse", "separate"],
-                         help="models with LoRA adapters, --to diffusers: fused into the weights (default) or "
-                              "as separate adapter files")
+    _lora_option(convert)
+    convert.add_argument("--lora-mode", default="fuse", choices=["fuse", "separate"],
+                         help="adapters (--lora, or those of a LoRA training output), --to diffusers: fused into the "
+                              "weights (default) or as separate adapter files")
     convert.add_argument("--overwrite", action="store_true",
                          help="replace an existing output folder, if this package wrote it (never SOURCE)")
 
@@ -388,7 +474,7 @@ def _convert(args) -> int:
         check_output(output, overwrite=args.overwrite, component=component)
     if args.component == "pipeline":
         folder = _convert_pipeline(args)
-    elif args.to == "ours" and args.layout != "ours":
+    elif args.to == "ours" and args.layout != "ours" and not args.lora:
         try:
             folder = convert_files(args.component, args.source, args.output, layout=args.layout, config=args.config,
                                    clip_stats=args.clip_stats, overwrite=args.overwrite, dtype=args.dtype)
@@ -424,32 +510,50 @@ def _export_component(args) -> Path:
                                          clip_stats=args.clip_stats)
         except KeyError as error:
             raise CommandError(f"--config: missing entry {error.args[0]!r}") from None
+    if args.lora:
+        module = _with_adapters(args.component, module, args.lora, fuse=args.to == "ours" or args.lora_mode == "fuse")
     if args.to == "ours" and args.dtype:
         import torch
 
         module = module.to(getattr(torch, args.dtype))
     provenance = {"source": str(Path(args.source).resolve()), "source_layout": info.get("layout", layout)}
-    options = {} if args.to == "ours" else {"dtype": args.dtype or "default", "lora": args.lora}
+    options = {} if args.to == "ours" else {"dtype": args.dtype or "default", "lora": args.lora_mode}
     return export_component(args.component, module, args.output, layout=args.to, overwrite=args.overwrite,
                             provenance=provenance, **options)
 
 
+def _with_adapters(component: str, module, adapters: list[tuple[str, float]], fuse: bool):
+    """``module`` with the ``--lora`` adapters for ``component`` loaded (and fused into it when ``fuse``)."""
+    from kandinsky import lora
+
+    for index, (path, scale) in enumerate(adapters):
+        try:
+            weights, meta = lora.read_lora(path)
+            if meta["component"] != component:
+                raise ValueError(f"{path}: an adapter for {meta['component']!r}, not {component!r}")
+            lora.load_lora_weights(module, weights, meta, scale, adapter=f"adapter{index}", source=path)
+        except ValueError as error:
+            raise CommandError(f"--lora: {error}") from None
+    return lora.fuse_lora(module) if fuse else module
+
+
 def _convert_pipeline(args) -> Path:
-    """convert pipeline SOURCE OUTPUT --to ours|diffusers|original: every component SOURCE has."""
-    from kandinsky.pipeline import Kandinsky21
+    """convert pipeline SOURCE OUTPUT --to ours|diffusers|original: every component SOURCE has, with its adapters."""
+    from kandinsky.components import Components
 
     if args.config is not None or args.clip_stats is not None:
         raise UsageError("--config/--clip-stats: only for one component; a pipeline uses the official configs")
     if args.to == "ours" and args.dtype is not None:
         raise UsageError("--dtype: with --to ours a pipeline is written as stored; convert one component to cast it")
     layout = None if args.layout == "auto" else args.layout
-    pipe = Kandinsky21.from_pretrained(args.source, revision=args.revision, cache_dir=args.cache_dir, progress=False,
-                                       **({"layout": layout} if layout else {}))
+    components = Components.from_pretrained(args.source, revision=args.revision, cache_dir=args.cache_dir,
+                                            **({"layout": layout} if layout else {}))
+    _load_adapters(components, args.lora)
     if args.to == "ours":
-        pipe.save_pretrained(args.output, overwrite=args.overwrite)
+        components.save_pretrained(args.output, overwrite=args.overwrite)
     else:
-        pipe.save_pretrained(args.output, overwrite=args.overwrite, layout=args.to, dtype=args.dtype or "default",
-                             lora=args.lora, provenance={"source": args.source, "revision": args.revision})
+        components.save_pretrained(args.output, overwrite=args.overwrite, layout=args.to, dtype=args.dtype or "default",
+                                   lora=args.lora_mode, provenance={"source": args.source, "revision": args.revision})
     return Path(args.output)
 
 
@@ -468,12 +572,15 @@ def _export_parser(commands) -> None:
     export.add_argument("--dtype", default="float32", choices=[d for d in DTYPES if d != "auto"],
                         help="weight dtype of the exported model (default: float32)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    _lora_option(export)
 
 
 def _export(args) -> int:
     import torch
 
+    from kandinsky.components import Components
     from kandinsky.export import FORMATS, TARGETS, export
+    from kandinsky.hub import Lazy
     from kandinsky.weights import is_converted, load_converted
 
     output = Path(args.output)
@@ -488,12 +595,11 @@ def _export(args) -> int:
         stored = json.loads((Path(args.weights) / "config.json").read_text()).get("component")
         if stored != component:
             raise CommandError(f"--weights: {args.weights} holds a {stored}; {args.target} needs a {component}")
-        model = load_converted(args.weights)
+        components = Components(**{component: Lazy(lambda: load_converted(args.weights))})
     else:
-        from kandinsky.hub import resolve
-
-        model = resolve(args.weights, revision=args.revision, cache_dir=args.cache_dir)[component].load()
-    model = model.to(getattr(torch, args.dtype))
+        components = Components.from_pretrained(args.weights, revision=args.revision, cache_dir=args.cache_dir)
+    _load_adapters(components, args.lora)
+    model = components.plain_copy(component).to(getattr(torch, args.dtype))  # adapters fused
     print(export(args.target, model, output, format=format, overwrite=args.overwrite))
     return 0
 
@@ -551,9 +657,19 @@ def _pipeline(args):
     dtype = args.dtype
     if dtype == "auto":
         dtype = "float16" if torch.device(device).type == "cuda" else "float32"
-    return Kandinsky21.from_pretrained(args.weights, device=device, dtype=getattr(torch, dtype),
+    pipe = Kandinsky21.from_pretrained(args.weights, device=device, dtype=getattr(torch, dtype),
                                        revision=args.revision, cache_dir=args.cache_dir,
                                        offload="sequential" if args.offload else None, progress=not args.no_progress)
+    _load_adapters(pipe.components, args.lora)
+    return pipe
+
+
+def _load_adapters(components, adapters: list[tuple[str, float]]) -> None:
+    for path, scale in adapters:
+        try:
+            components.load_lora(path, scale)
+        except ValueError as error:
+            raise CommandError(f"--lora: {error}") from None
 
 
 # the settings' fields (kandinsky.settings) as the generating commands spell them
@@ -596,7 +712,8 @@ def _run(args, parser: argparse.ArgumentParser) -> int:
     settings = task_settings(args)  # every argument error before any model work and before a seed is printed
     if args.command == "mix" and args.ratios is not None and len(args.ratios) != len(args.items):
         parser.error(f"--ratios: expected one weight per item ({len(args.items)}), got {len(args.ratios)}")
-    outputs = _outputs(args.output, args.num_images)
+    only = getattr(args, "only_image", None)  # --from-png of one image of a call that made several
+    outputs = _outputs(args.output, 1 if only is not None else args.num_images)
     grid = Path(args.grid) if getattr(args, "grid", None) else None
     _check_free(outputs + ([grid] if grid else []), args.overwrite)
 
@@ -622,6 +739,8 @@ def _run(args, parser: argparse.ArgumentParser) -> int:
     else:
         images = pipe.mix(items, ratios, negative_prompt=args.negative_prompt or "", **common)
 
+    if only is not None:
+        images = images[only:only + 1]
     for picture, path in zip(images, outputs):
         save_png(picture, path)  # the pipeline's metadata (kandinsky.png), as in Python
         print(path)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from kandinsky import ops
-from kandinsky.hub import DECODER_STAGE, MODULES, PRIOR_STAGE, TOKENIZERS, Lazy, resolve
+from kandinsky.hub import DECODER_STAGE, MODULES, PRIOR_STAGE, TOKENIZERS, Lazy, resolve, tiny_seed
 from kandinsky.validation import check_device, check_number
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -99,11 +99,21 @@ class Components:
                         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                         revision: str | None = None, cache_dir: str | None = None, offload: str | None = None,
                         **sources) -> Components:
-        """Official weights from the hub or a local folder (any layout), each loaded on first use
-        (:func:`kandinsky.hub.resolve`; ``sources``: ``prior_source``, ``inpaint_source``, ``clip_source``, ...)."""
+        """Weights from the hub, a local folder (any layout) or ``"tiny"`` / ``"tiny:SEED"`` (the tiny random
+        weights), each loaded on first use (:func:`kandinsky.hub.resolve`; ``sources``: ``prior_source``,
+        ``inpaint_source``, ``clip_source``, ...). A training output folder gives what it trained: a full run its
+        model over its base (``base.json``), a LoRA run its base with its adapter loaded."""
+        from kandinsky.lora import LORA_FILE
+
         parts = resolve(source, revision=revision, cache_dir=cache_dir, **sources)
-        described = {"source": str(source), **({"revision": revision} if revision else {})}
-        return cls(**parts, device=device, dtype=dtype, offload=offload, source=described)
+        seed = tiny_seed(source)
+        described = {"source": f"tiny:{seed}" if seed is not None else str(source),
+                     **({"revision": revision} if revision else {})}
+        components = cls(**parts, device=device, dtype=dtype, offload=offload, source=described)
+        adapter = Path(source).expanduser() / LORA_FILE
+        if seed is None and adapter.is_file():
+            components.load_lora(adapter)
+        return components
 
     @classmethod
     def from_config(cls, name: str = "tiny", *, seed: int = 0, device: str | torch.device = "cpu",
@@ -196,19 +206,17 @@ class Components:
         return ops.optimize(module, self.device, self.dtype).eval()
 
     def plain_copy(self, name: str) -> nn.Module:
-        """A new copy of module ``name`` as stored, for code that changes its weights (training) or needs
-        plain layers (export): its own tensors, no fast modules, no adapters of the store, on CPU."""
+        """A new copy of module ``name`` for code that changes its weights (training) or needs plain layers
+        (export): its own tensors, no fast modules, on CPU; the store's adapters of ``name`` fused into it (never
+        dropped silently)."""
         if name not in MODULES:
             raise ValueError(f"name: expected one of {list(MODULES)}, got {name!r}")
-        if name in self._loaders:
-            return self._loaders[name].load()
-        if name not in self._modules:
-            raise ValueError(self._missing(name))
         from kandinsky import lora
 
-        module = self._modules[name]
-        original = ops.plain(copy.deepcopy(module))
-        return lora.remove_lora(original).cpu() if lora.has_lora(original) else original.cpu()
+        if name in self._modules and (lora.has_lora(self._modules[name]) or name not in self._loaders):
+            module = ops.plain(copy.deepcopy(self._modules[name]))
+            return (lora.fuse_lora(module) if lora.has_lora(module) else module).cpu()
+        return self._load(name)
 
     def tokenizer(self, name: str):
         """The tokenizer ``name`` (``"clip_tokenizer"`` or ``"mclip_tokenizer"``), loading it if lazy."""

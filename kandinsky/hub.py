@@ -60,6 +60,13 @@ ORIGINAL_FILES = {"prior": "prior_fp16.ckpt", "unet": "decoder_fp16.ckpt", "unet
                   "movq": "movq_final.ckpt"}
 CLIP_STATS_FILE = "ViT-L-14_stats.th"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+TINY = re.compile(r"^tiny(?::(\d+))?$")  # "tiny" or "tiny:SEED": the tiny random weights (kandinsky.tiny), no file
+
+
+def tiny_seed(source: str | os.PathLike) -> int | None:
+    """The seed of a ``"tiny"`` / ``"tiny:SEED"`` weights source (seed 0 by default), else None."""
+    match = TINY.match(str(source))
+    return None if match is None else int(match.group(1) or 0)
 
 
 class Lazy:
@@ -300,8 +307,9 @@ def resolve(source: str | os.PathLike = DEFAULT_SOURCE, *, revision: str | None 
             cache_dir: str | os.PathLike | None = None, layout: str | None = None, prior_source: str | None = None,
             inpaint_source: str | None = None, clip_source: str | None = None, hub_cache: str | None = None,
             original_configs: dict[str, dict] | None = None) -> dict[str, Lazy]:
-    """Lazy loaders for every component of ``source`` (keys: the :class:`~kandinsky.pipeline.Kandinsky21`
-    constructor arguments). Nothing is downloaded or converted until a loader runs.
+    """Lazy loaders for every component of ``source`` (keys: the :class:`~kandinsky.components.Components`
+    constructor arguments). Nothing is downloaded or converted until a loader runs. ``"tiny"`` or
+    ``"tiny:SEED"`` is the tiny random pipeline (:mod:`kandinsky.tiny`), built in memory.
 
     ``layout`` is detected (``"ours"`` / ``"original"`` / ``"diffusers"`` from a folder's files, ``"original"``
     for ``ai-forever/Kandinsky_2.1``, else ``"diffusers"``). ``prior_source`` / ``inpaint_source`` default
@@ -314,6 +322,8 @@ def resolve(source: str | os.PathLike = DEFAULT_SOURCE, *, revision: str | None 
     if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {list(LAYOUTS)}, got {layout!r}")
     source = str(source)
+    if tiny_seed(source) is not None:
+        return _tiny(tiny_seed(source))
     local = Path(source).expanduser()
     if local.exists():
         if not local.is_dir():
@@ -337,6 +347,19 @@ def resolve(source: str | os.PathLike = DEFAULT_SOURCE, *, revision: str | None 
                     inpaint_source=inpaint_source, clip_source=clip_source, original_configs=original_configs)
     target = cache_root(cache_dir) / origin.main.key()
     return {name: Lazy(_cached_loader(name, target / name, origin), f"{name} via {target / name}")
+            for name in COMPONENTS}
+
+
+def _tiny(seed: int) -> dict[str, Lazy]:
+    """Loaders of the tiny random weights of ``seed``, built on first use; each load is a copy of its own (a
+    reloaded or trained module never shares its tensors)."""
+    import copy
+    import functools
+
+    from kandinsky import tiny
+
+    built = functools.cache(lambda: tiny.components(seed))
+    return {name: Lazy(lambda name=name: copy.deepcopy(built()[name]), f"{name} of tiny:{seed}")
             for name in COMPONENTS}
 
 

@@ -463,3 +463,59 @@ def test_inline_config_longer_than_a_file_name(movq_checkpoint, tmp_path, capsys
     assert len(inline) > 255  # longer than a file name may be: once an OSError traceback
     code, _, stderr = run(capsys, "convert", "movq", checkpoint, tmp_path / "movq", "--config", inline)
     assert code == 0, stderr
+
+
+# ------------------------------------------------------------------------------------------- tiny weights, PNGs
+
+
+TINY_FAST = ["--height", "64", "--width", "64", "--steps", "2", "--prior-steps", "2", "--no-progress"]
+
+
+def test_tiny_weights_from_the_command_line_and_a_png_regenerates_itself(tmp_path, capsys):
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    code, _, stderr = run(capsys, "generate", "a cat", "--weights", "tiny", "-o", first, *TINY_FAST)
+    assert code == 0, stderr
+    assert stderr.startswith("seed: ")  # no --seed: a random one, printed and stored
+    code, _, stderr = run(capsys, "generate", "--from-png", first, "-o", second, "--no-progress")
+    assert code == 0, stderr
+    assert np.array_equal(_pixels(first), _pixels(second))
+    assert read_png_metadata(first)["settings"] == read_png_metadata(second)["settings"]
+    # the same weights as Python's tiny pipeline of seed 0
+    stored = read_png_metadata(first)
+    pipe = Kandinsky21.from_config("tiny", seed=0, progress=False)
+    expected = pipe.text2img("a cat", height=64, width=64, num_inference_steps=2, prior_num_inference_steps=2,
+                             generator=seed(stored["seed"]))[0]
+    assert np.array_equal(_pixels(first), np.asarray(expected))
+    # an explicit flag overrides the stored value; another tiny seed is other weights
+    code, _, stderr = run(capsys, "generate", "--from-png", first, "-o", tmp_path / "c.png", "--steps", "3",
+                          "--no-progress")
+    assert code == 0 and read_png_metadata(tmp_path / "c.png")["settings"]["num_inference_steps"] == 3, stderr
+    code, _, stderr = run(capsys, "generate", "--from-png", first, "-o", tmp_path / "d.png", "--weights", "tiny:1",
+                          "--no-progress")
+    assert code == 0, stderr
+    assert read_png_metadata(tmp_path / "d.png")["settings"]["weights"] == {"source": "tiny:1"}
+    assert not np.array_equal(_pixels(first), _pixels(tmp_path / "d.png"))
+
+
+def test_info_prints_the_schema(tmp_path, capsys):
+    out = tmp_path / "a.png"
+    assert run(capsys, "generate", "a cat", "--weights", "tiny", "--seed", "5", "-o", out, *TINY_FAST)[0] == 0
+    code, stdout, _ = run(capsys, "info", out, "--json")
+    metadata = json.loads(stdout)
+    assert code == 0 and metadata["prompt"] == "a cat" and metadata["seed"] == 5
+    assert set(metadata) == {"software", "prompt", "negative_prompt", "seed", "image_index", "settings"}
+    assert {"task", "num_inference_steps", "guidance_scale", "prior_num_inference_steps", "prior_guidance_scale",
+            "height", "width", "sampler", "dtype", "weights", "adapters", "version"} <= set(metadata["settings"])
+    code, stdout, _ = run(capsys, "info", out)
+    assert code == 0 and "prompt: a cat" in stdout and "seed: 5" in stdout
+    random_image(0).save(tmp_path / "plain.png")
+    code, _, stderr = run(capsys, "info", tmp_path / "plain.png")
+    assert code == 1 and "no kandinsky metadata" in _one_error_line(stderr)
+
+
+def test_from_png_refuses_what_it_cannot_regenerate(tmp_path, capsys):
+    random_image(0).save(tmp_path / "plain.png")
+    code, stdout, stderr = run(capsys, "generate", "--from-png", tmp_path / "plain.png", "-o", tmp_path / "x.png")
+    assert code == 2 and "--from-png" in _one_error_line(stderr) and not stdout
+    code, _, stderr = run(capsys, "generate", "-o", tmp_path / "x.png", "--weights", "tiny")
+    assert code == 2 and "prompt: expected a prompt" in _one_error_line(stderr)
