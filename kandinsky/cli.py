@@ -28,7 +28,7 @@ PROG = "kandinsky"
 DELEGATED = {
     "parity": ("kandinsky.parity", "main", "parity report against diffusers and the original fixtures"),
     "bench": ("kandinsky.benchmark", "main", "benchmarks against diffusers"),
-    "train": ("kandinsky.training.trainer", "main", "fine-tune the prior or a decoder UNet (full or LoRA, torchrun)"),
+    "train": ("kandinsky.training.cli", "main", "fine-tune the prior or a decoder UNet (full or LoRA, torchrun)"),
 }
 NEEDS_DIFFUSERS = ("parity", "bench")  # delegated commands that compare against diffusers
 DTYPES = ("auto", "float32", "float16", "bfloat16")
