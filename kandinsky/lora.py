@@ -25,6 +25,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -77,7 +78,9 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, targets: l
     targets = lora_targets(model) if targets is None else list(targets)
     config = LoraConfig(r=rank, lora_alpha=float(rank if alpha is None else alpha), target_modules=targets,
                         lora_dropout=0.0, bias="none")
-    model = inject_adapter_in_model(config, model, adapter_name=adapter)
+    with warnings.catch_warnings():  # peft warns that a second adapter joins the first: what stacking is
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        model = inject_adapter_in_model(config, model, adapter_name=adapter)
     _activate_all(model)
     if adapter == ADAPTER:
         model._lora_meta = {"rank": rank, "alpha": float(config.lora_alpha), "targets": targets}  # saved with the weights
@@ -124,7 +127,7 @@ def lora_file(path: str | os.PathLike) -> Path:
 def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """``(weights, {"component", "rank", "alpha", "targets"})`` of a LoRA file, or of a folder holding
     ``lora.safetensors`` (a training output). Anything else is one ``ValueError`` naming the file and the problem."""
-    from safetensors import SafetensorsError, safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     path = lora_file(path)
@@ -134,7 +137,7 @@ def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
         with safe_open(str(path), framework="pt") as file:
             metadata = file.metadata() or {}
         weights = load_file(str(path))
-    except (SafetensorsError, OSError, ValueError) as error:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
     if metadata.get("format") != LORA_FORMAT:
         raise ValueError(f"{path}: not a {LORA_FORMAT!r} file (format={metadata.get('format')!r})")

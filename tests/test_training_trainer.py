@@ -230,7 +230,9 @@ def test_lora_round_trip_restores_the_base_exactly(runs):
     pipe.load_lora(out, scale=1.0)
     adapted = decode()
     assert (adapted - base).abs().max() > 1e-3  # measured 0.13
-    pipe.load_lora(out / "lora.safetensors", scale=0.0)  # replaces the adapters; scale 0 adds exactly nothing
+    pipe.load_lora(out / "lora.safetensors", scale=0.0)  # adapters stack; one at scale 0 adds exactly nothing
+    assert torch.equal(decode(), adapted)
+    pipe.unload_lora()
     assert torch.equal(decode(), base)
     pipe.load_lora(out, scale=1.0)
     assert torch.equal(decode(), adapted)
