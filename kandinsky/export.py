@@ -24,7 +24,9 @@ to float rounding (tests/test_export.py measures them, with onnxruntime for the 
 
 from __future__ import annotations
 
+import glob
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -171,8 +173,9 @@ def _write_files(path: str | os.PathLike, write: Callable[[Path], None], overwri
     """Call ``write(temporary_path)`` (it may also write ``temporary_path.data``) in a sibling folder, then move
     the files into place: an interrupted export leaves no partial file under ``path``."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
+    existing = [p for p in [path, *_onnx_data_files(path)] if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{', '.join(map(str, existing))} already exist(s) (pass overwrite=True to replace)")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output folder {path.parent} does not exist")
     temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -198,14 +201,31 @@ def save_onnx(target: str, model: nn.Module, path: str | os.PathLike, *, overwri
     dimensions are dynamic and named so."""
     wrapped = _wrapped(target, model)
     example = example if example is not None else sample_inputs(target, model.config)
+    path = Path(path)
+    # The graph names its weights file, so the pair is one output: the new weights go to a file of a new name
+    # (PATH.<token>.data) and the rename of the graph over PATH is the one step that switches to them. A kill at
+    # any point leaves the old pair or the new pair, each loadable; the old weights file is removed afterwards.
+    token = secrets.token_hex(4)
+    old = _onnx_data_files(path)
 
     def write(temporary: Path) -> None:
+        staged = temporary.with_name(f"{path.name}.{token}")  # torch names the weights file <staged>.data
         with torch.no_grad():
-            torch.onnx.export(wrapped, example, str(temporary), dynamo=True, external_data=True,
+            torch.onnx.export(wrapped, example, str(staged), dynamo=True, external_data=True,
                               dynamic_shapes=dynamic_shapes(target, model.config),
                               input_names=list(_target(target).inputs), output_names=["output"], verbose=False)
+        staged.rename(temporary)
 
-    return _write_files(path, write, overwrite)
+    written = _write_files(path, write, overwrite)
+    for stale in old:
+        if stale.name != f"{path.name}.{token}.data":
+            stale.unlink(missing_ok=True)
+    return written
+
+
+def _onnx_data_files(path: Path) -> list[Path]:
+    """The external-data files of the ONNX graph ``path`` (``PATH.data``, ``PATH.<token>.data``)."""
+    return sorted(p for p in path.parent.glob(f"{glob.escape(path.name)}*.data") if p.is_file())
 
 
 def export(target: str, model: nn.Module, path: str | os.PathLike, *, format: str, overwrite: bool = False) -> Path:

@@ -7,6 +7,9 @@ with random weights, float32, within 1e-4 relative.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -69,7 +72,7 @@ def test_program_matches_eager(target, tmp_path):
 def test_onnx_matches_eager(target, tmp_path):
     module = model(target)
     path = save_onnx(target, module, tmp_path / f"{target}.onnx")
-    assert path.with_name(path.name + ".data").is_file()  # the weights, as external data
+    assert len(list(tmp_path.glob(f"{path.name}.*.data"))) == 1  # the weights, as external data
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == list(TARGETS[target].inputs)
     assert session.get_inputs()[0].shape[0] == "batch"
@@ -92,6 +95,35 @@ def test_optimized_modules_are_exported_plain():
     with torch.no_grad():
         assert relative(program.module()(*inputs), module.decode(*inputs)) < 1e-6
     assert not any(isinstance(m, ops.generic.FastModule) for m in module.modules())
+
+
+def test_an_onnx_graph_and_its_weights_are_one_output(tmp_path, monkeypatch):
+    module, path = model("movq_decode"), tmp_path / "m.onnx"
+    (tmp_path / "m.onnx.data").write_bytes(b"precious")  # the weights file alone: still an existing output
+    with pytest.raises(FileExistsError, match="m.onnx.data"):
+        save_onnx("movq_decode", module, path)
+    assert (tmp_path / "m.onnx.data").read_bytes() == b"precious" and not path.exists()
+    save_onnx("movq_decode", module, path, overwrite=True)
+    first = sorted(tmp_path.glob("m.onnx*"))
+    assert len(first) == 2 and not (tmp_path / "m.onnx.data").exists()  # the graph and its one weights file
+    # killed after the new weights are in place but before the graph is: the old pair still loads
+    import kandinsky.export as export_module
+
+    real_replace = os.replace
+
+    def killed(source, target):
+        if Path(target) == path:
+            raise KeyboardInterrupt
+        real_replace(source, target)
+
+    monkeypatch.setattr(export_module.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_onnx("movq_decode", module, path, overwrite=True)
+    monkeypatch.setattr(export_module.os, "replace", real_replace)
+    onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # the old graph and its weights
+    save_onnx("movq_decode", module, path, overwrite=True)
+    assert len(list(tmp_path.glob("m.onnx*.data"))) == 1  # stale weights files removed once the graph switched
+    onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
 def test_bad_arguments(tmp_path):

@@ -218,27 +218,32 @@ def test_lora_round_trip_restores_the_base_exactly(runs):
           "--batch-size", 4, "--resolution", RESOLUTION, "--lora-rank", 4, "--lr", 1e-2, "--no-progress",
           "--output", out)
     assert not (out / "unet").exists() and (out / "lora.safetensors").is_file()
-    pipe = Kandinsky21.from_pretrained(str(out), progress=False)  # the base alone, through base.json
     embeds = torch.randn(1, EMBED_DIM, generator=torch.Generator().manual_seed(1))
 
-    def decode() -> torch.Tensor:
+    def decode(pipe: Kandinsky21) -> torch.Tensor:
         return pipe.decode("a red cat", embeds, torch.zeros_like(embeds), num_inference_steps=3, height=RESOLUTION,
                            width=RESOLUTION, generator=torch.Generator().manual_seed(0), output_type="pt")
 
-    base = decode()
-    qkv_type = type(pipe.module("unet").mid_attn.qkv)  # nn.Linear, or its oneDNN kernel (kandinsky.ops)
-    pipe.load_lora(out, scale=1.0)
-    adapted = decode()
+    base_pipe = Kandinsky21.from_pretrained(str(runs / "base"), progress=False)
+    base = decode(base_pipe)
+    qkv_type = type(base_pipe.module("unet").mid_attn.qkv)  # nn.Linear, or its oneDNN kernel (kandinsky.ops)
+    pipe = Kandinsky21.from_pretrained(str(out), progress=False)  # the base (base.json) with the run's adapter
+    adapted = decode(pipe)
     assert (adapted - base).abs().max() > 1e-3  # measured 0.13
-    pipe.load_lora(out / "lora.safetensors", scale=0.0)  # adapters stack; one at scale 0 adds exactly nothing
-    assert torch.equal(decode(), adapted)
     pipe.unload_lora()
-    assert torch.equal(decode(), base)
-    pipe.load_lora(out, scale=1.0)
-    assert torch.equal(decode(), adapted)
-    pipe.unload_lora()
-    assert torch.equal(decode(), base)
+    assert torch.equal(decode(pipe), base)
     assert type(pipe.module("unet").mid_attn.qkv) is qkv_type
+    pipe.load_lora(out, scale=1.0)
+    assert torch.equal(decode(pipe), adapted)
+    pipe.load_lora(out / "lora.safetensors", scale=0.0)  # adapters stack; one at scale 0 adds exactly nothing
+    assert torch.equal(decode(pipe), adapted)
+    pipe.unload_lora()
+    assert torch.equal(decode(pipe), base)
+    assert type(pipe.module("unet").mid_attn.qkv) is qkv_type
+    # a LoRA over a LoRA run's output would lose the first adapter when loaded: refused
+    assert main(["train", "decoder", "--weights", str(out), "--data", str(runs / "data"), "--lora-rank", "4",
+                 "--output", str(runs / "lora_on_lora"), "--no-progress"]) == 2
+    assert not (runs / "lora_on_lora").exists()
 
 
 def test_tiny_decoder_overfits_four_images(root):

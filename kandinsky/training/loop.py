@@ -155,6 +155,7 @@ class Run:
         self.config, self.processes = config, processes
         self.out = Path(config.output)
         self.device = processes.device
+        _check_base(config)
         self.records = read_records(config.data)
         self.records_sha256 = records_digest(self.records)
         resume_from = checkpoint_to_resume(config, self.records_sha256)
@@ -347,6 +348,16 @@ class Run:
         if saved_at != self.step or latest_checkpoint(self.out) is None:
             self.save()
         return self.out
+
+
+def _check_base(config: TrainConfig) -> None:
+    """Refuse LoRA on a LoRA run's output: the base loads with its adapter (and a full run trains it merged into
+    the weights), but the new run's output would load over the same base without it."""
+    from kandinsky.lora import LORA_FILE
+
+    if config.lora_rank is not None and (Path(config.weights).expanduser() / LORA_FILE).is_file():
+        raise ConfigError(f"--lora-rank: --weights {config.weights} is a LoRA run's output, whose adapter this run's "
+                          "output would not carry; train a LoRA of its base, or fine-tune fully")
 
 
 def train(config: TrainConfig) -> Path:
