@@ -40,6 +40,7 @@ TASKS = ("text2img", "img2img", "inpaint")
 PROMPT_SUFFIXES = (".txt", ".jsonl", ".csv")
 MANIFEST = "manifest.jsonl"
 PARTS = "manifest.parts"
+MARKER = ".kandinsky-batch"  # marks a folder this package's batch runs write into
 INDEX_DIGITS = 6  # 000000.png ...: names stay stable while a prompt file grows up to a million items
 
 
@@ -131,7 +132,8 @@ class Item:
 # ------------------------------------------------------------------------------------------- prompt files
 
 
-def read_prompt_file(path: str | os.PathLike, settings: Settings = Settings(), seed: int = 0) -> list[Item]:
+def read_prompt_file(path: str | os.PathLike, settings: Settings = Settings(), seed: int = 0, *,
+                     allow_outside: bool = False) -> list[Item]:
     """The items of a prompt file, every row checked (a :class:`PromptFileError` names the file and line of the
     first bad one) and every input image opened, before any work starts.
 
@@ -139,21 +141,23 @@ def read_prompt_file(path: str | os.PathLike, settings: Settings = Settings(), s
     name, else the zero-padded index), ``seed`` (else ``seed`` + index), ``image`` / ``mask`` (img2img / inpaint;
     relative to the file's folder) and the per-item settings ``steps``, ``guidance``, ``prior_steps``,
     ``prior_guidance``, ``height``, ``width``, ``sampler``, ``strength``, ``negative_prompt``. ``.csv``: the same
-    columns, with a header row; an empty cell is a missing value. Blank lines are skipped in ``.txt`` and ``.jsonl``.
+    columns, with a header row; an empty cell is a missing value. Blank lines are skipped in ``.txt`` and ``.jsonl``;
+    a byte-order mark (as spreadsheets save UTF-8) is ignored. ``image`` / ``mask`` paths must stay inside the
+    prompt file's folder (symbolic links resolved) unless ``allow_outside``.
     """
     path = Path(path)
     settings.check()
     if path.suffix.lower() not in PROMPT_SUFFIXES:
         raise PromptFileError(f"{path}: expected a {', '.join(PROMPT_SUFFIXES)} prompt file, got {path.suffix!r}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise PromptFileError(f"{path}: no such prompt file") from None
     except (OSError, UnicodeDecodeError) as error:
         raise PromptFileError(f"{path}: cannot read the prompt file: {error}") from None
     items, lines_of_ids = [], {}
     for line, row in _rows(path, text):
-        item = _item(path, line, row, len(items), settings, seed)
+        item = _item(path, line, row, len(items), settings, seed, allow_outside=allow_outside)
         if item.file in lines_of_ids:
             raise PromptFileError(f"{path}:{line}: id {item.id!r} repeats line {lines_of_ids[item.file]}")
         lines_of_ids[item.file] = line
@@ -207,7 +211,8 @@ def _csv_value(path: Path, line: int, name: str, value: str) -> Any:
                               f"got {value!r}") from None
 
 
-def _item(path: Path, line: int, row: dict, index: int, settings: Settings, base_seed: int) -> Item:
+def _item(path: Path, line: int, row: dict, index: int, settings: Settings, base_seed: int, *,
+          allow_outside: bool = False) -> Item:
     where = f"{path}:{line}"
     unknown = sorted(set(row) - set(COLUMNS))
     if unknown:
@@ -237,7 +242,7 @@ def _item(path: Path, line: int, row: dict, index: int, settings: Settings, base
     file = f"{index:0{INDEX_DIGITS}d}.png"
     if "id" in row:
         file = f"{_check_id(where, row['id'])}.png"
-    image, mask, size = _inputs(path, where, row, settings.task)
+    image, mask, size = _inputs(path, where, row, settings.task, allow_outside)
     return Item(index, line, file, prompt, seed, item_settings, image, mask, size)
 
 
@@ -253,7 +258,8 @@ def _check_id(where: str, value: Any) -> str:
     return name
 
 
-def _inputs(path: Path, where: str, row: dict, task: str) -> tuple[Path | None, Path | None, tuple[int, int] | None]:
+def _inputs(path: Path, where: str, row: dict, task: str,
+            allow_outside: bool) -> tuple[Path | None, Path | None, tuple[int, int] | None]:
     """The row's input image and mask, opened to check them: (image, mask, image size)."""
     needed = {"text2img": (), "img2img": ("image",), "inpaint": ("image", "mask")}[task]
     for name in ("image", "mask"):
@@ -271,6 +277,9 @@ def _inputs(path: Path, where: str, row: dict, task: str) -> tuple[Path | None, 
             raise PromptFileError(f"{where}: {name}: expected a file path, got {value!r}")
         file = Path(value).expanduser()
         file = file if file.is_absolute() else path.parent / file
+        if not allow_outside and not file.resolve().is_relative_to(path.parent.resolve()):
+            raise PromptFileError(f"{where}: {name}: {value!r} leaves the prompt file's folder {path.parent} "
+                                  "(--allow-outside-paths to accept it)")
         sizes[name], files[name] = _image_size(where, name, file), file
     if task == "inpaint" and sizes["mask"] != sizes["image"]:
         raise PromptFileError(f"{where}: mask: expected the image's size {sizes['image']}, got {sizes['mask']}")
@@ -431,14 +440,48 @@ def run(items: Sequence[Item], output: str | os.PathLike, load_pipeline: Callabl
     (the command, prompt file, device, ...) goes into every PNG's settings and manifest record, under
     ``"batch"`` beside the item's place in the run. Rank 0 merges the manifest once
     every process has finished; only rank 0 shows a progress bar (of its own share)."""
-    from tqdm.auto import tqdm
-
     from kandinsky.distributed import Processes
 
     processes = processes or Processes()
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     wait = _barrier(processes)  # made by every process now, before any can fail
+    lock = _lock_output(output, processes)
+    try:
+        return _run_locked(items, output, load_pipeline, batch_size, processes, run_info, progress, wait)
+    finally:
+        lock.release()
+
+
+def _lock_output(output: Path, processes):
+    """Rank 0 of this run locks the folder and every process learns whether it could: if another run holds the
+    lock, all stop with one line, so two runs never write into one folder at once. A ``manifest.jsonl`` this
+    package did not write (no ``.kandinsky-batch`` marker beside it) is a user's file, never replaced."""
+    import torch
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(output / f"{MARKER}.lock"))
+    busy = 0
+    if processes.main:
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            busy = 1
+    if int(processes.sum(torch.tensor([busy]))) > 0:
+        raise ValueError(f"{output} is being written by another kandinsky batch run; wait for it or use another "
+                         "--output folder")
+    marker = output / MARKER
+    if (output / MANIFEST).exists() and not marker.exists():
+        lock.release()  # a no-op on the ranks that did not acquire it
+        raise ValueError(f"{output / MANIFEST} was not written by kandinsky batch; use another --output folder")
+    if processes.main:
+        marker.touch()
+    return lock
+
+
+def _run_locked(items, output, load_pipeline, batch_size, processes, run_info, progress, wait) -> Summary:
+    from tqdm.auto import tqdm
+
     mine = batches(items, batch_size)[processes.rank::processes.world_size]
     todo = [[item for item in batch if not finished(item, output)] for batch in mine]
     summary = Summary(skipped=sum(len(b) - len(t) for b, t in zip(mine, todo)))

@@ -319,6 +319,8 @@ def _batch_parser(commands) -> None:
     batch.add_argument("--strength", type=float, default=0.3, help="img2img: how much to change (default: 0.3)")
     batch.add_argument("--legacy-mask", action="store_true",
                        help="inpaint: black = repaint (the original's convention)")
+    batch.add_argument("--allow-outside-paths", action="store_true",
+                       help="accept image / mask paths outside the prompt file's folder (absolute or with ..)")
     sampling = _model_options(batch, steps=100, guidance=None)
     sampling.add_argument("--seed", type=_seed, default=0,
                           help="item i without a seed of its own uses SEED + i (default: 0)")
@@ -334,7 +336,8 @@ def _batch(args) -> int:
                               prior_guidance=args.prior_guidance, height=args.height, width=args.width,
                               sampler=args.sampler, strength=args.strength, negative_prompt=args.negative_prompt,
                               crop=args.crop, mask_convention="legacy" if args.legacy_mask else "repaint")
-    items = batch.read_prompt_file(args.prompts, settings, seed=args.seed)  # every row checked before any work
+    # every row checked before any work
+    items = batch.read_prompt_file(args.prompts, settings, seed=args.seed, allow_outside=args.allow_outside_paths)
     processes = start(args.device)
     try:
         run_info = {"command": "batch", "prompts": args.prompts, "device": processes.device.type,

@@ -91,7 +91,7 @@ def manifest(folder: Path) -> list[dict]:
 def leftovers(folder: Path) -> list[str]:
     """Everything but the PNGs and the manifest: partial files, manifest parts."""
     return sorted(p.name for p in folder.iterdir() if not (p.suffix == ".png" and not p.name.startswith("."))
-                  and p.name != batch.MANIFEST)
+                  and p.name not in (batch.MANIFEST, batch.MARKER, f"{batch.MARKER}.lock"))
 
 
 # ------------------------------------------------------------------------------------------- prompt files
@@ -136,6 +136,14 @@ BAD_FILES = {
     "unreadable image": ("p.jsonl", '{"prompt": "a", "image": "cat.png"}\n{"prompt": "b", "image": "gone.png"}\n',
                          "p.jsonl:2: image: no such file"),
     "not an image": ("p.jsonl", '{"prompt": "a", "image": "p.jsonl"}\n', "p.jsonl:1: image: cannot read image"),
+    "image outside": ("p.jsonl", '{"prompt": "a", "image": "../cat.png"}\n',
+                      "p.jsonl:1: image: '../cat.png' leaves the prompt file's folder"),
+    "absolute image": ("p.jsonl", '{"prompt": "a", "image": "/etc/passwd"}\n',
+                       "p.jsonl:1: image: '/etc/passwd' leaves the prompt file's folder"),
+    "csv image outside": ("p.csv", "prompt,image\na,cat.png\nb,sub/../../cat.png\n",
+                        "p.csv:3: image: 'sub/../../cat.png' leaves"),
+    "bounds without abs": ("p.jsonl", '{"prompt": "a", "guidance": -1e30}\n', "p.jsonl:1: guidance: expected a number"),
+    "huge bound": ("p.jsonl", '{"prompt": "a", "prior_guidance": 1e30}\n', "p.jsonl:1: prior_guidance: expected"),
 }
 
 
@@ -153,6 +161,46 @@ def test_bad_prompt_files_fail_before_any_work_naming_the_line(case, tmp_path, c
     assert stderr.startswith("kandinsky: error: ") and message in stderr, stderr
     assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
     assert not out.exists()
+
+
+def test_csv_with_a_byte_order_mark_and_outside_paths_when_allowed(tmp_path):
+    random_image(0).save(tmp_path / "cat.png")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "p.csv").write_bytes("\ufeffprompt,image\na,../cat.png\n".encode("utf-8"))  # as Excel saves it
+    settings = batch.Settings(task="img2img", steps=2)
+    with pytest.raises(batch.PromptFileError, match="leaves the prompt file's folder"):
+        batch.read_prompt_file(tmp_path / "sub" / "p.csv", settings)
+    items = batch.read_prompt_file(tmp_path / "sub" / "p.csv", settings, allow_outside=True)
+    assert items[0].prompt == "a" and items[0].image.resolve() == (tmp_path / "cat.png").resolve()
+    (tmp_path / "sub" / "link.png").symlink_to(tmp_path / "cat.png")  # a link out of the folder leaves it too
+    (tmp_path / "sub" / "q.jsonl").write_text('{"prompt": "a", "image": "link.png"}\n')
+    with pytest.raises(batch.PromptFileError, match="q.jsonl:1: image: 'link.png' leaves"):
+        batch.read_prompt_file(tmp_path / "sub" / "q.jsonl", settings)
+
+
+def test_a_folder_is_written_by_one_run_at_a_time_and_a_users_manifest_is_kept(tmp_path):
+    from filelock import FileLock
+
+    items = batch.read_prompt_file(_prompt_file(tmp_path), batch.Settings(steps=2, height=64, width=64))
+    out = tmp_path / "out"
+    out.mkdir()
+    loads = []
+    with FileLock(str(out / f"{batch.MARKER}.lock")):  # another run is writing there
+        with pytest.raises(ValueError, match="being written by another kandinsky batch run"):
+            batch.run(items, out, lambda: loads.append(1))
+    assert loads == [] and not list(out.glob("*.png"))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / batch.MANIFEST).write_text("my own notes\n")
+    with pytest.raises(ValueError, match="was not written by kandinsky batch"):
+        batch.run(items, mine, lambda: loads.append(1))
+    assert (mine / batch.MANIFEST).read_text() == "my own notes\n" and loads == []
+
+
+def _prompt_file(folder: Path) -> Path:
+    path = folder / "p.txt"
+    path.write_text("a cat\n")
+    return path
 
 
 # ------------------------------------------------------------------------------------------- per-item noise
