@@ -123,7 +123,7 @@ def test_decoder_loss_math_is_the_originals(original_fixture, component):
     """Fed the original's own model output, the loss and its gradient w.r.t. that output are the original's.
     Measured bit-identical on an AMD Zen 4; on an Intel Xeon with AVX-512 one gradient element of 12,288 moved by
     1.4e-9 (the vb term's float32 exp / log / tanh differ in their last bits between SIMD widths). The gradient's
-    bound is 1e-6 of its largest element: float32 rounding (6e-8) amplified through a few transcendental calls."""
+    bound is 1e-5 of its largest element (10x the difference seen): float32 rounding through a few transcendentals."""
     tensors, _ = _tensors(original_fixture, f"train_{component}")
     model = _FixedOutput(tensors["output.model_output"], in_channels=9 if component == "unet_inpaint" else 4)
     recorder = _Recorder(model)
@@ -133,7 +133,7 @@ def test_decoder_loss_math_is_the_originals(original_fixture, component):
     for key in ("loss", "mse", "vb"):
         torch.testing.assert_close(losses[key], tensors[f"output.{key}"], rtol=1e-6, atol=0)
     expected_grad = tensors["output.grad_model_output"]
-    torch.testing.assert_close(model.output.grad, expected_grad, rtol=0, atol=1e-6 * float(expected_grad.abs().max()))
+    torch.testing.assert_close(model.output.grad, expected_grad, rtol=0, atol=1e-5 * float(expected_grad.abs().max()))
     x = recorder.args[0]
     torch.testing.assert_close(x[:, :4], tensors["output.x_t"], rtol=0, atol=0)
     if component == "unet_inpaint":  # [x_t ; known latents * mask ; mask], as the original's first conv gets them
