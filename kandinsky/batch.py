@@ -321,7 +321,8 @@ def generate(pipe, items: Sequence[Item], output_type: str = "pil"):
     :class:`~kandinsky.pipeline.Kandinsky21`), each item's noise from its own generator; ``output_type`` as the
     pipeline's."""
     import torch
-    from PIL import Image
+
+    from kandinsky.images import load_image
 
     settings = items[0].settings
     if any(item.batch_key() != items[0].batch_key() for item in items):
@@ -334,16 +335,12 @@ def generate(pipe, items: Sequence[Item], output_type: str = "pil"):
     negatives = None if settings.negative_prompt is None else [i.settings.negative_prompt for i in items]
     prompts = [item.prompt for item in items]
 
-    def read(file: Path, mode: str):
-        with Image.open(file) as image:
-            return image.convert(mode)
-
     if settings.task == "text2img":
         return pipe.text2img(prompts, negatives, **common)
-    images = [read(item.image, "RGB") for item in items]
+    images = [load_image(item.image, "RGB") for item in items]
     if settings.task == "img2img":
         return pipe.img2img(prompts, images, negative_prompt=negatives, **common)
-    masks = [read(item.mask, "L") for item in items]
+    masks = [load_image(item.mask, "L") for item in items]
     return pipe.inpaint(prompts, images, masks, negatives, **common)
 
 

@@ -200,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: interrupted", file=sys.stderr)
         return 130
     except (CommandError, ValueError, OSError) as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+        command = next((a for a in argv if not a.startswith("-")), None)
+        hint = f" (see `{PROG} {command} --help`)" if isinstance(error, UsageError) and command else ""
+        print(f"{PROG}: error: {error}{hint}", file=sys.stderr)
         return 2 if isinstance(error, UsageError) else 1
 
 
@@ -626,15 +628,15 @@ def _check_free(paths: list[Path], overwrite: bool) -> None:
 
 
 def _open_image(path: str, option: str, mode: str = "RGB"):
-    from PIL import Image, UnidentifiedImageError
+    """An input image, read as training and batch read theirs (:func:`kandinsky.images.load_image`)."""
+    from kandinsky.images import load_image
 
+    if not Path(path).is_file():
+        raise CommandError(f"{option}: no such file {path!r}")
     try:
-        with Image.open(path) as image:
-            return image.convert(mode)
-    except FileNotFoundError:
-        raise CommandError(f"{option}: no such file {path!r}") from None
-    except (UnidentifiedImageError, OSError) as error:
-        raise CommandError(f"{option}: cannot read image {path!r}: {error}") from None
+        return load_image(path, mode)
+    except ValueError as error:
+        raise CommandError(f"{option}: {error}") from None
 
 
 def _mix_item(item: str):

@@ -21,6 +21,45 @@ from kandinsky.validation import check_finite
 
 # the image files that training data, batch inputs and evaluation folders may hold (what PIL reads everywhere)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+BACKGROUND = (255, 255, 255)  # what transparent pixels are composited on (as CLIP's image processor does)
+
+
+def load_image(path, mode: str = "RGB"):
+    """The image file at ``path`` as a PIL image of ``mode`` (``"RGB"`` or ``"L"``), read the same way by training,
+    batch generation and evaluation: 16-bit and 32-bit grey levels scaled to 8 bits (PIL's ``convert`` would clip
+    them to white), transparency composited on white (:data:`BACKGROUND`), palettes, CMYK and the rest converted
+    by PIL. Anything unreadable, a decompression bomb included, is one ``ValueError`` naming the file."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                return _to_mode(image, mode)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+        raise ValueError(f"{path}: refused as a decompression bomb ({error})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"{path}: cannot read image ({error})") from None
+
+
+def _to_mode(image, mode: str):
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        top = 1.0 if image.mode == "F" and array.max() <= 1.0 else top
+        image = Image.fromarray(np.clip(np.round(array / top * 255), 0, 255).astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert(mode)
 
 
 def images_to_tensor(image: Any, height: int, width: int) -> tuple[torch.Tensor, tuple[int, int]]:

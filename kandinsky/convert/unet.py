@@ -1,5 +1,11 @@
 """Decoder UNet converters (``unet`` and ``unet_inpaint``): original ``decoder_fp16.ckpt`` /
-``inpainting_fp16.ckpt`` and diffusers ``UNet2DConditionModel`` (kandinsky-2-1[-inpaint]/unet).
+``inpainting_fp16.ckpt`` and diffusers ``UNet2DConditionModel`` (kandinsky-2-1[-inpaint]/unet, and the Kandinsky 2.2
+ones: kandinsky-2-2-decoder[-inpaint]/unet, kandinsky-2-2-controlnet-depth/unet).
+
+The diffusers config tells the variants apart: ``encoder_hid_dim_type`` / ``addition_embed_type``
+``"text_image_proj"`` / ``"text_image"`` is 2.1, ``"image_proj"`` / ``"image"`` 2.2, ``"image_proj"`` /
+``"image_hint"`` the 2.2 ControlNet (our ``UNetConfig.conditioning``); ``in_channels`` 9 is inpainting. Kandinsky 2.2
+has no original layout: ai-forever's own 2.2 code loads the diffusers repositories.
 
 Both layouts are mapped block by block onto ours (``conv_in``, ``down_blocks.<n>.{res,attn}``,
 ``mid_res1``/``mid_attn``/``mid_res2``, ``up_blocks.<n>.{res,attn,upsample}``, ``norm_out``, ``conv_out``):
@@ -18,7 +24,7 @@ import math
 import torch
 
 from kandinsky.convert.core import Layer, Source, layer, read_layers
-from kandinsky.models.unet import UNet, UNetConfig
+from kandinsky.models.unet import HINT_CHANNELS, HintEncoder, UNet, UNetConfig
 
 # The CONFIG_2_1["model_config"] of ai-forever/Kandinsky-2 with the create_model arguments the official
 # loader adds (up=False, inpainting=False/True).
@@ -49,6 +55,16 @@ _DIFFUSERS_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.lin
                   "add_embedding.image_proj": "image_embed_proj", "encoder_hid_proj.image_embeds": "image_to_tokens",
                   "encoder_hid_proj.text_proj": "text_to_context", "conv_in": "conv_in",
                   "conv_norm_out": "norm_out", "conv_out": "conv_out"}
+# Kandinsky 2.2 (conditioning "image" / "image_hint"): ImageTimeEmbedding / ImageHintTimeEmbedding + ImageProjection
+_DIFFUSERS_TOP_22 = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+                     "add_embedding.image_proj": "image_embed_proj", "add_embedding.image_norm": "image_embed_norm",
+                     "encoder_hid_proj.image_embeds": "image_to_tokens", "encoder_hid_proj.norm": "image_tokens_norm",
+                     "conv_in": "conv_in", "conv_norm_out": "norm_out", "conv_out": "conv_out"}
+_HINT_CONVS = tuple(range(0, 2 * len(HintEncoder.STRIDES), 2))  # the Conv2d indices of the hint encoder
+# diffusers' encoder_hid_dim_type and addition_embed_type of each of our conditionings
+DIFFUSERS_CONDITIONING = {("text_image_proj", "text_image"): "text_image", ("image_proj", "image"): "image",
+                          ("image_proj", "image_hint"): "image_hint"}
+IMAGE_PROJECTION_TOKENS = 32  # fixed in diffusers' ImageProjection (UNet2DConditionModel does not pass it)
 
 
 def _block_layout(config: UNetConfig) -> tuple[list[tuple[int, bool, bool]], list[tuple[int, bool, bool]]]:
@@ -94,10 +110,17 @@ def layers(layout: str, cfg: UNetConfig) -> list[Layer]:
     """
     if layout not in ("original", "diffusers"):
         raise ValueError(f"layout must be 'original' or 'diffusers', got {layout!r}")
-    down, up = _block_layout(cfg)
     original = layout == "original"
+    _require(cfg.has_text or not original, f"config: a Kandinsky 2.2 UNet (conditioning {cfg.conditioning!r}) has no "
+                                           "original layout (ai-forever's 2.2 code loads the diffusers repositories)")
+    down, up = _block_layout(cfg)
     top, res = (_ORIGINAL_TOP, _ORIGINAL_RES) if original else (_DIFFUSERS_TOP, _DIFFUSERS_RES)
+    if not cfg.has_text:
+        top = _DIFFUSERS_TOP_22
     table = [layer("", "", params=())] + [layer(ours, theirs) for theirs, ours in top.items()]
+    if cfg.has_hint:
+        table.append(layer("hint_encoder", "add_embedding.input_hint_block", params=()))
+        table += [layer(f"hint_encoder.{i}", f"add_embedding.input_hint_block.{i}") for i in _HINT_CONVS]
     r, n = cfg.num_res_blocks, 0
     for level in range(len(cfg.channel_mult)):  # diffusers' level-major numbering, ours flat
         for j in range(r + (level != len(cfg.channel_mult) - 1)):
@@ -206,7 +229,8 @@ DIFFUSERS_DEFAULTS = {
     "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
     "mid_block_only_cross_attention": None, "cross_attention_norm": None, "attention_type": "default",
 }
-# Kandinsky 2.1's value of every field that changes the computation and that our UNet does not make a choice of.
+# Kandinsky 2.1's (and 2.2's) value of every field that changes the computation and that our UNet does not make a
+# choice of (encoder_hid_dim_type and addition_embed_type are: DIFFUSERS_CONDITIONING).
 # The fields not named here or read below do nothing for these block types or at inference (sample_size, dropout,
 # downsample_padding, transformer_layers_per_block, reverse_transformer_layers_per_block, dual_cross_attention,
 # use_linear_projection, upcast_attention, addition_time_embed_dim,
@@ -214,7 +238,7 @@ DIFFUSERS_DEFAULTS = {
 _DIFFUSERS_FIXED = {
     "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0,
     "mid_block_type": "UNetMidBlock2DSimpleCrossAttn", "act_fn": "silu", "norm_eps": 1e-5,
-    "encoder_hid_dim_type": "text_image_proj", "addition_embed_type": "text_image", "num_attention_heads": None,
+    "num_attention_heads": None,
     "class_embed_type": None, "num_class_embeds": None, "resnet_time_scale_shift": "scale_shift",
     "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "mid_block_scale_factor": 1.0,
     "time_embedding_type": "positional", "time_embedding_act_fn": None, "timestep_post_act": None,
@@ -235,10 +259,15 @@ def _config_from_diffusers(component: str, c: dict) -> UNetConfig:
     def value(key: str):
         return c.get(key, DIFFUSERS_DEFAULTS[key])
 
+    kinds = (value("encoder_hid_dim_type"), value("addition_embed_type"))
+    _require(kinds in DIFFUSERS_CONDITIONING,
+             f"diffusers config: (encoder_hid_dim_type, addition_embed_type) must be one of "
+             f"{list(DIFFUSERS_CONDITIONING)} (Kandinsky 2.1, 2.2, 2.2 ControlNet), got {kinds}")
+    conditioning = DIFFUSERS_CONDITIONING[kinds]
     for key, expected in _DIFFUSERS_FIXED.items():
         got = value(key)
         same = got == expected if not isinstance(expected, float) else isinstance(got, (int, float)) and got == expected
-        _require(same, f"diffusers config: {key} must be {expected!r} (Kandinsky 2.1), got {got!r}")
+        _require(same, f"diffusers config: {key} must be {expected!r} (Kandinsky 2.1 and 2.2), got {got!r}")
     for key in ("only_cross_attention", "mid_block_only_cross_attention"):
         got = value(key)
         flags = list(got) if isinstance(got, (list, tuple)) else [got]
@@ -268,25 +297,32 @@ def _config_from_diffusers(component: str, c: dict) -> UNetConfig:
              f"diffusers config: norm_num_groups must divide every block width {widths}, got {groups!r}")
     context_dim = value("cross_attention_dim")  # a per-block list is not possible with text_image_proj
     _require(isinstance(context_dim, int), f"diffusers config: cross_attention_dim must be an int, got {context_dim!r}")
-    text_hidden_dim = value("encoder_hid_dim")
-    _require(text_hidden_dim is not None, "diffusers UNet config lacks ['encoder_hid_dim'] (encoder_hid_dim_type "
-                                          "'text_image_proj' needs it)")
-    _require(isinstance(text_hidden_dim, int), f"diffusers config: encoder_hid_dim must be an int, got {text_hidden_dim!r}")
+    hid_dim = value("encoder_hid_dim")  # 2.1: the text hidden states' width; 2.2: the image embedding's
+    _require(hid_dim is not None, f"diffusers UNet config lacks ['encoder_hid_dim'] (encoder_hid_dim_type "
+                                  f"{kinds[0]!r} needs it)")
+    _require(isinstance(hid_dim, int), f"diffusers config: encoder_hid_dim must be an int, got {hid_dim!r}")
     in_channels = value("in_channels")
     expected_in = 9 if component == "unet_inpaint" else 4
+    if conditioning == "image_hint":
+        _require(component == "unet", f"component {component!r}: a ControlNet UNet (addition_embed_type "
+                                      "'image_hint') is converted as component 'unet'")
+        expected_in += HINT_CHANNELS  # conv_in also reads the hint encoder's channels
     _require(in_channels == expected_in, f"component {component!r} expects in_channels {expected_in}, got {in_channels}")
+    if conditioning == "text_image":
+        dims = dict(text_hidden_dim=hid_dim, text_embed_dim=context_dim, image_embed_dim=context_dim,
+                    num_image_tokens=10)  # fixed in diffusers' TextImageProjection
+    else:  # the text fields keep their defaults: no text
+        dims = dict(image_embed_dim=hid_dim, num_image_tokens=IMAGE_PROJECTION_TOKENS)
     return UNetConfig(
         in_channels=in_channels, out_channels=value("out_channels"), model_channels=base,
         channel_mult=tuple(w // base for w in widths), num_res_blocks=_one_int("layers_per_block", value("layers_per_block")),
         attention_levels=tuple(levels), head_channels=_one_int("attention_head_dim", value("attention_head_dim")),
-        context_dim=context_dim, text_hidden_dim=text_hidden_dim, text_embed_dim=context_dim,
-        image_embed_dim=context_dim, num_image_tokens=10,  # fixed in diffusers' TextImageProjection
-        norm_groups=groups,
+        context_dim=context_dim, norm_groups=groups, conditioning=conditioning, **dims,
     )
 
 
 def diffusers(component: str, config: dict, source: Source) -> tuple[UNetConfig, dict]:
-    """diffusers ``UNet2DConditionModel`` (Kandinsky 2.1 config) -> ours."""
+    """diffusers ``UNet2DConditionModel`` (Kandinsky 2.1, 2.2 or 2.2 ControlNet config) -> ours."""
     cfg = _config_from_diffusers(component, config)
     return cfg, read_layers(source, layers("diffusers", cfg))
 
@@ -297,6 +333,7 @@ def diffusers(component: str, config: dict, source: Source) -> tuple[UNetConfig,
 def to_original_config(component: str, cfg: UNetConfig) -> dict:
     """The original ``create_model`` kwargs of one of our configs (the official ones for ``UNetConfig()``)."""
     inpainting = component == "unet_inpaint"
+    _require(cfg.has_text, f"config: a Kandinsky 2.2 UNet (conditioning {cfg.conditioning!r}) has no original layout")
     _require(cfg.norm_groups == 32, f"config: the original UNet has 32 norm groups, got {cfg.norm_groups}")
     _require(not inpainting or cfg.in_channels % 2 == 1,
              f"config: an inpainting UNet takes 2 * latent channels + 1 inputs, got {cfg.in_channels}")
@@ -319,19 +356,25 @@ def to_original_config(component: str, cfg: UNetConfig) -> dict:
 def to_diffusers_config(cfg: UNetConfig) -> dict:
     """The diffusers ``UNet2DConditionModel`` config of one of our configs (the official one by default,
     equal to kandinsky-community/kandinsky-2-1[-inpaint]/unet/config.json apart from null-valued keys)."""
-    _require(cfg.text_embed_dim == cfg.image_embed_dim == cfg.context_dim,
-             "config: diffusers ties text_embed_dim and image_embed_dim to cross_attention_dim (context_dim)")
-    _require(cfg.num_image_tokens == 10, "config: diffusers' TextImageProjection always makes 10 image tokens")
+    if cfg.has_text:
+        _require(cfg.text_embed_dim == cfg.image_embed_dim == cfg.context_dim,
+                 "config: diffusers ties text_embed_dim and image_embed_dim to cross_attention_dim (context_dim)")
+        _require(cfg.num_image_tokens == 10, "config: diffusers' TextImageProjection always makes 10 image tokens")
+    else:
+        _require(cfg.num_image_tokens == IMAGE_PROJECTION_TOKENS,
+                 f"config: diffusers' ImageProjection always makes {IMAGE_PROJECTION_TOKENS} image tokens")
+    kinds = {conditioning: pair for pair, conditioning in DIFFUSERS_CONDITIONING.items()}[cfg.conditioning]
     attends = [level in cfg.attention_levels for level in range(len(cfg.channel_mult))]
     return {
-        "act_fn": "silu", "addition_embed_type": "text_image", "addition_embed_type_num_heads": 64,
+        "act_fn": "silu", "addition_embed_type": kinds[1], "addition_embed_type_num_heads": 64,
         "attention_head_dim": cfg.head_channels,
         "block_out_channels": [cfg.model_channels * m for m in cfg.channel_mult],
         "center_input_sample": False, "conv_in_kernel": 3, "conv_out_kernel": 3,
         "cross_attention_dim": cfg.context_dim,
         "down_block_types": ["SimpleCrossAttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in attends],
-        "downsample_padding": 1, "dual_cross_attention": False, "encoder_hid_dim": cfg.text_hidden_dim,
-        "encoder_hid_dim_type": "text_image_proj", "flip_sin_to_cos": True, "freq_shift": 0,
+        "downsample_padding": 1, "dual_cross_attention": False,
+        "encoder_hid_dim": cfg.text_hidden_dim if cfg.has_text else cfg.image_embed_dim,
+        "encoder_hid_dim_type": kinds[0], "flip_sin_to_cos": True, "freq_shift": 0,
         "in_channels": cfg.in_channels, "layers_per_block": cfg.num_res_blocks,
         "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DSimpleCrossAttn", "norm_eps": 1e-05,
         "norm_num_groups": cfg.norm_groups, "only_cross_attention": False, "out_channels": cfg.out_channels,

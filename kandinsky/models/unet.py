@@ -1,20 +1,29 @@
-"""The Kandinsky 2.1 decoder UNet (text-to-image and inpainting): a guided-diffusion UNet conditioned on
-the CLIP image embedding and the XLM-RoBERTa text encoder.
+"""The Kandinsky 2.1 and 2.2 decoder UNet (text-to-image, inpainting, ControlNet): a guided-diffusion UNet
+conditioned on a CLIP image embedding, and in 2.1 also on the XLM-RoBERTa text encoder.
 
-Conditioning, as in the original 2.1 model:
+The conditioning is a config choice (``UNetConfig.conditioning``); everything else is the same network.
 
-* the image embedding becomes ``num_image_tokens`` context tokens, put *before* the projected text
-  hidden states; every attention layer attends jointly over [context tokens ; spatial tokens];
-* the pooled text embedding (projected, then LayerNorm) plus a projection of the image embedding is
-  added to the timestep embedding, which every residual block turns into a GroupNorm scale and shift.
+* ``"text_image"`` (Kandinsky 2.1, the default): the image embedding becomes ``num_image_tokens`` context
+  tokens, put *before* the projected text hidden states; every attention layer attends jointly over
+  [context tokens ; spatial tokens]. The pooled text embedding (projected, then LayerNorm) plus a projection
+  of the image embedding is added to the timestep embedding, which every residual block turns into a
+  GroupNorm scale and shift.
+* ``"image"`` (Kandinsky 2.2): no text. The image embedding becomes ``num_image_tokens`` (32) context tokens
+  by a linear layer then a LayerNorm over each token (diffusers' ``ImageProjection``), and a projection of
+  it, LayerNorm'd, is added to the timestep embedding (``ImageTimeEmbedding``).
+* ``"image_hint"`` (Kandinsky 2.2 ControlNet): as ``"image"``, and a hint image (B, 3, 8h, 8w) in [0, 1] (a
+  depth map) goes through a fixed conv stack (:class:`HintEncoder`, diffusers' ``ImageHintTimeEmbedding``) to
+  4 channels at the latent size, concatenated after the latents: ``in_channels`` counts them (8).
 
 Output: 8 channels, ``[:4]`` the noise prediction, ``[4:]`` the learned-range variance interpolation.
 The inpainting UNet is the same class with ``in_channels=9``: ``cat([latents, masked_image_latents, mask])``.
 
 Example::
 
-    unet = UNet(UNetConfig())
-    out = unet(latents, timesteps, text_hidden_states=hidden, text_embeds=pooled, image_embeds=image)
+    unet = UNet(UNetConfig())                                            # 2.1
+    out = unet(latents, timesteps, image_embeds=image, text_hidden_states=hidden, text_embeds=pooled)
+    unet = UNet(UNetConfig(conditioning="image", image_embed_dim=1280, num_image_tokens=32))   # 2.2
+    out = unet(latents, timesteps, image_embeds=image)
 """
 
 from __future__ import annotations
@@ -27,12 +36,20 @@ from torch import nn
 
 from kandinsky.models.layers import GroupNorm32, LayerNorm32, timestep_embedding
 
+CONDITIONINGS = ("text_image", "image", "image_hint")  # Kandinsky 2.1, 2.2, 2.2 ControlNet
+HINT_CHANNELS = 4  # what the hint encoder adds to the UNet's input channels
 
 @dataclass
 class UNetConfig:
-    """Hyperparameters; the defaults are the official Kandinsky 2.1 decoder (``decoder_fp16.ckpt``)."""
+    """Hyperparameters; the defaults are the official Kandinsky 2.1 decoder (``decoder_fp16.ckpt``).
 
-    in_channels: int = 4  # 9 for inpainting: latents, masked-image latents, mask
+    ``conditioning``: ``"text_image"`` (2.1), ``"image"`` (2.2) or ``"image_hint"`` (2.2 ControlNet); the text
+    fields (``text_hidden_dim``, ``text_embed_dim``) are unused by the last two. The official Kandinsky 2.2
+    decoder is ``UNetConfig(conditioning="image", image_embed_dim=1280, num_image_tokens=32)`` (inpainting:
+    ``in_channels=9``; ControlNet-depth: ``conditioning="image_hint", in_channels=8``).
+    """
+
+    in_channels: int = 4  # 9 for inpainting: latents, masked-image latents, mask; 8 with a hint: latents, hint
     out_channels: int = 8  # noise prediction (4) + variance interpolation (4)
     model_channels: int = 384
     channel_mult: tuple[int, ...] = (1, 2, 3, 4)
@@ -44,8 +61,31 @@ class UNetConfig:
     text_hidden_dim: int = 1024  # XLM-RoBERTa hidden states
     text_embed_dim: int = 768  # projected pooled text embedding
     image_embed_dim: int = 768  # CLIP image embedding
-    num_image_tokens: int = 10
+    num_image_tokens: int = 10  # 2.2: 32
     norm_groups: int = 32
+    conditioning: str = "text_image"
+
+    def __post_init__(self):
+        if self.conditioning not in CONDITIONINGS:
+            raise ValueError(f"conditioning: expected one of {list(CONDITIONINGS)}, got {self.conditioning!r}")
+        if self.conditioning == "image_hint" and self.in_channels <= HINT_CHANNELS:
+            raise ValueError(f"in_channels: with a hint it counts the hint encoder's {HINT_CHANNELS} channels too, "
+                             f"got {self.in_channels}")
+
+    @property
+    def has_text(self) -> bool:
+        """Whether the UNet reads the text encoder (Kandinsky 2.1)."""
+        return self.conditioning == "text_image"
+
+    @property
+    def has_hint(self) -> bool:
+        """Whether the UNet reads a hint image (Kandinsky 2.2 ControlNet)."""
+        return self.conditioning == "image_hint"
+
+    @property
+    def x_channels(self) -> int:
+        """The channels of the ``x`` the forward takes (``in_channels`` less the hint encoder's)."""
+        return self.in_channels - HINT_CHANNELS if self.has_hint else self.in_channels
 
     @property
     def time_embed_dim(self) -> int:
@@ -136,8 +176,24 @@ class Block(nn.Module):
         return x
 
 
+class HintEncoder(nn.Sequential):
+    """The ControlNet hint (B, 3, H, W) -> (B, 4, H/8, W/8): 3x3 convolutions with SiLU between them, three of
+    stride 2 (diffusers' ``ImageHintTimeEmbedding.input_hint_block``, the same layer indices)."""
+
+    WIDTHS = (3, 16, 16, 32, 32, 96, 96, 256, HINT_CHANNELS)
+    STRIDES = (1, 1, 2, 1, 2, 1, 2, 1)
+
+    def __init__(self):
+        layers: list[nn.Module] = []
+        for i, stride in enumerate(self.STRIDES):
+            if i:
+                layers.append(nn.SiLU())
+            layers.append(nn.Conv2d(self.WIDTHS[i], self.WIDTHS[i + 1], 3, padding=1, stride=stride))
+        super().__init__(*layers)
+
+
 class UNet(nn.Module):
-    """The Kandinsky 2.1 decoder UNet; see the module docstring for the conditioning."""
+    """The Kandinsky 2.1 / 2.2 decoder UNet; see the module docstring for the conditioning."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -152,11 +208,19 @@ class UNet(nn.Module):
             return Attention(channels, cfg.context_dim, cfg.head_channels, groups)
 
         self.time_embed = nn.Sequential(nn.Linear(mc, temb), nn.SiLU(), nn.Linear(temb, temb))
-        self.text_embed_proj = nn.Linear(cfg.text_embed_dim, temb)
-        self.text_embed_norm = LayerNorm32(temb)
-        self.image_embed_proj = nn.Linear(cfg.image_embed_dim, temb)
-        self.image_to_tokens = nn.Linear(cfg.image_embed_dim, cfg.num_image_tokens * cfg.context_dim)
-        self.text_to_context = nn.Linear(cfg.text_hidden_dim, cfg.context_dim)
+        if cfg.has_text:
+            self.text_embed_proj = nn.Linear(cfg.text_embed_dim, temb)
+            self.text_embed_norm = LayerNorm32(temb)
+            self.image_embed_proj = nn.Linear(cfg.image_embed_dim, temb)
+            self.image_to_tokens = nn.Linear(cfg.image_embed_dim, cfg.num_image_tokens * cfg.context_dim)
+            self.text_to_context = nn.Linear(cfg.text_hidden_dim, cfg.context_dim)
+        else:
+            self.image_embed_proj = nn.Linear(cfg.image_embed_dim, temb)
+            self.image_embed_norm = LayerNorm32(temb)
+            self.image_to_tokens = nn.Linear(cfg.image_embed_dim, cfg.num_image_tokens * cfg.context_dim)
+            self.image_tokens_norm = LayerNorm32(cfg.context_dim)
+            if cfg.has_hint:
+                self.hint_encoder = HintEncoder()
 
         ch = mc * cfg.channel_mult[0]
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
@@ -190,24 +254,35 @@ class UNet(nn.Module):
         self.norm_out = GroupNorm32(groups, ch)
         self.conv_out = nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
 
-    def _check_inputs(self, x, timesteps, text_hidden_states, text_embeds, image_embeds) -> torch.Tensor:
+    def _check_inputs(self, x, timesteps, image_embeds, text_hidden_states, text_embeds, hint) -> torch.Tensor:
         cfg = self.config
-        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(f"x: expected a (B, {cfg.in_channels}, h, w) latent tensor, got shape {tuple(x.shape)}")
+        if x.ndim != 4 or x.shape[1] != cfg.x_channels:
+            raise ValueError(f"x: expected a (B, {cfg.x_channels}, h, w) latent tensor, got shape {tuple(x.shape)}")
         b, _, height, width = x.shape
         m = cfg.size_multiple
         if height % m or width % m:
             raise ValueError(f"x: latent height and width must be multiples of {m}, got {height}x{width}")
-        expected = {
-            "text_hidden_states": (text_hidden_states, 3, f"(B={b}, L, {cfg.text_hidden_dim})", cfg.text_hidden_dim),
-            "text_embeds": (text_embeds, 2, f"(B={b}, {cfg.text_embed_dim})", cfg.text_embed_dim),
-            "image_embeds": (image_embeds, 2, f"(B={b}, {cfg.image_embed_dim})", cfg.image_embed_dim),
-        }
+        expected = {}
+        if cfg.has_text:
+            expected["text_hidden_states"] = (text_hidden_states, 3, f"(B={b}, L, {cfg.text_hidden_dim})",
+                                              cfg.text_hidden_dim)
+            expected["text_embeds"] = (text_embeds, 2, f"(B={b}, {cfg.text_embed_dim})", cfg.text_embed_dim)
+        expected["image_embeds"] = (image_embeds, 2, f"(B={b}, {cfg.image_embed_dim})", cfg.image_embed_dim)
+        unused = [name for name, value, wanted in (("text_hidden_states", text_hidden_states, cfg.has_text),
+                                                   ("text_embeds", text_embeds, cfg.has_text),
+                                                   ("hint", hint, cfg.has_hint)) if value is not None and not wanted]
+        if unused:
+            raise ValueError(f"{', '.join(unused)}: this UNet (conditioning {cfg.conditioning!r}) takes no such input")
         for name, (tensor, ndim, shape, dim) in expected.items():
             if not isinstance(tensor, torch.Tensor):
                 raise ValueError(f"{name}: expected a tensor of shape {shape}, got {type(tensor).__name__}")
             if tensor.ndim != ndim or tensor.shape[0] != b or tensor.shape[-1] != dim:
                 raise ValueError(f"{name}: expected shape {shape} (batch of x), got {tuple(tensor.shape)}")
+        if cfg.has_hint:
+            shape = (b, 3, 8 * height, 8 * width)
+            if not isinstance(hint, torch.Tensor) or tuple(hint.shape) != shape:
+                got = tuple(hint.shape) if isinstance(hint, torch.Tensor) else type(hint).__name__
+                raise ValueError(f"hint: expected a tensor of shape {shape} (batch of x, 8x its size), got {got}")
         timesteps = torch.as_tensor(timesteps, device=x.device)
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(b)
@@ -215,34 +290,40 @@ class UNet(nn.Module):
             raise ValueError(f"timesteps: expected a scalar or shape ({b},), got {tuple(timesteps.shape)}")
         return timesteps
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, *, text_hidden_states: torch.Tensor,
-                text_embeds: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, *, image_embeds: torch.Tensor,
+                text_hidden_states: torch.Tensor | None = None, text_embeds: torch.Tensor | None = None,
+                hint: torch.Tensor | None = None) -> torch.Tensor:
         """Predict noise and variance interpolation.
 
         Args:
-            x: (B, in_channels, h, w) latents (inpainting: latents, masked-image latents, mask), h and w
+            x: (B, config.x_channels, h, w) latents (inpainting: latents, masked-image latents, mask), h and w
                 multiples of ``config.size_multiple`` (8 for the official model).
             timesteps: (B,) or scalar diffusion timesteps (0..999, may be fractional).
-            text_hidden_states: (B, L, text_hidden_dim) XLM-RoBERTa hidden states (L = 77).
-            text_embeds: (B, text_embed_dim) projected pooled text embedding.
             image_embeds: (B, image_embed_dim) CLIP image embedding (from the prior).
+            text_hidden_states: (B, L, text_hidden_dim) XLM-RoBERTa hidden states (L = 77); 2.1 only.
+            text_embeds: (B, text_embed_dim) projected pooled text embedding; 2.1 only.
+            hint: (B, 3, 8h, 8w) ControlNet hint (a depth map in [0, 1]); ``conditioning="image_hint"`` only.
 
         Returns:
             (B, out_channels, h, w) in the dtype of the weights (inputs are cast to it).
         """
-        timesteps = self._check_inputs(x, timesteps, text_hidden_states, text_embeds, image_embeds)
+        timesteps = self._check_inputs(x, timesteps, image_embeds, text_hidden_states, text_embeds, hint)
         cfg = self.config
         dtype = self.conv_in.weight.dtype
         b = x.shape[0]
-        text_hidden_states, text_embeds, image_embeds = (
-            t.to(dtype) for t in (text_hidden_states, text_embeds, image_embeds))
-
-        # timestep + pooled text + image -> one embedding that modulates every residual block
+        image_embeds = image_embeds.to(dtype)
+        # the timestep embedding, to which the conditioning is added: it modulates every residual block
         emb = self.time_embed(timestep_embedding(timesteps, cfg.model_channels).to(dtype))
-        emb = emb + (self.text_embed_norm(self.text_embed_proj(text_embeds)) + self.image_embed_proj(image_embeds))
-        # context tokens: [image tokens ; text tokens]  (B, num_image_tokens + L, context_dim)
         image_tokens = self.image_to_tokens(image_embeds).view(b, cfg.num_image_tokens, cfg.context_dim)
-        context = torch.cat([image_tokens, self.text_to_context(text_hidden_states)], dim=1)
+        if cfg.has_text:  # 2.1: + pooled text + image; context tokens [image tokens ; text tokens]
+            text_hidden_states, text_embeds = text_hidden_states.to(dtype), text_embeds.to(dtype)
+            emb = emb + (self.text_embed_norm(self.text_embed_proj(text_embeds)) + self.image_embed_proj(image_embeds))
+            context = torch.cat([image_tokens, self.text_to_context(text_hidden_states)], dim=1)
+        else:  # 2.2: + image; context tokens: the image tokens, each LayerNorm'd
+            emb = emb + self.image_embed_norm(self.image_embed_proj(image_embeds))
+            context = self.image_tokens_norm(image_tokens)
+        if cfg.has_hint:  # the hint encoder's 4 channels after the latents
+            x = torch.cat([x.to(dtype), self.hint_encoder(hint.to(dtype))], dim=1)
 
         h = self.conv_in(x.to(dtype))
         skips = [h]
