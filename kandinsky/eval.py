@@ -343,7 +343,7 @@ def _looks_like_a_path(source: str) -> bool:
     """Whether ``source`` names a folder rather than a hub repository id ("owner/name" or "name")."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    if source.startswith((".", "~", "/", "\\")) or os.sep in source.replace("/", "") or Path(source).exists():
+    if source.startswith((".", "~", "/", "\\")) or Path(source).exists():
         return True
     try:
         validate_repo_id(source)

@@ -126,6 +126,17 @@ def test_diffusers_tiny():
     _check_against_diffusers(TINY, batch=2, tolerance=2e-5)
 
 
+def test_diffusers_encoder_norm_groups_other_than_32():
+    """diffusers' small test MoVQs use norm_num_groups=8: the encoder's GroupNorms take it, the decoder's spatial
+    norms keep 32 (diffusers hard-codes them). Same bound as the tiny config above."""
+    config = MoVQConfig(**{**TINY.__dict__, "channels": 32, "channel_mult": (1, 2), "norm_groups": 8})
+    assert to_diffusers_config(config)["norm_num_groups"] == 8
+    _check_against_diffusers(config, batch=1, tolerance=2e-5)
+    ours, _ = _diffusers_pair(config)
+    assert ours.config.norm_groups == 8 and ours.config.decoder_norm_groups == 32
+    assert ours.encoder.norm_out.num_groups == 8 and ours.decoder.norm_out.norm.num_groups == 32
+
+
 def test_diffusers_state_dict_round_trip_names():
     ours, reference = _diffusers_pair(TINY)
     assert ours.config == TINY

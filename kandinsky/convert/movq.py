@@ -153,9 +153,10 @@ DIFFUSERS_DEFAULTS = {
 }
 # The value MoVQ needs of every field that changes the computation and that our MoVQ does not make a choice of.
 # sample_size, scaling_factor and force_upcast do nothing in the Kandinsky pipelines. norm_num_groups sets the
-# encoder's groups only (diffusers' spatial norms, the decoder's, always have 32): ours has one count, so 32.
-# lookup_from_codebook would make the pipelines' decode(force_not_quantize=True) read the latents as codebook indices.
-_DIFFUSERS_FIXED = {"norm_type": "spatial", "act_fn": "silu", "mid_block_add_attention": True, "norm_num_groups": 32,
+# encoder's groups only (diffusers' spatial norms, the decoder's, always have 32): our norm_groups, with
+# decoder_norm_groups 32. lookup_from_codebook would make the pipelines' decode(force_not_quantize=True) read the
+# latents as codebook indices.
+_DIFFUSERS_FIXED = {"norm_type": "spatial", "act_fn": "silu", "mid_block_add_attention": True,
                     "lookup_from_codebook": False}
 
 
@@ -196,7 +197,7 @@ def diffusers(component: str, config: dict, source: Source) -> tuple[MoVQConfig,
         in_channels=value("in_channels"), out_channels=value("out_channels"), channels=base,
         channel_mult=tuple(w // base for w in widths), num_res_blocks=layers_per_block,
         attention_levels=tuple(sorted(encoder_levels)), z_channels=latent, embed_dim=embed_dim,
-        n_embed=value("num_vq_embeddings"), norm_groups=32,
+        n_embed=value("num_vq_embeddings"), norm_groups=value("norm_num_groups"), decoder_norm_groups=32,
     )
     return ours, read_layers(source, layers("diffusers", ours))
 
@@ -207,8 +208,9 @@ def to_original_config(config: MoVQConfig) -> dict:
     official = OFFICIAL_ORIGINAL_CONFIGS["movq"]
     resolution = official["ddconfig"]["resolution"]
     n = len(config.channel_mult)
-    if config.norm_groups != 32:
-        raise ValueError(f"config: the original MOVQ has 32 norm groups, got {config.norm_groups}")
+    if (config.norm_groups, config.decoder_norm_groups) != (32, 32):
+        raise ValueError(f"config: the original MOVQ has 32 norm groups, got {config.norm_groups} (encoder) and "
+                         f"{config.decoder_norm_groups} (decoder)")
     if resolution % 2 ** (n - 1):
         raise ValueError(f"config: {n} levels are too many for the original's nominal resolution {resolution}")
     ddconfig = {**official["ddconfig"], "z_channels": config.z_channels, "in_channels": config.in_channels,
@@ -220,8 +222,9 @@ def to_original_config(config: MoVQConfig) -> dict:
 
 def to_diffusers_config(config: MoVQConfig) -> dict:
     """The diffusers ``VQModel`` constructor kwargs of one of our configs (for comparisons with diffusers)."""
-    if config.norm_groups != 32:
-        raise ValueError(f"config: diffusers' VQModel decoder always has 32 norm groups, got {config.norm_groups}")
+    if config.decoder_norm_groups != 32:
+        raise ValueError(f"config: diffusers' VQModel decoder always has 32 norm groups, got "
+                         f"{config.decoder_norm_groups}")
     if config.z_channels != config.embed_dim:
         raise ValueError(f"config: diffusers' VQModel decoder needs z_channels == embed_dim, got {config.z_channels} "
                          f"and {config.embed_dim}")

@@ -50,7 +50,8 @@ class MoVQConfig:
     z_channels: int = 4
     embed_dim: int = 4
     n_embed: int = 16384
-    norm_groups: int = 32
+    norm_groups: int = 32  # the encoder's GroupNorms
+    decoder_norm_groups: int = 32  # the decoder's (spatial) GroupNorms: diffusers' VQModel always has 32 there
 
     @property
     def downsample_factor(self) -> int:
@@ -58,7 +59,7 @@ class MoVQConfig:
 
 
 class EncoderNorm(GroupNorm32):
-    """GroupNorm (32 groups, eps 1e-6, statistics in float32), optionally followed by SiLU.
+    """GroupNorm (``norm_groups`` groups, eps 1e-6, statistics in float32), optionally followed by SiLU.
 
     Takes (and ignores) ``zq`` so that encoder and decoder blocks share one code path.
     """
@@ -228,7 +229,7 @@ class Decoder(nn.Module):
 
     def __init__(self, config: MoVQConfig):
         super().__init__()
-        c, mult, groups, zq = config.channels, config.channel_mult, config.norm_groups, config.embed_dim
+        c, mult, groups, zq = config.channels, config.channel_mult, config.decoder_norm_groups, config.embed_dim
         width = c * mult[-1]
         self.conv_in = nn.Conv2d(config.z_channels, width, 3, padding=1)
         self.mid_block1 = ResBlock(width, width, groups, zq)
