@@ -1,4 +1,4 @@
-"""kandinsky: a clean PyTorch reimplementation of Kandinsky 2.1 (prior, decoder UNet, MoVQ, samplers).
+"""kandinsky: a clean PyTorch reimplementation of Kandinsky 2.1 and 2.2 (prior, decoder UNet, MoVQ, samplers).
 
     from kandinsky import Kandinsky21, save_png
     pipe = Kandinsky21.from_pretrained("kandinsky-community/kandinsky-2-1")   # or Kandinsky21.from_config("tiny")
@@ -10,8 +10,9 @@
 __version__ = "0.1.0"
 
 # public name -> the module that defines it
-_LAZY = {"Kandinsky21": "kandinsky.pipeline", "NonFiniteError": "kandinsky.pipeline", "save_png": "kandinsky.png"}
-__all__ = ["Kandinsky21", "NonFiniteError", "save_png", "__version__"]
+_LAZY = {"Kandinsky21": "kandinsky.pipeline", "Kandinsky22": "kandinsky.pipeline", "NonFiniteError": "kandinsky.pipeline",
+         "save_png": "kandinsky.png"}
+__all__ = ["Kandinsky21", "Kandinsky22", "NonFiniteError", "save_png", "__version__"]
 
 
 def __getattr__(name: str):

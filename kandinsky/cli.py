@@ -169,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_parser(commands)
     _convert_parser(commands)
     _export_parser(commands)
+    _ui_parser(commands)
     for name, (_, _, description) in DELEGATED.items():
         commands.add_parser(name, help=description, add_help=False)
     return parser
@@ -193,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             _apply_png(args, _explicit(parser, args.command, argv))
         if args.command == "generate" and args.prompt is None:
             raise UsageError("prompt: expected a prompt (or --from-png IMAGE.png)")
-        handlers = {"convert": _convert, "export": _export, "batch": _batch, "eval": _evaluate, "info": _info}
+        handlers = {"convert": _convert, "export": _export, "batch": _batch, "eval": _evaluate, "info": _info,
+                    "ui": _ui}
         with _progress_bars(not getattr(args, "no_progress", False)):
             return handlers[args.command](args) if args.command in handlers else _run(args, parser)
     except KeyboardInterrupt:
@@ -368,10 +370,13 @@ def _eval_parser(commands) -> None:
     evaluate.add_argument("--size", type=int, default=256, help="image side for FID and KID (default: 256)")
     evaluate.add_argument("--batch-size", type=int, default=50, help="images per feature batch (default: 50)")
     evaluate.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    evaluate.add_argument("--inception-weights", default=None,
-                          help="FID Inception weights file (default: torch's hub cache, downloaded if missing)")
-    evaluate.add_argument("--clip-model", default="openai/clip-vit-large-patch14",
-                          help="CLIP model for the CLIP score: hub id or local folder (default: %(default)s)")
+    evaluate.add_argument("--inception-weights", metavar="FILE", default=None,
+                          help="FID Inception weights, torch-fidelity's weights-inception-2015-12-05-6726825d.pth "
+                               "(default: in torch's hub cache, downloaded there if missing unless HF_HUB_OFFLINE=1)")
+    evaluate.add_argument("--clip-model", metavar="DIR_OR_ID", default="openai/clip-vit-large-patch14",
+                          help="CLIP model for the CLIP score: a folder with a transformers CLIPModel and its "
+                               "CLIPProcessor (save_pretrained), or a hub id read from the hub cache (default: "
+                               "%(default)s)")
     evaluate.add_argument("--no-clip", action="store_true", help="skip the CLIP score")
     evaluate.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (default: 100)")
     evaluate.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size (default: 1000)")
@@ -578,6 +583,34 @@ def _export_parser(commands) -> None:
                         help="weight dtype of the exported model (default: float32)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     _lora_option(export)
+
+
+def _ui_parser(commands) -> None:
+    ui = commands.add_parser("ui", help="a web page for every task (Gradio, on http://127.0.0.1:7860)",
+                             description="Serve a web page (Gradio) for text to image, image to image, inpainting "
+                                         "and mixing, on one pipeline loaded once. Local only unless --host / --share "
+                                         "say otherwise. Needs gradio: pip install 'kandinsky21[ui]'.")
+    ui.add_argument("--weights", default=DEFAULT_WEIGHTS,
+                    help=f"hub repository, local folder or tiny[:SEED] (default: {DEFAULT_WEIGHTS})")
+    ui.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    ui.add_argument("--dtype", default="auto", choices=DTYPES, help="weight dtype (default auto: float16 on CUDA)")
+    _lora_option(ui)
+    ui.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    ui.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    ui.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    ui.add_argument("--output-dir", default=None, help="where the images are written (default: a new temporary folder)")
+
+
+def _ui(args) -> int:
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port: expected a port in 1..65535, got {args.port}")
+    try:
+        from kandinsky.ui.app import launch  # imports gradio
+    except ImportError as error:
+        raise CommandError(f"kandinsky ui needs gradio ({error}): pip install 'kandinsky21[ui]'") from None
+    launch(args.weights, adapters=args.lora, host=args.host, port=args.port, share=args.share, device=args.device,
+           dtype=args.dtype, output_dir=args.output_dir)
+    return 0
 
 
 def _export(args) -> int:

@@ -1,4 +1,4 @@
-"""The component store: every model and tokenizer of a Kandinsky 2.1 pipeline, made ready in one place.
+"""The component store: every model and tokenizer of a Kandinsky 2.1 or 2.2 pipeline, made ready in one place.
 
 Every task (the pipeline's text2img / img2img / inpaint / mix, training, export, evaluation, the component
 benchmarks, the tracer) gets its models from a :class:`Components`, so that what is done to a model here
@@ -16,6 +16,9 @@ Example::
     components.load_lora("runs/cats", scale=0.8)                  # every task now sees the adapter
     unet = components.module("unet")                              # ready: device, dtype, ops, eval
     components.save_pretrained("out/k21", layout="diffusers")
+
+A Kandinsky 2.2 store has no M-CLIP (its decoder reads no text) and may hold a third UNet, ``unet_controlnet``
+(a decoder-stage module beside those of :data:`kandinsky.hub.MODULES`).
 """
 
 from __future__ import annotations
@@ -36,7 +39,10 @@ from kandinsky.validation import check_device, check_number
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 OFFLOAD = (None, "sequential")
-COMPILABLE = ("unet", "unet_inpaint")  # what compile() applies to: the models that run once per sampler step
+CONTROLNET = "unet_controlnet"  # Kandinsky 2.2's ControlNet UNet
+ALL_MODULES = MODULES + (CONTROLNET,)  # the modules a store may hold
+DECODER_MODULES = DECODER_STAGE + (CONTROLNET,)
+COMPILABLE = ("unet", "unet_inpaint", CONTROLNET)  # what compile() applies to: the models that run once per sampler step
 
 
 @dataclass(frozen=True)
@@ -59,8 +65,9 @@ class Components:
     """Which models exist (loaded or lazy), where they run, what was done to them.
 
     Args:
-        clip_tokenizer, clip_text, clip_vision, prior, mclip_tokenizer, mclip, unet, unet_inpaint, movq: each an
-            ``nn.Module`` (a tokenizer for the two tokenizers), a :class:`~kandinsky.hub.Lazy` loader or ``None``.
+        clip_tokenizer, clip_text, clip_vision, prior, mclip_tokenizer, mclip, unet, unet_inpaint, movq,
+            unet_controlnet: each an ``nn.Module`` (a tokenizer for the two tokenizers), a
+            :class:`~kandinsky.hub.Lazy` loader or ``None``.
         device: where the models run. dtype: their weight dtype (float32, float16 or bfloat16).
         offload: ``None`` keeps every loaded module on ``device``; ``"sequential"`` keeps only the prior stage
             (CLIP + prior) or the decoder stage (M-CLIP + UNet + MoVQ) resident: the other stage's lazily loaded
@@ -71,7 +78,8 @@ class Components:
 
     def __init__(self, *, clip_tokenizer=None, clip_text=None, clip_vision=None, prior=None, mclip_tokenizer=None,
                  mclip=None, unet=None, unet_inpaint=None, movq=None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, offload: str | None = None, source: dict | None = None):
+                 dtype: torch.dtype = torch.float32, offload: str | None = None, source: dict | None = None,
+                 unet_controlnet=None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype: expected torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
         if offload not in OFFLOAD:
@@ -82,7 +90,7 @@ class Components:
         self.source = dict(source or {"source": "modules"})
         self._tokenizers = {"clip_tokenizer": clip_tokenizer, "mclip_tokenizer": mclip_tokenizer}
         given = dict(clip_text=clip_text, clip_vision=clip_vision, prior=prior, mclip=mclip, unet=unet,
-                     unet_inpaint=unet_inpaint, movq=movq)
+                     unet_inpaint=unet_inpaint, movq=movq, unet_controlnet=unet_controlnet)
         for name, value in given.items():
             if value is not None and not isinstance(value, (Lazy, nn.Module)):
                 raise ValueError(f"{name}: expected an nn.Module, a Lazy loader or None, got {type(value).__name__}")
@@ -131,11 +139,15 @@ class Components:
     @classmethod
     def from_diffusers(cls, prior_pipeline, decoder_pipeline, *, inpaint_pipeline=None,
                        device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                       offload: str | None = None) -> Components:
+                       offload: str | None = None, controlnet_pipeline=None) -> Components:
         """From live diffusers pipelines (``KandinskyPriorPipeline`` and ``KandinskyPipeline`` /
-        ``KandinskyImg2ImgPipeline`` / ``KandinskyInpaintPipeline``). The prior, UNets and MoVQ are converted
-        into our modules; the tokenizers and CLIP towers are reused (copied when ``device`` or ``dtype`` differ
-        from theirs, so that the diffusers pipelines stay as they were); M-CLIP is copied into our class."""
+        ``KandinskyImg2ImgPipeline`` / ``KandinskyInpaintPipeline``, or their Kandinsky 2.2 counterparts
+        ``KandinskyV22PriorPipeline`` and ``KandinskyV22Pipeline`` / ``...Img2ImgPipeline`` / ``...InpaintPipeline`` /
+        ``...ControlnetPipeline`` / ``...ControlnetImg2ImgPipeline``). The prior, UNets and MoVQ are converted
+        into our modules (each UNet named by its config: ``unet``, ``unet_inpaint`` with 9 input channels,
+        ``unet_controlnet`` with a hint); the tokenizers and CLIP towers are reused (copied when ``device`` or
+        ``dtype`` differ from theirs, so that the diffusers pipelines stay as they were); M-CLIP (2.1 only: the 2.2
+        decoder pipelines have no text encoder) is copied into our class."""
         from kandinsky.convert import from_diffusers
         from kandinsky.text_encoders import MultilingualCLIP
 
@@ -144,10 +156,12 @@ class Components:
             return from_diffusers(component, dict(model.config), state, dtype=dtype).eval()
 
         unets = {}
-        for pipe in (decoder_pipeline, inpaint_pipeline):
+        for pipe in (decoder_pipeline, inpaint_pipeline, controlnet_pipeline):
             if pipe is not None:
-                component = "unet_inpaint" if pipe.unet.config.in_channels == 9 else "unet"
-                unets[component] = convert(component, pipe.unet)
+                config = pipe.unet.config
+                component = "unet_inpaint" if config.in_channels == 9 else "unet"
+                name = CONTROLNET if config.get("addition_embed_type") == "image_hint" else component
+                unets[name] = convert(component, pipe.unet)
         first = next(decoder_pipeline.unet.parameters())
         dtype, device = dtype or first.dtype, check_device("device", device or first.device)
 
@@ -155,10 +169,11 @@ class Components:
             weight = next(encoder.parameters())
             return (encoder if (weight.dtype, weight.device) == (dtype, device) else copy.deepcopy(encoder)).eval()
 
+        text_encoder = getattr(decoder_pipeline, "text_encoder", None)  # M-CLIP: Kandinsky 2.1 only
+        mclip = None if text_encoder is None else MultilingualCLIP.from_diffusers_module(text_encoder)
         return cls(clip_tokenizer=prior_pipeline.tokenizer, clip_text=reused(prior_pipeline.text_encoder),
                    clip_vision=reused(prior_pipeline.image_encoder), prior=convert("prior", prior_pipeline.prior),
-                   mclip_tokenizer=decoder_pipeline.tokenizer,
-                   mclip=MultilingualCLIP.from_diffusers_module(decoder_pipeline.text_encoder),
+                   mclip_tokenizer=getattr(decoder_pipeline, "tokenizer", None), mclip=mclip,
                    movq=convert("movq", decoder_pipeline.movq), **unets, device=device, dtype=dtype,
                    offload=offload, source={"source": "diffusers pipelines"})
 
@@ -166,7 +181,7 @@ class Components:
 
     def names(self) -> list[str]:
         """The components present (loaded or lazy), modules then tokenizers."""
-        return [name for name in MODULES + TOKENIZERS if self.has(name)]
+        return [name for name in ALL_MODULES + TOKENIZERS if self.has(name)]
 
     def has(self, name: str) -> bool:
         if name in TOKENIZERS:
@@ -179,8 +194,8 @@ class Components:
 
     def replace(self, name: str, module: nn.Module) -> None:
         """Put ``module`` in place of the module ``name`` (its lazy loader, if any, is dropped)."""
-        if name not in MODULES:
-            raise ValueError(f"name: expected one of {list(MODULES)}, got {name!r}")
+        if name not in ALL_MODULES:
+            raise ValueError(f"name: expected one of {list(ALL_MODULES)}, got {name!r}")
         if not isinstance(module, nn.Module):
             raise ValueError(f"module: expected an nn.Module, got {type(module).__name__}")
         self._loaders.pop(name, None)
@@ -192,10 +207,10 @@ class Components:
     def module(self, name: str) -> nn.Module:
         """The module ``name`` ready to run: loaded if lazy, on the store's device and dtype, with the fast
         modules of :func:`kandinsky.ops.optimize`, in eval mode."""
-        if name not in MODULES:
-            raise ValueError(f"name: expected one of {list(MODULES)}, got {name!r}")
+        if name not in ALL_MODULES:
+            raise ValueError(f"name: expected one of {list(ALL_MODULES)}, got {name!r}")
         if self.offload == "sequential":
-            self.release(DECODER_STAGE if name in PRIOR_STAGE else PRIOR_STAGE)
+            self.release(DECODER_MODULES if name in PRIOR_STAGE else PRIOR_STAGE)
         module = self._modules.get(name)
         if module is None:
             module = self._modules[name] = self._load(name)
@@ -209,8 +224,8 @@ class Components:
         """A new copy of module ``name`` for code that changes its weights (training) or needs plain layers
         (export): its own tensors, no fast modules, on CPU; the store's adapters of ``name`` fused into it (never
         dropped silently)."""
-        if name not in MODULES:
-            raise ValueError(f"name: expected one of {list(MODULES)}, got {name!r}")
+        if name not in ALL_MODULES:
+            raise ValueError(f"name: expected one of {list(ALL_MODULES)}, got {name!r}")
         from kandinsky import lora
 
         if name in self._modules and (lora.has_lora(self._modules[name]) or name not in self._loaders):
@@ -367,7 +382,7 @@ class Components:
         return lora.fuse_lora(copy.deepcopy(module)) if lora.has_lora(module) else module
 
     def __repr__(self) -> str:
-        state = {name: "loaded" if name in self._modules else "lazy" for name in MODULES if self.has(name)}
+        state = {name: "loaded" if name in self._modules else "lazy" for name in ALL_MODULES if self.has(name)}
         return (f"Components({state}, device={self.device}, dtype={self.dtype}, offload={self.offload!r}, "
                 f"adapters={[a.path for a in self.adapters]})")
 

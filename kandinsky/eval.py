@@ -385,12 +385,17 @@ def clip_files(source: str = DEFAULT_CLIP) -> Path:
 def clip_model(source: str = DEFAULT_CLIP) -> Callable[[], tuple]:
     """A loader of ``(model, processor)`` for torchmetrics' ``CLIPScore`` from a hub id or a local folder.
     The files are located at once (a missing one is an error now), the model loaded when called."""
+    import transformers
     from transformers import CLIPModel, CLIPProcessor
 
     folder = clip_files(source)
+    # the PIL image processor (OpenAI's CLIP preprocessing): transformers >= 5 takes its torchvision one whenever
+    # torchvision is installed, and the CLIP score would depend on that; transformers 4's default is PIL already
+    options = {"backend": "pil"} if hasattr(transformers, "CLIPImageProcessorPil") else {}
 
     def load() -> tuple:
-        return _ProjectedFeatures(CLIPModel.from_pretrained(folder).eval()), CLIPProcessor.from_pretrained(folder)
+        return (_ProjectedFeatures(CLIPModel.from_pretrained(folder).eval()),
+                CLIPProcessor.from_pretrained(folder, **options))
 
     return load
 
@@ -446,6 +451,29 @@ def _batches(files: Sequence[Path], size: int, batch_size: int, full: bool = Fal
 # ------------------------------------------------------------------------------------------- metrics
 
 
+def _torchmetrics(module: str):
+    """``import module`` (a torchmetrics module). torchmetrics imports torchvision and torch-fidelity whenever they
+    are installed, and a torchvision wheel built for another torch fails there with a RuntimeError or OSError:
+    that is an ImportError here whose one line says what to do (this module needs neither of them)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise
+    except Exception as error:  # noqa: BLE001 - torchvision's failed operator registration, a missing libc10_cuda.so
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            cause = f": torchvision {version('torchvision')} does not work with torch {torch.__version__}"
+        except PackageNotFoundError:
+            cause = ""
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        raise ImportError(f"torchmetrics cannot be imported ({reason}){cause}; kandinsky eval needs neither "
+                          "torchvision nor torch-fidelity: pip uninstall torchvision torch-fidelity (or install the "
+                          "torchvision built for this torch), then pip install 'kandinsky21[eval]'") from None
+
+
 class _Precomputed(nn.Module):
     """The "feature extractor" torchmetrics' FID and KID get: the features themselves, already computed once
     for both metrics."""
@@ -460,7 +488,7 @@ class _Precomputed(nn.Module):
 
 def fid(generated: torch.Tensor, reference: torch.Tensor) -> float:
     """Fréchet distance (torchmetrics) between two sets of features (N, D), both N >= 2."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
+    FrechetInceptionDistance = _torchmetrics("torchmetrics.image.fid").FrechetInceptionDistance
 
     metric = FrechetInceptionDistance(feature=_Precomputed(generated.shape[1]))
     metric.update(reference.double(), real=True)
@@ -474,7 +502,7 @@ def kid(generated: torch.Tensor, reference: torch.Tensor, subsets: int = 100, su
     subsets of ``min(subset_size, N)`` features of each set, drawn with ``seed``."""
     import warnings
 
-    from torchmetrics.image.kid import KernelInceptionDistance
+    KernelInceptionDistance = _torchmetrics("torchmetrics.image.kid").KernelInceptionDistance
 
     subset_size = min(subset_size, len(generated), len(reference))
     with warnings.catch_warnings():  # "will save all extracted features": they are in memory already
@@ -573,7 +601,7 @@ def evaluate(generated: str | os.PathLike, reference: str | os.PathLike | None =
     SHA-256 the result records); ``clip`` replaces
     :func:`clip_model` of ``clip_source`` (``None``: no CLIP score). The feature extractors' files are located
     before any image is read. Returns a JSON-ready dict (see docs/generation.md)."""
-    from torchmetrics.multimodal.clip_score import CLIPScore
+    CLIPScore = _torchmetrics("torchmetrics.multimodal.clip_score").CLIPScore
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     for name, value in (("size", size), ("batch_size", batch_size), ("kid_subsets", kid_subsets),
@@ -616,7 +644,5 @@ def evaluate(generated: str | os.PathLike, reference: str | os.PathLike | None =
             metric.update([image.to(device) for image in images], [prompts[f.name] for f in files])
         result.update({"clip_score": float(metric.compute()), "clip_images": len(captioned),
                        "clip_model": clip_name})
-    import torchmetrics
-
-    result["library"] = f"torchmetrics {torchmetrics.__version__}"
+    result["library"] = f"torchmetrics {_torchmetrics('torchmetrics').__version__}"
     return result

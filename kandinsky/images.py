@@ -114,8 +114,10 @@ def images_to_tensor(image: Any, height: int, width: int) -> tuple[torch.Tensor,
 def mask_to_tensor(mask_image: Any, height: int, width: int, image_size: tuple[int, int]) -> torch.Tensor:
     """A mask -> (B, 1, height, width) float32 in {0, 1}: 1 where the mask is >= 0.5 (diffusers' binarisation).
 
-    PIL masks are read as 8-bit grey levels / 255; arrays and tensors as they are, so that an integer mask of
-    {0, 1} or {0, 255} repaints where it is not 0 (as diffusers binarises arrays, without scaling them)."""
+    PIL masks are read as 8-bit grey levels / 255 and resized to the output size whatever their own size (as
+    diffusers does: a 64x64 mask serves a 256x256 image); arrays and tensors as they are, at the image's size, so that
+    an integer mask of {0, 1} or {0, 255} repaints where it is not 0 (as diffusers binarises arrays, without scaling
+    them)."""
     from PIL import Image
 
     if isinstance(mask_image, Image.Image):
@@ -123,9 +125,6 @@ def mask_to_tensor(mask_image: Any, height: int, width: int, image_size: tuple[i
     if isinstance(mask_image, (list, tuple)) and len(mask_image) == 0:
         raise ValueError("mask_image: expected a mask or a non-empty list of masks, got an empty list")
     if isinstance(mask_image, (list, tuple)) and all(isinstance(m, Image.Image) for m in mask_image):
-        sizes = {m.size[::-1] for m in mask_image}
-        if sizes != {image_size}:
-            raise ValueError(f"mask_image: expected the size of image (H, W) = {image_size}, got {sorted(sizes)}")
         arrays = [np.asarray(_converted("mask_image", m, "L").resize((width, height), resample=Image.LANCZOS))
                   for m in mask_image]
         mask = torch.from_numpy(np.stack(arrays)[:, None].astype(np.float32) / 255.0)

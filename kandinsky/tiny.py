@@ -16,6 +16,11 @@ in-memory vocabularies, which needs transformers >= 5.
     from kandinsky import Kandinsky21
     pipe = Kandinsky21.from_config("tiny", seed=0)
     images = pipe.text2img("a cat", height=64, width=64, num_inference_steps=4)
+
+The tiny Kandinsky 2.2 (:func:`components_22`, ``configs/*22_tiny.json``) has no M-CLIP and three image-conditioned
+UNets (text-to-image, inpainting, ControlNet); its CLIP towers are 48 wide (hidden and projection = the prior's
+``clip_dim`` and ``text_width`` = the UNets' ``image_embed_dim``), wider than the UNets' context tokens (32), as the
+real ViT-bigG's 1280 are wider than the UNet's 768.
 """
 
 from __future__ import annotations
@@ -41,6 +46,17 @@ MOVQ = MoVQConfig(in_channels=3, out_channels=3, channels=32, channel_mult=(1, 1
 CONFIGS = {"prior": PRIOR, "unet": UNET, "unet_inpaint": UNET_INPAINT, "movq": MOVQ}
 WIDTH = 32  # the text and image towers' hidden width
 PROJECTION = 32  # CLIP's and M-CLIP's output width (= clip_dim, text_embed_dim, image_embed_dim above)
+
+# Kandinsky 2.2: CLIP towers 48 wide (hidden = projection, as ViT-bigG's 1280), image-conditioned UNets
+WIDTH_22 = 48
+PRIOR_22 = PriorConfig(text_ctx=CONTEXT_LENGTH, width=64, layers=2, heads=4, clip_dim=WIDTH_22, text_width=WIDTH_22)
+UNET_22 = UNetConfig(in_channels=4, out_channels=8, model_channels=32, channel_mult=(1, 1, 2), num_res_blocks=2,
+                     attention_levels=(1, 2), head_channels=16, context_dim=32, image_embed_dim=WIDTH_22,
+                     num_image_tokens=32, norm_groups=32, conditioning="image")
+UNET_22_INPAINT = dataclasses.replace(UNET_22, in_channels=9)
+UNET_22_CONTROLNET = dataclasses.replace(UNET_22, in_channels=8, conditioning="image_hint")
+CONFIGS_22 = {"prior": PRIOR_22, "unet": UNET_22, "unet_inpaint": UNET_22_INPAINT,
+              "unet_controlnet": UNET_22_CONTROLNET, "movq": MOVQ}
 
 _NORMS = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm2d)
 
@@ -121,12 +137,12 @@ def _check_transformers() -> None:
 # ------------------------------------------------------------------------------------------- encoders
 
 
-def clip_text_model(seed: int = 0, vocab_size: int = 519, projection_dim: int = PROJECTION):
+def clip_text_model(seed: int = 0, vocab_size: int = 519, projection_dim: int = PROJECTION, *, width: int = WIDTH):
     """A 2-layer ``CLIPTextModelWithProjection`` (width 32) with seeded random weights, eval mode."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=2,
+        vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=CONTEXT_LENGTH, projection_dim=projection_dim,
         hidden_act="quick_gelu", bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
         pad_token_id=vocab_size - 1,
@@ -134,12 +150,12 @@ def clip_text_model(seed: int = 0, vocab_size: int = 519, projection_dim: int = 
     return randomize_(CLIPTextModelWithProjection(config), seed).eval()
 
 
-def clip_vision_model(seed: int = 0, image_size: int = 224, projection_dim: int = PROJECTION):
+def clip_vision_model(seed: int = 0, image_size: int = 224, projection_dim: int = PROJECTION, *, width: int = WIDTH):
     """A 2-layer ``CLIPVisionModelWithProjection`` (patch 32, width 32) with seeded random weights, eval mode."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     config = CLIPVisionConfig(
-        hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=2, num_attention_heads=4,
+        hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=4,
         image_size=image_size, patch_size=32, projection_dim=projection_dim, hidden_act="quick_gelu",
     )
     return randomize_(CLIPVisionModelWithProjection(config), seed).eval()
@@ -183,3 +199,25 @@ def components(seed: int = 0) -> dict:
     return dict(clip_tokenizer=tokenizer, clip_text=clip_text_model(seed + 1, vocab_size=len(tokenizer)),
                 clip_vision=clip_vision_model(seed + 2), prior=prior, mclip_tokenizer=xlmr_tokenizer(),
                 mclip=mclip(seed + 4), movq=movq, **unets)
+
+
+@torch.no_grad()
+def components_22(seed: int = 0) -> dict:
+    """Every component of :class:`~kandinsky.pipeline.Kandinsky22` at the tiny 2.2 configs (:data:`CONFIGS_22`),
+    by constructor argument name of :class:`~kandinsky.components.Components`, each from its own seed derived
+    from ``seed``, scaled as :func:`components` scales them. No M-CLIP: the 2.2 decoder reads no text."""
+    prior = randomize_(Prior(PRIOR_22), seed + 3).eval()
+    prior.clip_std.copy_(0.5 + torch.rand(PRIOR_22.clip_dim, generator=torch.Generator().manual_seed(seed + 3)))
+    unets = {}
+    for offset, name in enumerate(("unet", "unet_inpaint", "unet_controlnet")):
+        unet = randomize_(UNet(CONFIGS_22[name]), seed + 6 + offset).eval()
+        unet.conv_out.weight.mul_(0.1)
+        unet.conv_out.bias.mul_(0.1)
+        unets[name] = unet
+    movq = randomize_(MoVQ(MOVQ), seed + 5).eval()
+    movq.decoder.conv_out.weight.mul_(0.05)
+    tokenizer = clip_tokenizer()
+    return dict(clip_tokenizer=tokenizer,
+                clip_text=clip_text_model(seed + 1, vocab_size=len(tokenizer), projection_dim=WIDTH_22, width=WIDTH_22),
+                clip_vision=clip_vision_model(seed + 2, projection_dim=WIDTH_22, width=WIDTH_22),
+                prior=prior, movq=movq, **unets)

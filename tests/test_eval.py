@@ -1,11 +1,16 @@
-"""``kandinsky eval`` (kandinsky/eval.py): FID, KID and CLIP score through torchmetrics, with small feature
-extractors injected through the API (no download): a seeded random convolutional network for FID / KID and a
-tiny CLIP trained in the test (seeded, about a second) to tell four colours apart.
+"""``kandinsky eval`` (kandinsky/eval.py): FID, KID and CLIP score through torchmetrics, offline.
+
+The FID Inception network is the real architecture (torch-fidelity's, ported in kandinsky.eval) with seeded random
+weights saved in the weights file's format and read back through ``--inception-weights``; the CLIP model is a
+tiny CLIP trained in the test (seeded, about a second) to tell four colours apart, saved as a transformers folder
+and read through ``--clip-model``. The formula tests use a small random convolutional network instead (fast).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import socket
 
 import numpy as np
 import pytest
@@ -67,6 +72,21 @@ def corrupt(images, level: float, seed: int = 1):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     return write(tmp_path_factory.mktemp("reference"), smooth_images(40, seed=0))
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No network: HF_HUB_OFFLINE=1, and any socket connection is an error."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    def refuse(self, address, *args, **kwargs):
+        raise AssertionError(f"network access in an offline test: {address}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
 
 
 def metrics(generated, reference, **kwargs):
@@ -160,6 +180,92 @@ def test_kid_agrees_with_torch_fidelity(reference, tmp_path):
     assert mean == pytest.approx(theirs[fidelity.KEY_METRIC_KID_MEAN], rel=1e-9)
 
 
+# ------------------------------------------------------------------------------------------- the FID Inception
+
+
+def random_inception(seed: int = 0) -> evaluation.FIDInceptionV3:
+    """The FID Inception-v3 with seeded random weights: He-scaled kernels (so that the 2048 features still vary
+    with the image after ~100 layers), batch-norm scales, shifts and running statistics all random."""
+    model = evaluation.FIDInceptionV3()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim > 1:
+                param.copy_(torch.randn(param.shape, generator=generator) * (2 / param[0].numel()) ** 0.5)
+            elif name.endswith("bn.weight"):
+                param.copy_(1 + 0.1 * torch.randn(param.shape, generator=generator))
+            else:
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+        for name, buffer in model.named_buffers():
+            if name.endswith("running_mean"):
+                buffer.copy_(0.1 * torch.randn(buffer.shape, generator=generator))
+            elif name.endswith("running_var"):
+                buffer.copy_(1 + 0.2 * torch.rand(buffer.shape, generator=generator))
+    return model
+
+
+def save_inception_weights(model, path):
+    """As torch-fidelity's converter writes weights-inception-2015-12-05-6726825d.pth: ``torch.save`` of a plain
+    dict of tensors, batch norm's step counters left out."""
+    torch.save({k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    return save_inception_weights(random_inception(), tmp_path_factory.mktemp("inception") / "inception-random.pth")
+
+
+def test_fid_inception_is_torch_fidelitys_network(inception_weights):
+    """The tensors of torch-fidelity's weights file (names and shapes as its converter writes them), and its
+    features: recorded from torch-fidelity 0.4.0's FeatureExtractorInceptionV3 (= torchmetrics 1.9's
+    NoTrainInceptionV3 with antialias=False) with these random weights, which gave the same bits as ours."""
+    names = evaluation.FIDInceptionV3().weight_names()
+    state = torch.load(inception_weights, weights_only=True)
+    assert {k: v.shape for k, v in state.items()} == names and len(names) == 472  # 94 convolutions + fc
+    assert sum(shape.numel() for shape in names.values()) == 23_885_392
+    assert names["Conv2d_1a_3x3.conv.weight"] == (32, 3, 3, 3) and names["fc.weight"] == (1008, 2048)
+    assert names["Mixed_7c.branch3x3dbl_3b.conv.weight"] == (384, 384, 3, 1)
+    model = evaluation.inception(inception_weights)
+    images = torch.randint(0, 256, (2, 3, 40, 56), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        features = model(images).double()
+    assert features.shape == (2, 2048) and features.dtype == torch.float64
+    direction = torch.randn(2048, generator=torch.Generator().manual_seed(4)).double()
+    # the two images differ by 0.6% in these sums: 1e-4 leaves room for other CPUs' float32 kernels only
+    assert features.sum(1).tolist() == pytest.approx([367.58926179021364, 369.9293990247643], rel=1e-4)
+    assert (features @ direction).tolist() == pytest.approx([-10.69797689357022, -10.8817815756463], rel=1e-4)
+    with pytest.raises(ValueError, match="expected uint8 images"):
+        model(images.float())
+
+
+def test_fid_inception_matches_torch_fidelity_when_installed(inception_weights):
+    """Where torch-fidelity imports (it needs a torchvision built for this torch), the same features, bit for bit."""
+    fidelity = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    theirs = fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                                  feature_extractor_weights_path=str(inception_weights))
+    images = torch.randint(0, 256, (2, 3, 37, 53), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        assert torch.equal(evaluation.inception(inception_weights)(images), theirs(images)[0])
+
+
+def test_fid_and_kid_with_the_fid_inception_architecture(inception_weights, tmp_path, offline):
+    images = smooth_images(5, seed=0)
+    same = write(tmp_path / "same", images)
+    other = write(tmp_path / "other", corrupt(images, 0.5))
+    itself = evaluation.evaluate(same, same, inception_weights=inception_weights, clip_source=None, size=SIZE,
+                                 kid_subsets=5)
+    against = evaluation.evaluate(other, same, inception_weights=inception_weights, clip_source=None, size=SIZE,
+                                  kid_subsets=5)
+    assert itself["feature_extractor"] == against["feature_extractor"] == "inception-v3-compat"
+    assert itself["inception_weights"] == str(inception_weights)
+    assert itself["inception_sha256"] == hashlib.sha256(inception_weights.read_bytes()).hexdigest()
+    # measured -1.7e-7 against 0.12: 5 images of 2048 features leave 2044 zero eigenvalues of S1 S2, whose square
+    # roots (torchmetrics takes them of the non-symmetric product) carry the float64 rounding
+    assert abs(itself["fid"]) < 1e-5 * against["fid"] and against["fid"] > 0.01, (itself["fid"], against["fid"])
+    assert itself["kid_mean"] < against["kid_mean"] and against["kid_mean"] > 0, (itself, against)
+
+
 # ------------------------------------------------------------------------------------------- CLIP score
 
 
@@ -234,7 +340,12 @@ def test_clip_score_reads_projected_embeddings_from_transformers(tiny_clip):
     projected embedding, the one CLIPModel's own logits use."""
     from transformers import CLIPModel, CLIPProcessor
 
+    import transformers
+
     model, processor = evaluation.clip_model(str(tiny_clip))()
+    # PIL's resize whether torchvision is installed or not
+    assert type(processor.image_processor).__name__ == ("CLIPImageProcessorPil" if hasattr(
+        transformers, "CLIPImageProcessorPil") else "CLIPImageProcessor")
     reference, reference_processor = CLIPModel.from_pretrained(tiny_clip).eval(), CLIPProcessor.from_pretrained(
         tiny_clip)
     inputs = reference_processor(text=["a red square"], images=[square("red", np.random.default_rng(0))],
@@ -250,28 +361,63 @@ def test_clip_score_reads_projected_embeddings_from_transformers(tiny_clip):
 # ------------------------------------------------------------------------------------------- files and CLI
 
 
+def one_line_error(capsys) -> str:
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("kandinsky: error: ") and len(stderr.strip().splitlines()) == 1, stderr
+    return stderr
+
+
 def test_missing_feature_weights_are_one_line_errors_naming_the_file(reference, tiny_clip, tmp_path, capsys,
-                                                                     monkeypatch):
+                                                                     monkeypatch, offline):
+    url = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
     missing = tmp_path / "weights" / "inception.pth"
-    with pytest.raises(WeightsNotFoundError, match="inception.pth; download https://github.com/toshas/"):
+    with pytest.raises(WeightsNotFoundError, match=f"inception.pth; download {url} to "):
         evaluation.inception(missing)
     assert main(["eval", "--generated", str(reference), "--reference", str(reference), "--inception-weights",
                  str(missing), "--no-clip", "--no-progress"]) == 1
-    stderr = capsys.readouterr().err
+    stderr = one_line_error(capsys)
     assert stderr.startswith("kandinsky: error: FID Inception weights not found: ") and str(missing) in stderr
-    assert len(stderr.strip().splitlines()) == 1
+    # the default file, offline: where it goes and the option
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch-hub"))
+    default = tmp_path / "torch-hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
+    assert main(["eval", "--generated", str(reference), "--reference", str(reference), "--no-clip",
+                 "--no-progress"]) == 1
+    assert one_line_error(capsys).strip() == (f"kandinsky: error: FID Inception weights not found: {default}; "
+                                              f"download {url} to {default} or pass --inception-weights FILE")
+    # files that are not the Inception weights
+    (tmp_path / "notes.pth").write_text("not weights")
+    torch.save(TinyFeatures().state_dict(), tmp_path / "other.pth")
+    torch.save({k: v for k, v in random_inception().state_dict().items() if not k.startswith("fc.")},
+               tmp_path / "no-fc.pth")
+    for name, message in (("notes.pth", "not a torch weights file"),
+                          ("other.pth", "not the FID Inception-v3 weights: 472 missing tensors"),
+                          ("no-fc.pth", r"not the FID Inception-v3 weights: 2 missing tensors \(fc.weight, ...\)")):
+        with pytest.raises(ValueError, match=message):
+            evaluation.load_inception(tmp_path / name)
+        assert main(["eval", "--generated", str(reference), "--reference", str(reference), "--inception-weights",
+                     str(tmp_path / name), "--no-clip", "--no-progress"]) == 1
+        stderr = one_line_error(capsys)
+        assert str(tmp_path / name) in stderr and "weights-inception-2015-12-05-6726825d.pth" in stderr
     # a CLIP folder without its weights
     broken = tmp_path / "clip"
     broken.mkdir()
     for path in tiny_clip.iterdir():
         if path.name != "model.safetensors":
             (broken / path.name).write_bytes(path.read_bytes())
-    with pytest.raises(WeightsNotFoundError, match="has no model.safetensors"):
+    with pytest.raises(WeightsNotFoundError, match="has no model.safetensors or pytorch_model.bin; save a "):
         evaluation.clip_files(str(broken))
+    # a CLIP folder that is not there: named as a folder, not looked up as a hub id
+    generated = write(tmp_path / "generated", smooth_images(2, seed=1))
+    (generated / "manifest.jsonl").write_text(json.dumps({"file": "000000.png", "prompt": "a red square"}) + "\n")
+    absent = tmp_path / "no-such-clip"
+    assert main(["eval", "--generated", str(generated), "--clip-model", str(absent), "--no-progress"]) == 1
+    assert one_line_error(capsys).strip() == (
+        f"kandinsky: error: CLIP model folder not found: {absent}; save a transformers CLIPModel and its "
+        f"CLIPProcessor there (save_pretrained), or run `hf download openai/clip-vit-large-patch14 --local-dir "
+        f"{absent}` where the hub is reachable")
     # a hub id offline, with an empty hub cache
     from huggingface_hub import constants
 
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(WeightsNotFoundError) as error:
         evaluation.clip_files("openai/clip-vit-large-patch14")
@@ -280,19 +426,51 @@ def test_missing_feature_weights_are_one_line_errors_naming_the_file(reference, 
     assert "hf download openai/clip-vit-large-patch14" in message and "--clip-model" in message
 
 
-def test_eval_command_prints_and_writes_json(reference, tiny_clip, tmp_path, capsys, monkeypatch):
-    generated = write(tmp_path / "generated", corrupt(smooth_images(10, seed=2), 0.1))
-    (generated / "manifest.jsonl").write_text("".join(json.dumps({"file": f"{i:06d}.png", "prompt": "a red square"})
-                                                      + "\n" for i in range(10)))
-    monkeypatch.setattr(evaluation, "inception", lambda weights=None: TinyFeatures())
-    code = main(["eval", "--generated", str(generated), "--reference", str(reference), "--clip-model", str(tiny_clip),
-                 "--size", str(SIZE), "--kid-subsets", "5", "--no-progress", "--device", "cpu"])
-    stdout = capsys.readouterr().out
-    assert code == 0
+def test_a_torchvision_that_breaks_torchmetrics_is_a_one_line_error(reference, monkeypatch, capsys):
+    """torchmetrics imports torchvision whenever it is installed; a torchvision wheel built for another torch
+    fails there (an operator registration RuntimeError, or an OSError for libc10_cuda.so)."""
+    import importlib
+
+    real = importlib.import_module
+
+    def broken(name, *args):
+        if name.startswith("torchmetrics"):
+            raise RuntimeError("operator torchvision::nms does not exist")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    with pytest.raises(ImportError, match="torchmetrics cannot be imported .RuntimeError: operator torchvision::nms"):
+        evaluation.fid(torch.zeros(2, 3), torch.ones(2, 3))
+    assert main(["eval", "--generated", str(reference), "--no-clip", "--no-progress"]) == 1
+    stderr = one_line_error(capsys)
+    assert "pip uninstall torchvision torch-fidelity" in stderr and stderr.count("kandinsky21[eval]") == 1
+
+
+def test_eval_command_runs_offline_from_local_files(reference, tiny_clip, inception_weights, tmp_path, capsys,
+                                                    offline):
+    """The whole command, no network: --inception-weights FILE (the real architecture, random weights) and
+    --clip-model DIR (a transformers CLIP folder)."""
+    rng = np.random.default_rng(2)
+    colors = ["red", "green", "blue", "yellow"]
+    generated = write(tmp_path / "generated", [square(c, rng) for c in colors])
+    (generated / "manifest.jsonl").write_text("".join(json.dumps({"file": f"{i:06d}.png", "prompt": f"a {c} square"})
+                                                      + "\n" for i, c in enumerate(colors)))
+    few = write(tmp_path / "reference", [Image.open(p) for p in evaluation.image_files(reference)[:5]])
+    code = main(["eval", "--generated", str(generated), "--reference", str(few), "--inception-weights",
+                 str(inception_weights), "--clip-model", str(tiny_clip), "--size", str(SIZE), "--kid-subsets", "5",
+                 "--no-progress", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
     result = json.loads((generated / "eval.json").read_text())
     assert set(result) >= {"fid", "kid_mean", "kid_std", "clip_score", "generated_images", "reference_images"}
-    assert result["generated_images"] == 10 and result["reference_images"] == 40 and result["kid_subset_size"] == 10
-    assert f"fid: {result['fid']:.6g}" in stdout and str(generated / "eval.json") in stdout
+    assert result["generated_images"] == result["clip_images"] == 4 and result["reference_images"] == 5
+    assert result["kid_subset_size"] == 4 and result["feature_extractor"] == "inception-v3-compat"
+    assert result["inception_sha256"] == hashlib.sha256(inception_weights.read_bytes()).hexdigest()
+    assert result["fid"] > 0.01 and result["clip_model"] == str(tiny_clip)
+    assert result["clip_score"] > 50  # matched captions (see the CLIP score tests above)
+    for key in ("fid", "kid_mean", "kid_std", "clip_score"):
+        assert f"{key}: {result[key]:.6g}" in captured.out
+    assert str(generated / "eval.json") in captured.out
 
 
 def test_prepare_coco_writes_a_prompt_file_and_its_reference_set(tmp_path, capsys):

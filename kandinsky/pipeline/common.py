@@ -1,5 +1,6 @@
 """What every Kandinsky pipeline shares: classifier-free guidance, the inpainting mask's latent dilation, a task
-call's prompts and settings, where the decoder starts from, the seeds a PIL image records.
+call's prompts and settings, where the decoder starts from, the seeds a PIL image records, and the decoder's
+sampling loop and output (:class:`DecoderSteps`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kandinsky import schedulers
+from kandinsky.images import to_output
+from kandinsky.png import png_text
 from kandinsky.settings import DecodeSettings
 from kandinsky.validation import prompt_list
 
@@ -124,14 +128,23 @@ class TaskCall:
 @dataclass
 class DecoderStart:
     """Where the decoder starts from: noised image latents and their timesteps (img2img), the UNet's extra input
-    channels and the known latents (inpainting)."""
+    channels and the known latents (inpainting), the ControlNet hint (B, 3, H, W) in [0, 1] (Kandinsky 2.2)."""
 
     x: torch.Tensor | None = None
     timesteps: torch.Tensor | None = None
     condition: torch.Tensor | None = None
     known: tuple[torch.Tensor, torch.Tensor] | None = None
     unet: str = "unet"
+    hint: torch.Tensor | None = None
 
+
+
+def scheduler_sampling(scheduler) -> schedulers.Sampling:
+    """The :class:`~kandinsky.schedulers.Sampling` of a live diffusers scheduler (whose config lacks its class
+    name), through :func:`kandinsky.convert.scheduler.sampling_from_diffusers`."""
+    from kandinsky.convert.scheduler import sampling_from_diffusers
+
+    return sampling_from_diffusers({**scheduler.config, "_class_name": type(scheduler).__name__})
 
 
 def match_batch(name: str, tensor: torch.Tensor, count: int) -> torch.Tensor:
@@ -140,3 +153,56 @@ def match_batch(name: str, tensor: torch.Tensor, count: int) -> torch.Tensor:
     if tensor.shape[0] == 1:
         return tensor.expand(count, *tensor.shape[1:])
     raise ValueError(f"{name}: expected 1 or {count} (one per prompt), got {tensor.shape[0]}")
+
+
+class DecoderSteps:
+    """The decoder's sampling loop and its output, for a pipeline class that has ``_size(call)``, ``module(name)``,
+    ``_finite(stage, values)``, ``decoder_sampling`` (a :class:`~kandinsky.schedulers.Sampling`), ``progress``,
+    ``device`` and ``dtype`` (as :class:`~kandinsky.pipeline.Kandinsky21` has)."""
+
+    def _sample_latents(self, call: TaskCall, denoise: Callable, start: DecoderStart, generator,
+                        step_fn: Callable | None = None) -> torch.Tensor:
+        """Guided sampling from ``start`` (unit noise at the rounded size by default, the decoder sampling's
+        timesteps for the call's sampler and steps); ``step_fn(i, t, x, noise, timesteps)`` is called after each
+        step (before the call's own ``sampler_options["callback"]``) with the initial noise and may change ``x``
+        in place: the sampler goes on from it."""
+        settings, sampling = call.settings, self.decoder_sampling
+        x, timesteps = start.x, start.timesteps
+        if x is None:
+            height, width = self._size(call)
+            factor = self.module("movq").config.downsample_factor
+            x = schedulers.randn((call.rows, 4, height // factor, width // factor), generator, self.device)
+        if timesteps is None:
+            timesteps = sampling.timesteps(settings.sampler, settings.num_inference_steps)
+        options = sampling.options_for(settings.sampler, settings.num_inference_steps, settings.sampler_options)
+        if settings.sampler == "p_sampler":
+            options.setdefault("x0_fn", original_x0_fn(start.known))
+        if step_fn is not None:
+            noise, given = x.clone(), options.get("callback")
+
+            def callback(i, t, x_i, x0):
+                step_fn(i, t, x_i, noise, timesteps)
+                if given is not None:
+                    given(i, t, x_i, x0)
+
+            options["callback"] = callback
+        if len(timesteps) > 0:
+            x = schedulers.sample(settings.sampler, denoise, x, sampling.schedule, timesteps,
+                                  generator=generator, progress=self.progress, **options)
+        return self._finite("decoder UNet", x)
+
+    def _output(self, call: TaskCall, x: torch.Tensor, record: dict | None):
+        """MoVQ-decode the latents ``x``, crop (``crop=True``), convert to the output type; PIL images carry
+        ``record`` (the pipeline's ``_record``) in their ``info``."""
+        settings = call.settings
+        images = self._finite("MoVQ decoder", self.module("movq").decode(x.to(self.dtype)).float())
+        if settings.crop:
+            images = images[..., :settings.height, :settings.width]  # the original keeps the top-left corner
+        output = to_output(images, settings.output_type)
+        if settings.output_type == "pil" and record is not None:
+            prompts, seeds = record["prompts"], record["seeds"]
+            for row, image in enumerate(output):
+                prompt = row // settings.num_images_per_prompt
+                negative = call.negatives[prompt] if call.negatives else None
+                image.info.update(png_text(prompts[prompt], seeds[row % len(seeds)], row, record["settings"], negative))
+        return output

@@ -3,33 +3,20 @@
 :class:`Kandinsky21` runs the tasks :meth:`~Kandinsky21.text2img`, :meth:`~Kandinsky21.img2img`,
 :meth:`~Kandinsky21.inpaint` and :meth:`~Kandinsky21.mix` (with :meth:`~Kandinsky21.prior`,
 :meth:`~Kandinsky21.interpolate` and :meth:`~Kandinsky21.decode` for the stages alone) on the models of a
-:class:`~kandinsky.components.Components` store (``pipe.components``), which loads them, places them and holds
-their adapters.
+:class:`~kandinsky.components.Components` store (``pipe.components``).
 
-Arguments, defaults and random draws follow diffusers 0.42.1 (``KandinskyPriorPipeline`` +
-``KandinskyPipeline`` / ``KandinskyImg2ImgPipeline`` / ``KandinskyInpaintPipeline``, i.e.
-``KandinskyCombinedPipeline``): the same seed gives the same image. Where the original ai-forever code
-differs, its behaviour is an explicit option (``crop=True``, ``mask_convention="legacy"``,
-``prior_sampler="unclip_original"``).
+Arguments, defaults and random draws follow diffusers 0.42.1 (``KandinskyCombinedPipeline`` and the separate
+pipelines): the same seed gives the same image. Where the original ai-forever code differs, its behaviour is an
+explicit option (``crop=True``, ``mask_convention="legacy"``, ``prior_sampler="unclip_original"``)::
 
-Example::
-
-    from kandinsky import Kandinsky21, save_png
     pipe = Kandinsky21.from_pretrained("kandinsky-community/kandinsky-2-1", device="cuda", dtype=torch.float16)
-    image = pipe.text2img("red cat, 4k photo", generator=torch.Generator().manual_seed(0))[0]
-    save_png(image, "cat.png")  # with the prompt, seed and settings in image.info
+    save_png(pipe.text2img("red cat", generator=torch.Generator().manual_seed(0))[0], "cat.png")
 
-Conventions (the same in every task):
-
-* the settings of each task are validated by one dataclass of :mod:`kandinsky.settings` (shared with the
-  CLI, batch generation and the web UI) before any model runs;
-* classifier-free guidance batches are ``[unconditional, conditional]`` (diffusers' order; the original
-  uses the reverse, which gives the same result); guidance is applied to the 4 noise channels, the 4
-  variance channels come from the conditional half; ``guidance_scale <= 1`` skips the unconditional half;
-* images in and out: see :mod:`kandinsky.images`; PIL outputs carry the PNG text chunks of :mod:`kandinsky.png`
-  in their ``info`` (:func:`~kandinsky.png.save_png` writes them);
-* height and width are rounded up to multiples of 64 px (both references do); ``crop=True`` crops the
-  result back to the requested size (the original's behaviour; diffusers returns the rounded size).
+Conventions (the same in every task): settings are validated by :mod:`kandinsky.settings` before any model runs;
+guidance batches are ``[unconditional, conditional]`` (diffusers' order), the 4 noise channels guided and the 4
+variance channels from the conditional half, ``guidance_scale <= 1`` skipping the unconditional half; images in
+and out as :mod:`kandinsky.images` says, PIL outputs carrying :mod:`kandinsky.png`'s metadata in their ``info``;
+sizes rounded up to multiples of 64 px (both references), ``crop=True`` cropping back (the original).
 """
 
 from __future__ import annotations
@@ -62,10 +49,15 @@ class Kandinsky21:
     pipelines), :meth:`from_config` (seeded random weights, e.g. the tiny pipeline), from a
     :class:`~kandinsky.components.Components` store, or from modules: ``Kandinsky21(unet=..., movq=..., ...,
     device=..., dtype=..., offload=...)`` takes the arguments of :class:`~kandinsky.components.Components`.
-    ``progress``: tqdm progress bars for the sampling loops.
+    ``progress``: tqdm progress bars for the sampling loops. ``prior_sampling`` / ``decoder_sampling``
+    (:class:`~kandinsky.schedulers.Sampling`): the stages' sampler, noise schedule, spacing and options, by default
+    Kandinsky's (unCLIP; DDIM, "leading" spacing, offset 1); :meth:`from_diffusers` takes them from the pipelines'
+    scheduler configs.
     """
 
-    def __init__(self, components: Components | None = None, *, progress: bool = True, **parts):
+    def __init__(self, components: Components | None = None, *, progress: bool = True,
+                 prior_sampling: schedulers.Sampling | None = None, decoder_sampling: schedulers.Sampling | None = None,
+                 **parts):
         if components is None:
             components = Components(**parts)
         elif parts:
@@ -74,8 +66,8 @@ class Kandinsky21:
             raise ValueError(f"components: expected a kandinsky.components.Components, got {type(components).__name__}")
         self.components = components
         self.progress = progress
-        self.prior_schedule = schedulers.prior_schedule()
-        self.decoder_schedule = schedulers.decoder_schedule()
+        self.prior_sampling = prior_sampling or schedulers.prior_sampling()
+        self.decoder_sampling = decoder_sampling or schedulers.decoder_sampling()
         self.img2img_schedule = schedulers.img2img_schedule()
 
     # ---- construction ---------------------------------------------------------------------------------
@@ -119,9 +111,18 @@ class Kandinsky21:
                        offload: str | None = None, progress: bool = True) -> Kandinsky21:
         """From live diffusers pipelines: a ``KandinskyPriorPipeline`` and a ``KandinskyPipeline`` /
         ``KandinskyImg2ImgPipeline`` (4-channel UNet) or ``KandinskyInpaintPipeline`` (9-channel UNet); see
-        :meth:`kandinsky.components.Components.from_diffusers`."""
-        return cls(Components.from_diffusers(prior_pipeline, decoder_pipeline, inpaint_pipeline=inpaint_pipeline,
-                                             device=device, dtype=dtype, offload=offload), progress=progress)
+        :meth:`kandinsky.components.Components.from_diffusers`. The samplers follow the pipelines' scheduler configs
+        (:func:`kandinsky.convert.scheduler.sampling_from_diffusers`): what the default samplers (``sampler="ddim"``
+        or the decoder scheduler's, and the prior's unCLIP) then compute is what diffusers computes."""
+        from kandinsky.convert.scheduler import sampling_from_diffusers
+
+        components = Components.from_diffusers(prior_pipeline, decoder_pipeline, inpaint_pipeline=inpaint_pipeline,
+                                               device=device, dtype=dtype, offload=offload)
+        def sampling(scheduler):  # a live scheduler's config lacks its class name
+            return sampling_from_diffusers({**scheduler.config, "_class_name": type(scheduler).__name__})
+
+        return cls(components, progress=progress, prior_sampling=sampling(prior_pipeline.scheduler),
+                   decoder_sampling=sampling(decoder_pipeline.scheduler))
 
     # ---- the store ------------------------------------------------------------------------------------
 
@@ -250,9 +251,10 @@ class Kandinsky21:
         denoise = guided_denoiser(predict, guidance)
         rows = len(batch_prompts) * per_prompt
         x = schedulers.randn((rows, prior.config.clip_dim), generator, self.device)
-        timesteps = schedulers.sampler_timesteps("unclip", self.prior_schedule, steps)
-        x = schedulers.sample("unclip", denoise, x, self.prior_schedule, timesteps, generator=generator,
-                              progress=self.progress, **options)
+        sampling = self.prior_sampling
+        x = schedulers.sample("unclip", denoise, x, sampling.schedule, sampling.timesteps("unclip", steps),
+                              generator=generator, progress=self.progress,
+                              **sampling.options_for("unclip", steps, options))
         image_embeds = self._finite("prior", prior.denormalize(x.float()))  # float32: the buffers are cast to x's dtype
         if negatives is not None:
             image_embeds, negative_embeds = image_embeds.chunk(2)
@@ -328,14 +330,14 @@ class Kandinsky21:
     def decode(self, prompt: str | Sequence[str], image_embeds: torch.Tensor, negative_image_embeds: torch.Tensor,
                negative_prompt: str | Sequence[str] | None = None, *, num_inference_steps: int = 100,
                guidance_scale: float = 4.0, height: int = 512, width: int = 512, num_images_per_prompt: int = 1,
-               generator: torch.Generator | None = None, sampler: str = "ddim", output_type: str = "pil",
+               generator: torch.Generator | None = None, sampler: str | None = None, output_type: str = "pil",
                crop: bool = False, sampler_options: dict | None = None):
         """The decoder alone (diffusers ``KandinskyPipeline``): image embeddings (from :meth:`prior`) -> images.
 
         ``image_embeds`` / ``negative_image_embeds`` have one row per prompt, or one row per output image
         (len(prompt) * num_images_per_prompt).
         """
-        call = TaskCall.of(prompt, negative_prompt, DecodeSettings.from_values(locals()))
+        call = TaskCall.of(prompt, negative_prompt, self._settings(DecodeSettings, locals()))
         generator = self._generator(generator)
         record = self._record(call, generator)
         image_embeds, negative_image_embeds = self._expand_embeds(image_embeds, negative_image_embeds, call)
@@ -345,7 +347,7 @@ class Kandinsky21:
     def text2img(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                  num_inference_steps: int = 100, guidance_scale: float = 4.0, prior_num_inference_steps: int = 25,
                  prior_guidance_scale: float = 4.0, height: int = 512, width: int = 512,
-                 num_images_per_prompt: int = 1, generator: torch.Generator | None = None, sampler: str = "ddim",
+                 num_images_per_prompt: int = 1, generator: torch.Generator | None = None, sampler: str | None = None,
                  output_type: str = "pil", crop: bool = False, sampler_options: dict | None = None,
                  prior_sampler: str = "unclip"):
         """Prompts -> images (diffusers ``KandinskyCombinedPipeline``, same seed -> same image).
@@ -357,10 +359,11 @@ class Kandinsky21:
         Every task validates all its arguments before any model runs (:mod:`kandinsky.settings`):
         ``num_inference_steps`` in 1..1000 (1..999 for ddim, plms and dpmpp_2m), ``guidance_scale`` in [0, 100]
         (at most 1: no guidance), the prior's ``prior_num_inference_steps`` (1..1000), ``prior_guidance_scale``
-        and ``prior_sampler`` (see :meth:`prior`). A generation that yields NaN or infinite values raises
+        and ``prior_sampler`` (see :meth:`prior`). ``sampler`` (default: the pipeline's, DDIM unless built from a
+        diffusers pipeline with another scheduler) is any decoder sampler. A generation that yields NaN or infinite values raises
         :class:`NonFiniteError`.
         """
-        call = TaskCall.of(prompt, negative_prompt, Text2ImgSettings.from_values(locals()))
+        call = TaskCall.of(prompt, negative_prompt, self._settings(Text2ImgSettings, locals()))
         generator = self._generator(generator)
         record = self._record(call, generator)
         embeds = self._prior_of(call, generator)
@@ -371,7 +374,7 @@ class Kandinsky21:
                 negative_prompt: str | Sequence[str] | None = None, *, num_inference_steps: int = 100,
                 guidance_scale: float = 7.0, prior_num_inference_steps: int = 25, prior_guidance_scale: float = 4.0,
                 height: int = 512, width: int = 512, num_images_per_prompt: int = 1,
-                generator: torch.Generator | None = None, sampler: str = "ddim", output_type: str = "pil",
+                generator: torch.Generator | None = None, sampler: str | None = None, output_type: str = "pil",
                 crop: bool = False, image_embeds: torch.Tensor | None = None,
                 negative_image_embeds: torch.Tensor | None = None, sampler_options: dict | None = None,
                 prior_sampler: str = "unclip"):
@@ -383,17 +386,17 @@ class Kandinsky21:
         are run. ``strength`` 1 starts from almost pure noise. Pass ``image_embeds`` /
         ``negative_image_embeds`` to skip the prior.
         """
-        call = TaskCall.of(prompt, negative_prompt, Img2ImgSettings.from_values(locals()))
+        call = TaskCall.of(prompt, negative_prompt, self._settings(Img2ImgSettings, locals()))
         generator = self._generator(generator)
         record = self._record(call, generator, prior=image_embeds is None)
         latents, _ = self._image_start(call, image, None)
         embeds = self._embeds_or_prior(call, image_embeds, negative_image_embeds, generator)
         latents = latents.repeat_interleave(call.settings.num_images_per_prompt, 0)
         steps, strength = call.settings.num_inference_steps, call.settings.strength
-        timesteps = schedulers.sampler_timesteps(call.settings.sampler, self.decoder_schedule, steps)
+        timesteps = self.decoder_sampling.timesteps(call.settings.sampler, steps)
         timesteps = timesteps[steps - min(int(steps * strength), steps):]
         # diffusers' (and the original's) noise level: 1000 * strength - 2 (strength 1 -> t = 998)
-        noise_timestep = max(int(self.img2img_schedule.num_train_timesteps * strength) - 2, 0)
+        noise_timestep = max(int(self.decoder_sampling.schedule.num_train_timesteps * strength) - 2, 0)
         noise = schedulers.randn(latents.shape, generator, self.device)
         x = schedulers.add_noise(latents, noise, noise_timestep, self.img2img_schedule)
         return self._decoder(call, *embeds, generator, DecoderStart(x=x, timesteps=timesteps), record)
@@ -403,7 +406,7 @@ class Kandinsky21:
                 negative_prompt: str | Sequence[str] | None = None, *, num_inference_steps: int = 100,
                 guidance_scale: float = 4.0, prior_num_inference_steps: int = 25, prior_guidance_scale: float = 4.0,
                 height: int = 512, width: int = 512, num_images_per_prompt: int = 1,
-                generator: torch.Generator | None = None, sampler: str = "ddim", output_type: str = "pil",
+                generator: torch.Generator | None = None, sampler: str | None = None, output_type: str = "pil",
                 crop: bool = False, mask_convention: str = "repaint", image_embeds: torch.Tensor | None = None,
                 negative_image_embeds: torch.Tensor | None = None, sampler_options: dict | None = None,
                 prior_sampler: str = "unclip"):
@@ -420,7 +423,7 @@ class Kandinsky21:
         every step (and x0 clamped to [-2, 2]), as the original's p_sampler path does; diffusers' samplers
         never blend. ``sampler_options={"x0_fn": ...}`` replaces that step.
         """
-        call = TaskCall.of(prompt, negative_prompt, InpaintSettings.from_values(locals()))
+        call = TaskCall.of(prompt, negative_prompt, self._settings(InpaintSettings, locals()))
         generator = self._generator(generator)
         record = self._record(call, generator, prior=image_embeds is None)
         latents, mask = self._image_start(call, image, mask_image)
@@ -439,11 +442,11 @@ class Kandinsky21:
             guidance_scale: float = 4.0, prior_num_inference_steps: int = 25, prior_guidance_scale: float = 4.0,
             negative_prior_prompt: str | None = None, negative_prompt: str = "", height: int = 512,
             width: int = 512, num_images_per_prompt: int = 1, generator: torch.Generator | None = None,
-            sampler: str = "ddim", output_type: str = "pil", crop: bool = False,
+            sampler: str | None = None, output_type: str = "pil", crop: bool = False,
             sampler_options: dict | None = None, prior_sampler: str = "unclip"):
         """Images from a weighted mix of prompts and images (:meth:`interpolate`, then the decoder with an
         empty prompt, as the original ``mix_images`` and diffusers' interpolate example do)."""
-        call = TaskCall.of([""], None, MixSettings.from_values(locals()))
+        call = TaskCall.of([""], None, self._settings(MixSettings, locals()))
         generator = self._generator(generator)
         items = images_and_prompts if isinstance(images_and_prompts, Sequence) else ()
         label = " | ".join(item if isinstance(item, str) else "<image>" for item in items)
@@ -458,6 +461,13 @@ class Kandinsky21:
         return self._decoder(call, *embeds, generator, DecoderStart(), record)
 
     # ---- task internals ---------------------------------------------------------------------------------
+
+    def _settings(self, cls, values: dict):
+        """A task's settings from its arguments; ``sampler=None`` is the decoder's own (DDIM, or the sampler of the
+        diffusers scheduler the pipeline was built from)."""
+        if values.get("sampler") is None:
+            values = {**values, "sampler": self.decoder_sampling.sampler}
+        return cls.from_values(values)
 
     def _size(self, call: TaskCall) -> tuple[int, int]:
         """The requested size rounded up for the MoVQ (64 px multiples for the official one)."""
@@ -551,14 +561,14 @@ class Kandinsky21:
             height, width = self._size(call)
             factor = self.module("movq").config.downsample_factor
             x = schedulers.randn((call.rows, 4, height // factor, width // factor), generator, self.device)
+        sampling = self.decoder_sampling
         if timesteps is None:
-            timesteps = schedulers.sampler_timesteps(settings.sampler, self.decoder_schedule,
-                                                     settings.num_inference_steps)
-        options = dict(settings.sampler_options or {})
+            timesteps = sampling.timesteps(settings.sampler, settings.num_inference_steps)
+        options = sampling.options_for(settings.sampler, settings.num_inference_steps, settings.sampler_options)
         if settings.sampler == "p_sampler":
             options.setdefault("x0_fn", original_x0_fn(start.known))
         if len(timesteps) > 0:
-            x = schedulers.sample(settings.sampler, denoise, x, self.decoder_schedule, timesteps,
+            x = schedulers.sample(settings.sampler, denoise, x, sampling.schedule, timesteps,
                                   generator=generator, progress=self.progress, **options)
         self._finite("decoder UNet", x)
         images = self._finite("MoVQ decoder", self.module("movq").decode(x.to(dtype)).float())

@@ -22,10 +22,14 @@ from .samplers import (
     unclip_float32_scalars,
     unclip_float32_step,
 )
+from .sampling import Sampling, decoder_sampling, prior_sampling
 from .schedule import (NUM_TRAIN_TIMESTEPS, SPACINGS, NoiseSchedule, add_noise, decoder_schedule, img2img_schedule,
                        prior_schedule, space_timesteps, spaced_timesteps)
 
 __all__ = [
+    "Sampling",
+    "prior_sampling",
+    "decoder_sampling",
     "NUM_TRAIN_TIMESTEPS",
     "NoiseSchedule",
     "prior_schedule",

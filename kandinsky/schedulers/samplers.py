@@ -411,7 +411,7 @@ def euler_ancestral_step(
 _COMMON = {"prediction", "noise_fn", "callback"}
 _OPTIONS = {
     "p_sampler": _COMMON | {"x0_fn", "threshold"},
-    "ddim": _COMMON | {"eta", "set_alpha_to_one"},
+    "ddim": _COMMON | {"eta", "set_alpha_to_one", "prev_stride"},
     "plms": _COMMON | {"set_alpha_to_one"},
     "unclip": _COMMON | {"clip_sample_range", "x0_fn", "arithmetic"},
     "ddpm": _COMMON | {"thresholding", "dynamic_thresholding_ratio", "sample_max_value", "x0_fn"},
@@ -445,7 +445,8 @@ def sample(
     `noise_fn(like) -> noise` (replaces the generator draws), `callback(i, t, x, x0)` after each step.
     - p_sampler: `x0_fn(x0, t) -> x0` (the original `denoised_fn`: clamp, inpainting blend), applied before
       `threshold`: "batch0" (default, the original Kandinsky 2.1 `clip_denoised`), "per_sample" (corrected) or None.
-    - ddim: `eta` in [0, 1] (default 0), `set_alpha_to_one` (default False). plms: `set_alpha_to_one`.
+    - ddim: `eta` in [0, 1] (default 0), `set_alpha_to_one` (default False), `prev_stride` (diffusers: the previous
+      timestep is t - prev_stride, not the next listed one; None). plms: `set_alpha_to_one`.
     - unclip: `clip_sample_range` (default 10.0; None disables), `x0_fn`, `arithmetic`: "float32" (default,
       diffusers' UnCLIPScheduler: float32 table and scalars, see `unclip_float32_step`) or "float64" (the original
       prior's numpy float64 scalars).
@@ -591,13 +592,15 @@ def _check_eta(eta) -> float:
 
 
 def _ddim(denoise, x, schedule, timesteps, steps, prediction, noise_fn, callback, *, eta=0.0,
-          set_alpha_to_one=False):
+          set_alpha_to_one=False, prev_stride=None):
     eta = _check_eta(eta)
     ac = schedule.alphas_cumprod
     final = 1.0 if set_alpha_to_one else float(ac[0])
     ts = [int(t) for t in timesteps.tolist()]
     for i in steps:
         t, t_prev = ts[i], (ts[i + 1] if i + 1 < len(ts) else -1)
+        if prev_stride is not None:  # diffusers' DDIMScheduler: t - T // steps, whatever the spacing
+            t_prev = max(t - prev_stride, -1)
         out = denoise(x, _t_batch(t, x))
         noise = noise_fn(x) if eta > 0 else None  # diffusers draws only when eta > 0
         x, x0 = ddim_step(out, x, t, t_prev, schedule, eta=eta, prediction=prediction, final_alpha_cumprod=final,

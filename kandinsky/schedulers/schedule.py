@@ -151,7 +151,7 @@ def add_noise(
 
 # ---- timestep selection -------------------------------------------------------------------------
 
-SPACINGS = ("respace", "leading", "trailing", "linspace", "unclip", "dpmsolver")
+SPACINGS = ("respace", "leading", "trailing", "linspace", "linspace_rounded", "unclip", "dpmsolver")
 
 
 def space_timesteps(num_train_timesteps: int, section_counts: str | Sequence[int]) -> list[int]:
@@ -200,6 +200,7 @@ def spaced_timesteps(
     - "trailing": round(arange(T, 0, -T / n)) - 1.
     - "linspace": linspace(0, T - 1, n) WITHOUT rounding: the float timesteps of diffusers' Euler schedulers
       (returned as float32 when not all integers).
+    - "linspace_rounded": round(linspace(0, T - 1, n)) (diffusers' DDIM / DDPM "linspace").
     - "unclip": round(i * (T - 1) / (n - 1)) (diffusers UnCLIPScheduler; equals the original prior respacing).
     - "dpmsolver": round(linspace(0, T - 1, n + 1))[::-1][:-1] (diffusers DPMSolverMultistep "linspace").
     """
@@ -222,6 +223,8 @@ def spaced_timesteps(
         if np.all(ts == np.round(ts)):
             ts = ts.astype(np.int64)
         return torch.from_numpy(ts.copy())
+    elif spacing == "linspace_rounded":
+        ts = np.linspace(0, T - 1, n).round()
     elif spacing == "unclip":
         ratio = (T - 1) / (n - 1) if n > 1 else 0.0
         ts = (np.arange(0, n) * ratio).round()

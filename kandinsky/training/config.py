@@ -4,6 +4,7 @@ defaults and their validation (:class:`ConfigError`, found before any work is do
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +21,15 @@ DEFAULT_LORA_LR = 1e-4
 # the original datasets' conditioning dropout
 DEFAULT_TEXT_DROPOUT = {"prior": 0.1, "decoder": 0.5, "inpaint": 0.5}
 DEFAULT_IMAGE_DROPOUT = 0.1
-# settings a resumed run must share with the run it continues (the others may change, e.g. --steps)
+# settings a resumed run must share with the run it continues (the others may change, e.g. --steps), compared
+# resolved (TrainConfig.resume_settings: a default given explicitly is the default); the base weights (--weights,
+# --revision) are compared as well, resolved too (TrainConfig.base)
 RESUME_FIXED = ("task", "batch_size", "seed", "optimizer", "weight_decay", "lr", "lr_warmup", "objective",
                 "snr_gamma", "lora_rank", "lora_alpha", "freeze", "ema", "resolution", "text_dropout",
                 "image_dropout")
+# the float options: each must be a finite number (inf and nan are refused before any work)
+FLOAT_OPTIONS = ("lr", "weight_decay", "max_grad_norm", "snr_gamma", "lora_alpha", "ema", "text_dropout",
+                 "image_dropout")
 
 
 class ConfigError(ValueError):
@@ -68,6 +74,8 @@ class TrainConfig:
     cache_dir: str | None = None
     device: str | None = None
     progress: bool = True
+    allow_outside_paths: bool = False  # data paths may leave the data folder (absolute paths, ../, links)
+    skip_nonfinite_steps: bool = False  # skip the optimizer step of a non-finite loss instead of stopping
 
     @property
     def component(self) -> str:
@@ -89,6 +97,13 @@ class TrainConfig:
         return DEFAULT_TEXT_DROPOUT[self.task] if self.text_dropout is None else self.text_dropout
 
     @property
+    def resolved_lora_alpha(self) -> float | None:
+        """LoRA's alpha (the rank by default: scale 1), None without LoRA."""
+        if self.lora_rank is None:
+            return None
+        return float(self.lora_rank if self.lora_alpha is None else self.lora_alpha)
+
+    @property
     def source(self) -> str:
         """``weights``, a local folder made absolute (``base.json`` must still point at it from the output)."""
         local = Path(self.weights).expanduser()
@@ -99,9 +114,35 @@ class TrainConfig:
         """The options of the base weights besides their source (``base.json``, the cache description)."""
         return {"revision": self.revision} if self.revision is not None else {}
 
+    @property
+    def base(self) -> dict:
+        """Where the base weights come from, resolved: ``{"source": ..., **base_options}`` (as ``base.json``)."""
+        return {"source": self.source, **self.base_options}
+
     def as_json(self) -> dict:
         """The settings as JSON values (tuples as lists), as ``train_config.json`` and checkpoints record them."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, values: dict) -> TrainConfig:
+        """The settings that :meth:`as_json` recorded (fields unknown to this version are ignored, missing ones
+        take their defaults). Raises ValueError for values that are not such a record."""
+        if not isinstance(values, dict):
+            raise ValueError(f"expected the settings of a run (a JSON object), got {type(values).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        known = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in fields}
+        missing = sorted({"task", "weights", "data", "output"} - set(known))
+        if missing:
+            raise ValueError(f"the settings of a run lack {missing}")
+        return cls(**known)
+
+    def resume_settings(self) -> dict:
+        """The settings of :data:`RESUME_FIXED`, resolved: ``--lr 1e-5`` given explicitly is the default
+        learning rate, ``--lora-alpha`` equal to the rank is the default alpha."""
+        values = self.as_json()
+        values.update(lr=self.resolved_lr, text_dropout=self.resolved_text_dropout,
+                      lora_alpha=self.resolved_lora_alpha)
+        return {k: values[k] for k in RESUME_FIXED}
 
     def check(self, world_size: int = 1) -> None:
         """Raise :class:`ConfigError` naming the option for any setting that cannot work."""
@@ -120,6 +161,13 @@ class TrainConfig:
         def probability(name: str, value) -> None:
             if not 0 <= value <= 1:
                 raise ConfigError(f"--{name}: expected a probability in [0, 1], got {value}")
+
+        for name in FLOAT_OPTIONS:  # first: inf passes "> 0" and nan passes "< 0" checks below
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"--{name.replace('_', '-')}: expected a finite number, got {value!r}")
 
         choice("task", self.task, TASKS)
         for name in ("steps", "batch_size", "grad_accum", "keep_checkpoints", "resolution"):

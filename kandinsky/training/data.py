@@ -38,12 +38,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from kandinsky.images import IMAGE_SUFFIXES, load_image
 from kandinsky.schedulers import NUM_TRAIN_TIMESTEPS
 
 if TYPE_CHECKING:
     from kandinsky.components import Components
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CACHE_FORMAT = "kandinsky21-train-cache"
 CACHE_INDEX = "index.json"
 NULL_FILE = "null.safetensors"
@@ -67,29 +67,57 @@ class Record:
     caption: str
 
 
-def read_records(data: str | os.PathLike) -> list[Record]:
+def read_records(data: str | os.PathLike, *, allow_outside: bool = False) -> list[Record]:
     """The (image, caption) records of ``data`` (see the module docstring for the three formats), in a
-    fixed order: the file's order for ``metadata.jsonl`` and CSV, sorted paths for ``.txt`` captions."""
+    fixed order: the file's order for ``metadata.jsonl`` and CSV, sorted paths for ``.txt`` captions.
+
+    Every image (and caption) path is resolved, symbolic links included, against the folder it is relative to
+    (the data folder, the CSV's folder) and refused if it leaves it, unless ``allow_outside`` (then absolute
+    paths, ``..`` and links out of the folder are followed). Errors are one ``ValueError`` naming the file and
+    line."""
     path = Path(data).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".csv":
             raise ValueError(f"data: expected a folder or a .csv file, got the file {path}")
-        records = _read_csv(path)
+        records = _read_csv(path, allow_outside)
     elif path.is_dir():
-        records = _read_jsonl(path / "metadata.jsonl") if (path / "metadata.jsonl").is_file() else _read_txt(path)
+        jsonl = path / "metadata.jsonl"
+        records = _read_jsonl(jsonl, allow_outside) if jsonl.is_file() else _read_txt(path, allow_outside)
     else:
         raise ValueError(f"data: no such folder or file {path}")
     if not records:
         raise ValueError(f"data: no images with captions in {path}")
+    folders = [str(r.image) for r in records if r.image.is_dir()]
+    if folders:
+        raise ValueError(f"data: {len(folders)} image path(s) listed in {path} are folders, not image files, "
+                         f"e.g. {folders[:3]}")
     missing = [str(r.image) for r in records if not r.image.is_file()]
     if missing:
         raise ValueError(f"data: {len(missing)} image file(s) listed in {path} do not exist, e.g. {missing[:3]}")
     return records
 
 
-def _read_jsonl(path: Path) -> list[Record]:
+def _text_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file (a byte-order mark, as spreadsheets and some editors write, dropped);
+    undecodable bytes are a ValueError naming the file and line."""
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise ValueError(f"data: cannot read {path}: {error.strerror or error}") from None
+    lines = raw.splitlines(keepends=True)
+    decoded = []
+    for number, line in enumerate(lines, 1):
+        try:
+            decoded.append(line.decode("utf-8-sig" if number == 1 else "utf-8"))
+        except UnicodeDecodeError as error:
+            raise ValueError(f"data: {path} line {number} is not UTF-8 text ({error.reason} at byte "
+                             f"{error.start}); save it as UTF-8") from None
+    return decoded
+
+
+def _read_jsonl(path: Path, allow_outside: bool) -> list[Record]:
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(_text_lines(path), 1):
         if not line.strip():
             continue
         try:
@@ -98,12 +126,13 @@ def _read_jsonl(path: Path) -> list[Record]:
             raise ValueError(f"data: {path} line {number} is not JSON: {error}") from None
         if not (isinstance(row, dict) and isinstance(row.get("file_name"), str) and isinstance(row.get("text"), str)):
             raise ValueError(f"data: {path} line {number}: expected {{\"file_name\": str, \"text\": str}}, "
-                             f"got {line[:200]}")
-        records.append(Record(path.parent / row["file_name"], row["text"]))
+                             f"got {line.strip()[:200]}")
+        image = contained(path.parent, row["file_name"], f"{path} line {number}: file_name", allow_outside)
+        records.append(Record(image, row["text"]))
     return records
 
 
-def _read_txt(folder: Path) -> list[Record]:
+def _read_txt(folder: Path, allow_outside: bool) -> list[Record]:
     images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
         raise ValueError(f"data: {folder} has no metadata.jsonl and no images ({', '.join(IMAGE_SUFFIXES)})")
@@ -111,34 +140,63 @@ def _read_txt(folder: Path) -> list[Record]:
     if uncaptioned:
         raise ValueError(f"data: {folder} has no metadata.jsonl, and {len(uncaptioned)} image(s) have no same-stem "
                          f".txt caption, e.g. {uncaptioned[:3]}")
-    return [Record(p, p.with_suffix(".txt").read_text(encoding="utf-8").strip()) for p in images]
+    records = []
+    for image in images:
+        caption = image.with_suffix(".txt")
+        for file in (image, caption):
+            contained(folder, file.relative_to(folder), str(file), allow_outside)
+        records.append(Record(image, "".join(_text_lines(caption)).strip()))
+    return records
 
 
-def _read_csv(path: Path) -> list[Record]:
-    with path.open(newline="", encoding="utf-8") as file:
-        reader = csv.DictReader(file)
-        columns = reader.fieldnames or []
-        if "image_name" not in columns or "caption" not in columns:
-            raise ValueError(f"data: {path} needs the columns 'image_name' and 'caption', has {columns}")
-        rows = list(reader)
-    return [Record(_relative_to(path.parent, row["image_name"]), row["caption"] or "") for row in rows]
+def _read_csv(path: Path, allow_outside: bool) -> list[Record]:
+    reader = csv.DictReader(_text_lines(path))
+    columns = reader.fieldnames or []
+    if "image_name" not in columns or "caption" not in columns:
+        raise ValueError(f"data: {path} needs the columns 'image_name' and 'caption', has {columns}")
+    records = []
+    for row in reader:
+        where = f"{path} line {reader.line_num}"
+        name = row["image_name"]
+        if not name:
+            raise ValueError(f"data: {where}: image_name is empty")
+        records.append(Record(contained(path.parent, name, f"{where}: image_name", allow_outside),
+                              row["caption"] or ""))
+    return records
 
 
-def _relative_to(folder: Path, name: str) -> Path:
-    image = Path(name).expanduser()
-    return image if image.is_absolute() else folder / image
+def contained(folder: Path, name: str | os.PathLike, where: str, allow_outside: bool = False) -> Path:
+    """``name`` (a path relative to ``folder``, or absolute) as a path; unless ``allow_outside``, a
+    ValueError naming ``where`` if it leaves ``folder`` once resolved (``..``, an absolute path elsewhere, a
+    symbolic link pointing out)."""
+    given = Path(name).expanduser()
+    path = given if given.is_absolute() else folder / given
+    if not allow_outside and not path.resolve().is_relative_to(folder.resolve()):
+        how = "is an absolute path outside" if given.is_absolute() else "leaves"
+        raise ValueError(f"data: {where}: {str(name)!r} {how} the folder {folder} (pass --allow-outside-paths "
+                         "to accept paths outside it)")
+    return path
 
 
-def load_image(path: Path):
-    """The image at ``path`` as a PIL image (errors name the file)."""
+def check_images(records: Sequence[Record], rank: int = 0, world_size: int = 1) -> None:
+    """Open every ``world_size``-th image of ``records`` from ``rank`` on and check it cheaply (its header and
+    size, PIL's ``verify``; no decoding): unreadable files and decompression bombs are a ValueError naming the
+    file, before any training step. Some damage (a corrupt compressed stream with intact checksums) shows only
+    when an image is decoded; the run then stops at that step."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"data: cannot read image {path}: {error}") from None
+    for record in records[rank::world_size]:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(record.image) as image:
+                    image.verify()
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+            raise ValueError(f"data: {record.image}: refused as a decompression bomb ({error})") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as error:
+            raise ValueError(f"data: {record.image}: cannot read image ({error})") from None
 
 
 def training_pixels(image, resolution: int) -> torch.Tensor:
@@ -335,7 +393,7 @@ class Encoders:
         from kandinsky.text_encoders import encode_clip_images
 
         components = self.components
-        images = [load_image(r.image) for r in records]
+        images = [load_image(r.image) for r in records]  # 16-bit scaled, alpha on white; errors name the file
         captions = [r.caption for r in records]
         out = {"image_embeds": encode_clip_images(components.module("clip_vision"), images)}
         if self.task == "decoder":

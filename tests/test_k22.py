@@ -1,0 +1,278 @@
+"""The Kandinsky22 pipeline against diffusers 0.42.1's Kandinsky 2.2 pipelines, on tiny random components (no hub,
+tokenizers built in code): same seed and arguments -> same embeddings and images. Also the tiny 2.2 pipeline
+(``Kandinsky22.from_config("tiny")``) and the tasks' 2.2-specific behaviour (no text in the decoder, the
+inpainting blend, the hint).
+
+Tolerances: float32 throughout, so the two sides differ only by operation order. Images are compared in [0, 1]:
+a single decoder step within 2e-4, several within 2e-3 (each bound is written beside what was measured).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kandinsky import tiny
+from kandinsky.pipeline import Kandinsky21, Kandinsky22
+from kandinsky.testing import randomize_
+
+diffusers = pytest.importorskip("diffusers")
+
+WIDTH = 40  # CLIP hidden = projection = prior embedding_dim = UNet encoder_hid_dim (ViT-bigG: 1280)
+SIZE = 64  # px; the MoVQ downsamples by 8 (as the real one), so latents are 8 x 8 and the hint is 64 x 64
+STEPS = dict(num_inference_steps=3, prior_num_inference_steps=2)
+UNET_22 = dict(out_channels=8, addition_embed_type="image", encoder_hid_dim_type="image_proj", encoder_hid_dim=WIDTH,
+               down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+               up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+               mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=(32, 64), layers_per_block=1,
+               cross_attention_dim=24, attention_head_dim=16, resnet_time_scale_shift="scale_shift")
+
+
+def diffusers_unet(seed: int, **change):
+    unet = randomize_(diffusers.UNet2DConditionModel(**{**UNET_22, "in_channels": 4, **change}), seed)
+    with torch.no_grad():  # a small noise prediction keeps the DDIM latents near unit scale
+        unet.conv_out.weight.mul_(0.1)
+        unet.conv_out.bias.mul_(0.1)
+    return unet.eval()
+
+
+def diffusers_movq(seed: int = 5):
+    movq = diffusers.VQModel(
+        block_out_channels=(32, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3 + ("AttnDownEncoderBlock2D",),
+        up_block_types=("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * 3, in_channels=3, latent_channels=4,
+        layers_per_block=1, norm_num_groups=32, norm_type="spatial", num_vq_embeddings=12, out_channels=3,
+        vq_embed_dim=4)
+    randomize_(movq, seed)
+    with torch.no_grad():  # random weights decode to |x| ~ 50: scale down so that few pixels clip at 0 or 1
+        movq.decoder.conv_out.weight.mul_(0.05)
+    return movq.eval()
+
+
+def diffusers_prior(seed: int = 3):
+    """A PriorTransformer 64 wide over 40-wide CLIP embeddings (the real one: 2048 over 1280)."""
+    prior = diffusers.PriorTransformer(num_attention_heads=2, attention_head_dim=32, embedding_dim=WIDTH, num_layers=1)
+
+    def positive(param, generator):
+        param.copy_(0.5 + torch.rand(param.shape, generator=generator))
+
+    return randomize_(prior, seed, overrides={"clip_std": positive}).eval()
+
+
+def seed(value: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(value)
+
+
+def random_image(value: int = 0, size: int = SIZE) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(value).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def max_abs(a, b) -> float:
+    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    """diffusers' 2.2 pipelines sharing tiny random components."""
+    from transformers import CLIPImageProcessorPil
+
+    torch.manual_seed(0)
+    tokenizer = tiny.clip_tokenizer()
+    prior = dict(prior=diffusers_prior(), tokenizer=tokenizer,
+                 text_encoder=tiny.clip_text_model(1, len(tokenizer), projection_dim=WIDTH, width=WIDTH),
+                 image_encoder=tiny.clip_vision_model(2, projection_dim=WIDTH, width=WIDTH),
+                 scheduler=diffusers.UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample",
+                                                     num_train_timesteps=1000, clip_sample=True,
+                                                     clip_sample_range=10.0),
+                 image_processor=CLIPImageProcessorPil(crop_size=224, size=224, resample=3))
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.00085,
+                                        beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                        prediction_type="epsilon", thresholding=False)
+    decoder = dict(unet=diffusers_unet(6), scheduler=scheduler, movq=diffusers_movq())
+    inpaint = dict(decoder, unet=diffusers_unet(7, in_channels=9))
+    controlnet = dict(decoder, unet=diffusers_unet(8, in_channels=8, addition_embed_type="image_hint"))
+    prefixed = {f"prior_{k}": v for k, v in prior.items()}
+    pipes = dict(
+        prior=diffusers.KandinskyV22PriorPipeline(**prior),
+        text2img=diffusers.KandinskyV22Pipeline(**decoder),
+        combined=diffusers.KandinskyV22CombinedPipeline(**decoder, **prefixed),
+        img2img=diffusers.KandinskyV22Img2ImgCombinedPipeline(**decoder, **prefixed),
+        inpaint=diffusers.KandinskyV22InpaintCombinedPipeline(**inpaint, **prefixed),
+        controlnet=diffusers.KandinskyV22ControlnetPipeline(**controlnet),
+        controlnet_img2img=diffusers.KandinskyV22ControlnetImg2ImgPipeline(**controlnet),
+        inpaint_decoder=diffusers.KandinskyV22InpaintPipeline(**inpaint),
+    )
+    for pipe in pipes.values():
+        pipe.set_progress_bar_config(disable=True)
+    return pipes
+
+
+@pytest.fixture(scope="module")
+def ours(reference) -> Kandinsky22:
+    return Kandinsky22.from_diffusers(reference["prior"], reference["text2img"],
+                                      inpaint_pipeline=reference["inpaint_decoder"],
+                                      controlnet_pipeline=reference["controlnet"], progress=False)
+
+
+def hint_tensor(value: int = 11) -> torch.Tensor:
+    return torch.rand(1, 3, SIZE, SIZE, generator=seed(value))
+
+
+# ------------------------------------------------------------------------------------------------ against diffusers
+
+
+def test_store_has_no_text_encoder_and_three_unets(ours):
+    assert ours.components.names() == ["clip_text", "clip_vision", "prior", "unet", "unet_inpaint", "movq",
+                                       "unet_controlnet", "clip_tokenizer"]
+    conditioning = {name: ours.module(name).config.conditioning for name in ("unet", "unet_inpaint", "unet_controlnet")}
+    assert conditioning == {"unet": "image", "unet_inpaint": "image", "unet_controlnet": "image_hint"}
+    assert ours.module("prior").config.clip_dim == WIDTH and ours.module("prior").config.width == 64
+    assert ours.components.source == {"source": "diffusers pipelines", "model": "2.2"}
+
+
+@pytest.mark.parametrize("negative_prompt", [None, "blurry"])
+def test_prior_matches_diffusers(ours, reference, negative_prompt):
+    args = dict(negative_prompt=negative_prompt, num_inference_steps=5, num_images_per_prompt=2)
+    theirs = reference["prior"]("the cat", generator=seed(1), **args)
+    embeds, negative = ours.prior("the cat", generator=seed(1), **args)
+    assert embeds.shape == negative.shape == (2, WIDTH)
+    assert max_abs(embeds, theirs.image_embeds) < 3e-5
+    assert max_abs(negative, theirs.negative_image_embeds) < 5e-6
+
+
+def test_interpolate_matches_diffusers(ours, reference):
+    items, weights = ["the cat", random_image(12, 96)], [0.3, 0.7]
+    theirs = reference["prior"].interpolate(items, weights, num_inference_steps=3, generator=seed(13))
+    embeds, negative = ours.interpolate(items, weights, num_inference_steps=3, generator=seed(13))
+    assert max_abs(embeds, theirs.image_embeds) < 3e-5
+    assert max_abs(negative, theirs.negative_image_embeds) < 5e-6
+
+
+def test_decode_two_steps_matches_decoder_pipeline(ours, reference):
+    """DDIM's first step of two is at t = 501 (one step alone would be at t = 1: "leading" spacing, offset 1)."""
+    embeds, negative = torch.randn(1, WIDTH, generator=seed(6)), torch.randn(1, WIDTH, generator=seed(7))
+    args = dict(height=SIZE, width=SIZE, num_inference_steps=2, output_type="np")
+    theirs = reference["text2img"](embeds, negative, generator=seed(8), **args).images
+    images = ours.decode("a dog", embeds, negative, generator=seed(8), **args)
+    assert images.shape == (1, SIZE, SIZE, 3)
+    assert max_abs(images, theirs) < 2e-4
+
+
+def _their_latents(pipe, *args, **kwargs) -> list[torch.Tensor]:
+    """The latents after each step of a diffusers 2.2 decoder pipeline call."""
+    steps = []
+
+    def on_step(pipeline, i, t, values):
+        steps.append(values["latents"].clone())
+        return {}
+
+    if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
+        pipe(*args, callback_on_step_end=on_step, output_type="np", **kwargs)
+    else:  # the ControlNet pipelines take the older callback(i, t, latents)
+        pipe(*args, callback=lambda i, t, latents: steps.append(latents.clone()), output_type="np", **kwargs)
+    return steps
+
+
+@pytest.mark.parametrize("task", ["decode", "inpaint", "controlnet"])
+def test_decoder_latents_match_step_by_step(ours, reference, task):
+    """The UNet path alone, every step (inpainting: after the known region is put back): the latents within 3e-6
+    of their scale (measured 2.5e-7 to 3e-7). The images then differ by what the random MoVQ makes of that: its
+    output moves by up to 40x a latent change of that size (1.9e-4 for 4.6e-6 at |latents| 14)."""
+    embeds, negative = torch.randn(1, WIDTH, generator=seed(30)), torch.randn(1, WIDTH, generator=seed(31))
+    args = dict(height=SIZE, width=SIZE, num_inference_steps=4)
+    image, mask, hint = random_image(33), np.zeros((SIZE, SIZE), dtype=np.float32), hint_tensor(34)
+    mask[8:40, 24:56] = 1
+    mine = []
+    options = {"sampler_options": {"callback": lambda i, t, x, x0: mine.append(x.clone())}}
+    if task == "decode":
+        theirs = _their_latents(reference["text2img"], embeds, negative, generator=seed(32), **args)
+        ours.decode("a cat", embeds, negative, generator=seed(32), **args, **options, output_type="np")
+    elif task == "inpaint":
+        theirs = _their_latents(reference["inpaint_decoder"], embeds, image, mask, negative, generator=seed(32), **args)
+        ours.inpaint("a cat", image, mask, image_embeds=embeds, negative_image_embeds=negative, generator=seed(32),
+                     **args, **options, output_type="np")
+    else:
+        theirs = _their_latents(reference["controlnet"], embeds, negative, hint, generator=seed(32), **args)
+        ours.controlnet("a cat", hint, image_embeds=embeds, negative_image_embeds=negative, generator=seed(32),
+                        **args, **options, output_type="np")
+    assert len(mine) == len(theirs) == 4
+    for step, (a, b) in enumerate(zip(mine, theirs)):
+        assert float((a - b).abs().max()) < 3e-6 * float(b.abs().max()), step
+
+
+@pytest.mark.parametrize("num_images_per_prompt", [1, 2])
+def test_text2img_matches_combined_pipeline(ours, reference, num_images_per_prompt):
+    args = dict(height=SIZE, width=SIZE, num_images_per_prompt=num_images_per_prompt, **STEPS)
+    theirs = reference["combined"]("the cat", generator=seed(3), output_type="np", **args).images
+    images = ours.text2img("the cat", generator=seed(3), output_type="np", **args)
+    assert images.shape == (num_images_per_prompt, SIZE, SIZE, 3)
+    assert max_abs(images, theirs) < 2e-3
+
+
+def test_text2img_negative_prompt_and_no_guidance(ours, reference):
+    args = dict(height=SIZE, width=SIZE, **STEPS)
+    theirs = reference["combined"](["the cat", "a dog"], negative_prompt=["dark", "ugly"], generator=seed(4),
+                                   output_type="np", **args).images
+    images = ours.text2img(["the cat", "a dog"], negative_prompt=["dark", "ugly"], generator=seed(4),
+                           output_type="np", **args)
+    assert max_abs(images, theirs) < 2e-3
+    args.update(guidance_scale=1.0, prior_guidance_scale=1.0)
+    theirs = reference["combined"]("the cat", generator=seed(5), output_type="np", **args).images
+    images = ours.text2img("the cat", generator=seed(5), output_type="np", **args)
+    assert max_abs(images, theirs) < 2e-3
+
+
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+def test_img2img_matches_combined_pipeline(ours, reference, strength):
+    """2.2 noises the image latents with the decoder's schedule at the first remaining timestep."""
+    args = dict(height=SIZE, width=SIZE, strength=strength, num_inference_steps=4, prior_num_inference_steps=2)
+    image = random_image(14)
+    theirs = reference["img2img"]("the cat", image, generator=seed(15), output_type="np", **args).images
+    images = ours.img2img("the cat", image, generator=seed(15), output_type="np", **args)
+    assert max_abs(images, theirs) < 2e-3
+
+
+def test_inpaint_matches_combined_pipeline(ours, reference):
+    """2.2 puts the known region back after every step (the image latents noised to the next timestep)."""
+    mask = np.zeros((SIZE, SIZE), dtype=np.float32)
+    mask[:24, 16:48] = 1  # white = repaint
+    args = dict(height=SIZE, width=SIZE, **STEPS)
+    image = random_image(16)
+    theirs = reference["inpaint"]("the cat", image, mask, generator=seed(17), output_type="np", **args).images
+    images = ours.inpaint("the cat", image, mask, generator=seed(17), output_type="np", **args)
+    assert max_abs(images, theirs) < 2e-3
+
+
+@pytest.mark.parametrize("guidance_scale", [4.0, 1.0])
+def test_controlnet_matches_diffusers(ours, reference, guidance_scale):
+    generator, hint = seed(18), hint_tensor()
+    embeds, negative = reference["prior"]("the cat", num_inference_steps=2, generator=generator, return_dict=False)
+    theirs = reference["controlnet"](embeds, negative, hint, height=SIZE, width=SIZE, num_inference_steps=3,
+                                     guidance_scale=guidance_scale, generator=generator, output_type="np").images
+    images = ours.controlnet("the cat", hint, height=SIZE, width=SIZE, guidance_scale=guidance_scale,
+                             generator=seed(18), output_type="np", **STEPS)
+    assert max_abs(images, theirs) < 2e-3
+
+
+def test_controlnet_two_steps_with_given_embeddings(ours, reference):
+    embeds, negative = torch.randn(1, WIDTH, generator=seed(19)), torch.randn(1, WIDTH, generator=seed(20))
+    hint = hint_tensor(21)
+    args = dict(height=SIZE, width=SIZE, num_inference_steps=2, output_type="np")
+    theirs = reference["controlnet"](embeds, negative, hint, generator=seed(22), **args).images
+    images = ours.controlnet("a robot", hint, image_embeds=embeds, negative_image_embeds=negative,
+                             generator=seed(22), **args)
+    assert max_abs(images, theirs) < 2e-4
+
+
+def test_controlnet_img2img_matches_diffusers(ours, reference):
+    generator, hint, image = seed(23), hint_tensor(24), random_image(25)
+    embeds, negative = reference["prior"]("the cat", num_inference_steps=2, generator=generator, return_dict=False)
+    theirs = reference["controlnet_img2img"](embeds, image, negative, hint, height=SIZE, width=SIZE, strength=0.5,
+                                             num_inference_steps=4, generator=generator, output_type="np").images
+    images = ours.controlnet_img2img("the cat", image, hint, strength=0.5, height=SIZE, width=SIZE,
+                                     num_inference_steps=4, prior_num_inference_steps=2, generator=seed(23),
+                                     output_type="np")
+    assert max_abs(images, theirs) < 2e-3
