@@ -10,8 +10,8 @@
 __version__ = "0.1.0"
 
 # public name -> the module that defines it
-_LAZY = {"Kandinsky21": "kandinsky.pipeline", "Kandinsky22": "kandinsky.pipeline", "NonFiniteError": "kandinsky.pipeline",
-         "save_png": "kandinsky.png"}
+_LAZY = {"Kandinsky21": "kandinsky.pipeline", "Kandinsky22": "kandinsky.pipeline",
+         "NonFiniteError": "kandinsky.pipeline", "save_png": "kandinsky.png"}
 __all__ = ["Kandinsky21", "Kandinsky22", "NonFiniteError", "save_png", "__version__"]
 
 

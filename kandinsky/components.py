@@ -42,7 +42,7 @@ OFFLOAD = (None, "sequential")
 CONTROLNET = "unet_controlnet"  # Kandinsky 2.2's ControlNet UNet
 ALL_MODULES = MODULES + (CONTROLNET,)  # the modules a store may hold
 DECODER_MODULES = DECODER_STAGE + (CONTROLNET,)
-COMPILABLE = ("unet", "unet_inpaint", CONTROLNET)  # what compile() applies to: the models that run once per sampler step
+COMPILABLE = ("unet", "unet_inpaint", CONTROLNET)  # what compile() applies to: the models run once per sampler step
 
 
 @dataclass(frozen=True)

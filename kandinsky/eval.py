@@ -339,6 +339,14 @@ class _ProjectedFeatures(nn.Module):
         return self._tensor(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
 
 
+def _hf_download(folder: Path | None, source: str = DEFAULT_CLIP) -> str:
+    """The command that fetches a CLIP model (into the hub cache, or ``folder``); for the default model only the
+    files needed (its repository also holds PyTorch, TensorFlow and Flax copies of the weights)."""
+    files = " config.json model.safetensors preprocessor_config.json tokenizer.json tokenizer_config.json " \
+            "vocab.json merges.txt special_tokens_map.json" if source == DEFAULT_CLIP else ""
+    return f"hf download {source}{files}" + (f" --local-dir {folder}" if folder is not None else "")
+
+
 def _looks_like_a_path(source: str) -> bool:
     """Whether ``source`` names a folder rather than a hub repository id ("owner/name" or "name")."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -358,14 +366,14 @@ def clip_files(source: str = DEFAULT_CLIP) -> Path:
     local = Path(source).expanduser()
     if not local.is_dir() and _looks_like_a_path(source):
         raise WeightsNotFoundError(f"CLIP model folder not found: {local}; save a transformers CLIPModel and its "
-                                   f"CLIPProcessor there (save_pretrained), or run `hf download {DEFAULT_CLIP} "
-                                   f"--local-dir {local}` where the hub is reachable")
+                                   f"CLIPProcessor there (save_pretrained), or run `{_hf_download(local)}` where "
+                                   "the hub is reachable")
     if local.is_dir():
         missing = [group for group in CLIP_REQUIRED if not any((local / name).is_file() for name in group)]
         if missing:
             raise WeightsNotFoundError(f"CLIP model folder {local} has no {' or '.join(missing[0])}; save a "
                                        "transformers CLIPModel and its CLIPProcessor there (save_pretrained), or run "
-                                       f"`hf download {DEFAULT_CLIP} --local-dir {local}` where the hub is reachable")
+                                       f"`{_hf_download(local)}` where the hub is reachable")
         return local
     from huggingface_hub import constants, snapshot_download, try_to_load_from_cache
 
@@ -378,8 +386,8 @@ def clip_files(source: str = DEFAULT_CLIP) -> Path:
                        CLIP_REQUIRED[0][0])
         raise WeightsNotFoundError(
             f"CLIP model file {missing} of {source!r} is not in the hub cache {constants.HF_HUB_CACHE} and could not "
-            f"be downloaded ({reason}); run `hf download {source}` where the hub is reachable, or pass "
-            f"--clip-model /path/to/folder") from None
+            f"be downloaded ({reason}); run `{_hf_download(None, source)}` where the hub is reachable, or pass "
+            f"--clip-model DIR (a folder with those files)") from None
 
 
 def clip_model(source: str = DEFAULT_CLIP) -> Callable[[], tuple]:
@@ -598,9 +606,9 @@ def evaluate(generated: str | os.PathLike, reference: str | os.PathLike | None =
     against ``prompts`` (file name -> prompt; default: the folder's ``manifest.jsonl``; none: no CLIP score).
 
     ``inception_module`` replaces the FID Inception (:func:`inception` of ``inception_weights``, whose path and
-    SHA-256 the result records); ``clip`` replaces
-    :func:`clip_model` of ``clip_source`` (``None``: no CLIP score). The feature extractors' files are located
-    before any image is read. Returns a JSON-ready dict (see docs/generation.md)."""
+    SHA-256 the result records); ``clip`` replaces :func:`clip_model` of ``clip_source`` (``None``: no CLIP
+    score). The feature extractors' files are located before any image is read. Returns a JSON-ready dict (see
+    docs/generation.md)."""
     CLIPScore = _torchmetrics("torchmetrics.multimodal.clip_score").CLIPScore
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -17,7 +17,7 @@ in-memory vocabularies, which needs transformers >= 5.
     pipe = Kandinsky21.from_config("tiny", seed=0)
     images = pipe.text2img("a cat", height=64, width=64, num_inference_steps=4)
 
-The tiny Kandinsky 2.2 (:func:`components_22`, ``configs/*22_tiny.json``) has no M-CLIP and three image-conditioned
+The tiny Kandinsky 2.2 (:func:`components_22`, ``configs/*_22_tiny.json``) has no M-CLIP and three image-conditioned
 UNets (text-to-image, inpainting, ControlNet); its CLIP towers are 48 wide (hidden and projection = the prior's
 ``clip_dim`` and ``text_width`` = the UNets' ``image_embed_dim``), wider than the UNets' context tokens (32), as the
 real ViT-bigG's 1280 are wider than the UNet's 768.

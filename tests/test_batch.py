@@ -323,6 +323,8 @@ def test_rerun_skips_finished_images_and_refuses_other_settings(weights, prompts
     code, _, stderr = run(capsys, "batch", prompts, "-o", tmp_path, "--weights", weights, *FAST, "--steps", 3)
     assert code == 1 and "000000.png was made from another item or settings (steps: 2 there, 3 now)" in stderr
     assert len(stderr.strip().splitlines()) == 1
+    code, _, stderr = run(capsys, "batch", prompts, "-o", tmp_path, "--weights", weights, *FAST, "--seed", 5)
+    assert code == 1 and "000000.png was made from another item or settings (seed: '0' there, '5' now)" in stderr
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.png")} == before
     (tmp_path / "000004.png").write_bytes(b"\x89PNG\r\n\x1a\n damaged")  # does not read back: made again
     code, stdout, stderr = run(capsys, "batch", prompts, "-o", tmp_path, "--weights", weights, "--batch-size", 2,

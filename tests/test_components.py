@@ -170,3 +170,27 @@ def test_replace_and_bad_names():
     other = Components.from_config("tiny", seed=1).plain_copy("unet")
     components.replace("unet", other)
     assert components.module("unet") is other and isinstance(other, UNet)
+
+
+def test_offload_never_drops_a_module_that_carries_an_adapter(tmp_path):
+    Components.from_config("tiny", seed=0).save_pretrained(tmp_path / "w")
+    path, _ = write_adapter(tmp_path / "a.safetensors")
+    components = Components.from_pretrained(tmp_path / "w", offload="sequential").load_lora(path)
+    adapted = run_unet(components)
+    components.module("prior")  # the decoder stage is released
+    assert lora.has_lora(components.module("unet"))
+    torch.testing.assert_close(run_unet(components), adapted, rtol=0, atol=0)
+
+
+def test_images_record_their_adapters(tmp_path):
+    from kandinsky.pipeline import Kandinsky21
+
+    path, _ = write_adapter(tmp_path / "a.safetensors")
+    pipe = Kandinsky21.from_config("tiny", seed=0, progress=False).load_lora(path, scale=0.25)
+    image = pipe.text2img("a cat", height=64, width=64, num_inference_steps=1, prior_num_inference_steps=1,
+                          generator=torch.Generator().manual_seed(0))[0]
+    import json
+
+    settings = json.loads(image.info["settings"])
+    assert settings["adapters"] == [pipe.components.adapters[0].describe()]
+    assert settings["adapters"][0]["scale"] == 0.25 and settings["weights"] == {"source": "tiny:0"}

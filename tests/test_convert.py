@@ -332,3 +332,54 @@ def test_prior_from_diffusers_reproduces_every_config_it_accepts(change):
 def test_prior_from_diffusers_refuses_what_it_cannot_reproduce(key, value):
     with pytest.raises(ValueError, match=key):
         from_diffusers("prior", {**PRIOR_BASE, key: value}, {})
+
+
+# --------------------------------------------------------------------------------------------- Kandinsky 2.2 UNets
+
+UNET_22_BASE = {**UNET_BASE, "encoder_hid_dim_type": "image_proj", "addition_embed_type": "image", "encoder_hid_dim": 40}
+
+
+@pytest.mark.parametrize("change, component, conditioning", [
+    ({}, "unet", "image"), ({"in_channels": 9}, "unet_inpaint", "image"),
+    ({"in_channels": 8, "addition_embed_type": "image_hint"}, "unet", "image_hint"),
+    ({"cross_attention_dim": 24, **THREE_LEVELS}, "unet", "image"),
+], ids=["decoder", "inpaint", "controlnet", "three-levels"])
+def test_unet_22_from_diffusers_tells_the_variants_apart_and_converts_back(change, component, conditioning):
+    """One converter for every UNet: the config's encoder_hid_dim_type / addition_embed_type pick the conditioning;
+    the way back (to_diffusers) gives diffusers' config and state dict exactly."""
+    kwargs = {**UNET_22_BASE, **change}
+    theirs = _diffusers_model(diffusers.UNet2DConditionModel, kwargs)
+    ours = from_diffusers(component, kwargs, theirs.state_dict())
+    assert ours.config.conditioning == conditioning and ours.config.image_embed_dim == 40
+    assert ours.config.num_image_tokens == 32  # diffusers' ImageProjection default, not a config key
+    config, state = to_diffusers(component, ours)
+    assert {k: v for k, v in config.items() if k in kwargs} == {k: list(v) if isinstance(v, tuple) else v
+                                                               for k, v in kwargs.items()}
+    reference = theirs.state_dict()
+    assert state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in reference)
+    _assert_same(from_diffusers(component, config, state), ours)
+
+
+@pytest.mark.parametrize("change, component, message", [
+    ({"addition_embed_type": "text_image"}, "unet", r"\(encoder_hid_dim_type, addition_embed_type\) must be one of"),
+    ({"encoder_hid_dim_type": "text_image_proj", "addition_embed_type": "image"}, "unet", "must be one of"),
+    ({"addition_embed_type": "image_hint"}, "unet", "component 'unet' expects in_channels 8, got 4"),
+    ({"addition_embed_type": "image_hint", "in_channels": 13}, "unet_inpaint", "converted as component 'unet'"),
+    ({"in_channels": 8}, "unet", "component 'unet' expects in_channels 4, got 8"),
+    ({"encoder_hid_dim": None}, "unet", r"lacks \['encoder_hid_dim'\] \(encoder_hid_dim_type 'image_proj'"),
+])
+def test_unet_22_from_diffusers_refuses_mixed_configs(change, component, message):
+    with pytest.raises(ValueError, match=message):
+        from_diffusers(component, {**UNET_22_BASE, **change}, {})
+
+
+def test_unet_22_has_no_original_layout_and_maps_its_hint_encoder():
+    ours = from_diffusers("unet", {**UNET_22_BASE, "in_channels": 8, "addition_embed_type": "image_hint"},
+                          _diffusers_model(diffusers.UNet2DConditionModel, {**UNET_22_BASE, "in_channels": 8,
+                                                                              "addition_embed_type": "image_hint"}
+                                           ).state_dict())
+    with pytest.raises(ValueError, match="no original layout"):
+        to_original("unet", ours)
+    mapped = module_map("unet", ours.config, "diffusers")
+    assert mapped["hint_encoder.14"] == "add_embedding.input_hint_block.14"
+    assert mapped["image_tokens_norm"] == "encoder_hid_proj.norm"

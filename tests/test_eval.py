@@ -413,8 +413,9 @@ def test_missing_feature_weights_are_one_line_errors_naming_the_file(reference, 
     assert main(["eval", "--generated", str(generated), "--clip-model", str(absent), "--no-progress"]) == 1
     assert one_line_error(capsys).strip() == (
         f"kandinsky: error: CLIP model folder not found: {absent}; save a transformers CLIPModel and its "
-        f"CLIPProcessor there (save_pretrained), or run `hf download openai/clip-vit-large-patch14 --local-dir "
-        f"{absent}` where the hub is reachable")
+        f"CLIPProcessor there (save_pretrained), or run `hf download openai/clip-vit-large-patch14 config.json "
+        f"model.safetensors preprocessor_config.json tokenizer.json tokenizer_config.json vocab.json merges.txt "
+        f"special_tokens_map.json --local-dir {absent}` where the hub is reachable")
     # a hub id offline, with an empty hub cache
     from huggingface_hub import constants
 

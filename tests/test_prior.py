@@ -232,3 +232,39 @@ def test_official_diffusers_config_shapes():
     assert ours == PriorConfig() and source.unused() == [] and source.missing == []
     assert sorted(converted) == sorted(expected)
     assert all(converted[k].shape == expected[k].shape for k in expected)
+
+
+# ------------------------------------------------------------------------------------------------ Kandinsky 2.2
+
+
+def test_22_prior_is_the_same_class_at_vit_bigg_widths():
+    """Kandinsky 2.2's prior differs from 2.1's only in its CLIP widths (ViT-bigG: 1280 in and out, over the same
+    2048-wide transformer): a config choice. The tiny 2.2 prior (48 over 64) against diffusers' PriorTransformer."""
+    assert config_from_dict("prior", json.loads((ROOT / "configs" / "prior_22.json").read_text())) == \
+        PriorConfig(clip_dim=1280, text_width=1280)
+    tiny_22 = config_from_dict("prior", json.loads((ROOT / "configs" / "prior_22_tiny.json").read_text()))
+    assert (tiny_22.clip_dim, tiny_22.width) == (48, 64)
+    theirs, ours = diffusers_prior(tiny_22, seed=5)
+    batch = inputs(tiny_22, batch=3)
+    with torch.no_grad():
+        out, reference = run_ours(ours, batch), run_diffusers(theirs, batch)
+    assert out.shape == (3, 48)
+    assert max_errors(out, reference)[1] < 1e-4  # float32, same operations: measured 0
+    torch.testing.assert_close(ours.denormalize(out), theirs.post_process_latents(reference), rtol=1e-5, atol=1e-5)
+
+
+def test_official_22_diffusers_config_shapes():
+    """kandinsky-community/kandinsky-2-2-prior prior/config.json (embedding_dim 1280), on the meta device."""
+    from diffusers import PriorTransformer
+
+    from kandinsky.convert.prior import diffusers
+
+    config = {"additional_embeddings": 4, "attention_head_dim": 64, "dropout": 0.0, "embedding_dim": 1280,
+              "num_attention_heads": 32, "num_embeddings": 77, "num_layers": 20}
+    with torch.device("meta"):
+        state = PriorTransformer(**config).state_dict()
+        expected = Prior(PriorConfig(clip_dim=1280, text_width=1280)).state_dict()
+    source = Source(state, "diffusers")
+    ours, converted = diffusers("prior", config, source)
+    assert ours == PriorConfig(clip_dim=1280, text_width=1280) and source.unused() == [] and source.missing == []
+    assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in expected.items()}

@@ -1,6 +1,7 @@
 """The decoder UNet (text-to-image and inpainting): original fixtures, diffusers UNet2DConditionModel,
 converters against the full-size key manifests, bf16, bad input."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -251,3 +252,132 @@ def test_converters_name_missing_config_keys(original_fixture):
         from_original("unet", config, {})
     with pytest.raises(ValueError, match=r"diffusers UNet config lacks \['encoder_hid_dim'\]"):
         from_diffusers("unet", {k: v for k, v in diffusers_config(TINY).items() if k != "encoder_hid_dim"}, {})
+
+
+# ------------------------------------------------------------------------------------------------ Kandinsky 2.2
+
+TINY_22 = config_from_dict("unet", json.loads((ROOT / "configs" / "unet_22_tiny.json").read_text()))
+VARIANTS_22 = {"image": TINY_22, "inpaint": dataclasses.replace(TINY_22, in_channels=9),
+               "controlnet": dataclasses.replace(TINY_22, in_channels=8, conditioning="image_hint")}
+
+
+def _inputs_22(config: UNetConfig, batch: int = 2, height: int = 32, width: int = 32, seed: int = 1) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    values = {"x": torch.randn(batch, config.x_channels, height, width, generator=generator),
+              "timesteps": torch.randint(0, 1000, (batch,), generator=generator),
+              "image_embeds": torch.randn(batch, config.image_embed_dim, generator=generator)}
+    if config.has_hint:
+        values["hint"] = torch.rand(batch, 3, 8 * height, 8 * width, generator=generator)
+    return values
+
+
+def _run_22(unet, batch: dict) -> torch.Tensor:
+    return unet(batch["x"], batch["timesteps"], image_embeds=batch["image_embeds"], hint=batch.get("hint"))
+
+
+def _diffusers_22(config: UNetConfig, seed: int):
+    """(diffusers' UNet2DConditionModel with seeded random weights, ours converted from it) for a 2.2 config."""
+    from diffusers import UNet2DConditionModel
+
+    dconfig = diffusers_config(config)
+    theirs = randomize_(UNet2DConditionModel(**dconfig), seed).eval()
+    ours = from_diffusers("unet_inpaint" if config.in_channels == 9 else "unet", dconfig, theirs.state_dict())
+    return theirs, ours
+
+
+def test_22_configs_are_the_official_ones():
+    official = UNetConfig(conditioning="image", image_embed_dim=1280, num_image_tokens=32)
+    for name, config in (("unet_22", official), ("unet_22_inpaint", dataclasses.replace(official, in_channels=9)),
+                         ("unet_22_controlnet", dataclasses.replace(official, in_channels=8, conditioning="image_hint"))):
+        assert config_from_dict("unet", json.loads((ROOT / "configs" / f"{name}.json").read_text())) == config
+    # the kandinsky-community/kandinsky-2-2-decoder unet/config.json, where it differs from 2.1's
+    config = diffusers_config(official)
+    assert (config["encoder_hid_dim_type"], config["addition_embed_type"], config["encoder_hid_dim"],
+            config["cross_attention_dim"], config["in_channels"]) == ("image_proj", "image", 1280, 768, 4)
+    assert diffusers_config(dataclasses.replace(official, in_channels=8, conditioning="image_hint"))[
+        "addition_embed_type"] == "image_hint"
+
+
+@pytest.mark.parametrize("variant", VARIANTS_22)
+@pytest.mark.parametrize("size", [(32, 32), (24, 40)])
+@pytest.mark.parametrize("optimized", [False, True], ids=["plain", "optimized"])
+def test_22_matches_diffusers_tiny(variant, size, optimized):
+    """Kandinsky 2.2's image-conditioned UNets (text-to-image, inpainting, ControlNet with a hint) against
+    diffusers' (``encoder_hid_dim_type="image_proj"``, ``addition_embed_type="image"`` / ``"image_hint"``)."""
+    config = VARIANTS_22[variant]
+    theirs, ours = _diffusers_22(config, seed=3)
+    if optimized:
+        ops.optimize(ours, "cpu", torch.float32)
+    batch = _inputs_22(config, height=size[0], width=size[1])
+    added = {"image_embeds": batch["image_embeds"], **({"hint": batch["hint"]} if "hint" in batch else {})}
+    with torch.no_grad():
+        out = _run_22(ours, batch)
+        reference = theirs(batch["x"], batch["timesteps"], encoder_hidden_states=None, added_cond_kwargs=added).sample
+    abs_err, rel_err = max_errors(out, reference)
+    # float32, summation order only: measured 9e-7..1.5e-6 plain, <= 2.6e-6 optimized
+    assert rel_err < 1e-5, (abs_err, rel_err)
+    assert reference.abs().max() > 0.5
+
+
+def test_22_hint_and_image_tokens_matter():
+    """Each 2.2 conditioning input moves the output: the image embedding (time embedding and context tokens)
+    and, for the ControlNet, the hint."""
+    unet = randomize_(UNet(VARIANTS_22["controlnet"]), 0).eval()
+    batch = _inputs_22(VARIANTS_22["controlnet"])
+    other = _inputs_22(VARIANTS_22["controlnet"], seed=2)
+    with torch.no_grad():
+        out = _run_22(unet, batch)
+        assert not torch.allclose(out, _run_22(unet, {**batch, "hint": other["hint"]}))
+        assert not torch.allclose(out, _run_22(unet, {**batch, "image_embeds": other["image_embeds"]}))
+    assert [name for name, _ in unet.named_children()][1:6] == ["image_embed_proj", "image_embed_norm",
+                                                                "image_to_tokens", "image_tokens_norm", "hint_encoder"]
+
+
+@pytest.mark.parametrize("variant, change, message", [
+    ("image", {"text_embeds": torch.randn(2, 768)}, r"text_embeds: this UNet \(conditioning 'image'\) takes no such"),
+    ("image", {"hint": torch.rand(2, 3, 256, 256)}, r"hint: this UNet \(conditioning 'image'\) takes no such input"),
+    ("image", {"image_embeds": torch.randn(2, 32)}, r"image_embeds: expected shape \(B=2, 48\)"),
+    ("controlnet", {"hint": None}, r"hint: expected a tensor of shape \(2, 3, 256, 256\).*NoneType"),
+    ("controlnet", {"hint": torch.rand(2, 3, 128, 128)}, r"hint: .*8x its size.*\(2, 3, 128, 128\)"),
+    ("controlnet", {"x": torch.randn(2, 8, 32, 32)}, r"x: expected a \(B, 4, h, w\)"),
+])
+def test_22_bad_input(variant, change, message):
+    config = VARIANTS_22[variant]
+    unet = randomize_(UNet(config), 0).eval()
+    batch = {**_inputs_22(config), **change}
+    with pytest.raises(ValueError, match=message), torch.no_grad():
+        unet(batch["x"], batch["timesteps"], image_embeds=batch["image_embeds"], hint=batch.get("hint"),
+             text_embeds=batch.get("text_embeds"))
+
+
+def test_config_refuses_unknown_conditioning_and_a_hint_without_its_channels():
+    with pytest.raises(ValueError, match=r"conditioning: expected one of \['text_image', 'image', 'image_hint'\]"):
+        UNetConfig(conditioning="text")
+    with pytest.raises(ValueError, match="in_channels: with a hint it counts"):
+        UNetConfig(conditioning="image_hint", in_channels=4)
+
+
+@pytest.mark.parametrize("name, component, in_channels, kind", [
+    ("decoder", "unet", 4, "image"), ("decoder-inpaint", "unet_inpaint", 9, "image"),
+    ("controlnet-depth", "unet", 8, "image_hint")])
+def test_diffusers_converter_covers_the_official_22_models(name, component, in_channels, kind):
+    """The kandinsky-2-2-{name} UNets, replayed on the meta device (keys and shapes, no allocation): 1.2 B parameters
+    as 2.1's, ControlNet-depth's hint encoder on top."""
+    from diffusers import UNet2DConditionModel
+
+    official = UNetConfig(conditioning=kind, in_channels=in_channels, image_embed_dim=1280, num_image_tokens=32)
+    config = diffusers_config(official)
+    with torch.device("meta"):
+        theirs = UNet2DConditionModel(**config)
+    shapes = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    total = sum(p.numel() for p in theirs.parameters())
+    _check_coverage(component, convert_unet.diffusers, config, shapes, total)
+    assert convert_unet._config_from_diffusers(component, config) == official
+    assert 1.2e9 < total < 1.3e9
+
+
+def test_22_has_no_original_layout():
+    with pytest.raises(ValueError, match="no original layout"):
+        convert_unet.layers("original", TINY_22)
+    with pytest.raises(ValueError, match="no original layout"):
+        convert_unet.to_original_config("unet", TINY_22)

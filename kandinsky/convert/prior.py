@@ -1,5 +1,6 @@
 """Prior conversion from the original ``PriorDiffusionModel`` (``prior_fp16.ckpt``, keys ``model.*``)
-and from diffusers ``PriorTransformer`` (``kandinsky-2-1-prior/prior``).
+and from diffusers ``PriorTransformer`` (``kandinsky-2-1-prior/prior``, and ``kandinsky-2-2-prior/prior``: the
+same model at ``embedding_dim`` 1280).
 
 Both directions (and the divergence tracer's module pairs) come from one layer table per layout,
 :func:`layers`. Two layout changes beyond renaming:
@@ -138,7 +139,7 @@ def diffusers(component: str, config: dict, source: Source) -> tuple[PriorConfig
     }
     wrong = {k: got for k, (got, want) in unsupported.items() if got != want}
     if wrong:
-        raise ValueError(f"config: unsupported PriorTransformer options for the Kandinsky 2.1 prior: {wrong}")
+        raise ValueError(f"config: unsupported PriorTransformer options for the Kandinsky 2.1 / 2.2 prior: {wrong}")
     our_config = PriorConfig(text_ctx=config.get("num_embeddings", 77), width=width, layers=config.get("num_layers", 20),
                              heads=heads, clip_dim=dim, text_width=dim)
     converted = read_layers(source, layers("diffusers", our_config))

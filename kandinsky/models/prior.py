@@ -1,5 +1,7 @@
-"""The Kandinsky 2.1 image prior: a causal transformer that predicts a clean CLIP image embedding from
-CLIP text features (the unCLIP "diffusion prior", Ramesh et al. 2022).
+"""The Kandinsky 2.1 and 2.2 image prior: a causal transformer that predicts a clean CLIP image embedding from
+CLIP text features (the unCLIP "diffusion prior", Ramesh et al. 2022). The two differ only in their CLIP widths:
+2.1 reads ViT-L/14 (``clip_dim`` = ``text_width`` = 768), 2.2 ViT-bigG/14 (1280), both over a 2048-wide
+transformer: ``PriorConfig(clip_dim=1280, text_width=1280)`` is the official 2.2 prior.
 
 Sequence (length ``text_ctx + 4`` = 81), then learned positions::
 
@@ -8,7 +10,7 @@ Sequence (length ``text_ctx + 4`` = 81), then learned positions::
 Pre-LN blocks with causal self-attention, where padding text tokens are also masked as keys; the final
 LayerNorm'd prd token is projected back to the CLIP dimension: the prediction of the clean (x0)
 embedding. Everything is in the *normalised* embedding space; :meth:`Prior.normalize` /
-:meth:`Prior.denormalize` use the ViT-L/14 image-embedding statistics the module carries as buffers.
+:meth:`Prior.denormalize` use the CLIP image-embedding statistics the module carries as buffers.
 
 Example::
 
@@ -33,7 +35,8 @@ NUM_EXTRA_TOKENS = 4  # text embedding, time embedding, noisy image embedding, p
 
 @dataclass
 class PriorConfig:
-    """Hyperparameters; the defaults are the official Kandinsky 2.1 prior (``prior_fp16.ckpt``)."""
+    """Hyperparameters; the defaults are the official Kandinsky 2.1 prior (``prior_fp16.ckpt``); Kandinsky 2.2's
+    is ``PriorConfig(clip_dim=1280, text_width=1280)``."""
 
     text_ctx: int = 77  # text token positions
     width: int = 2048  # transformer width

@@ -123,7 +123,7 @@ class Kandinsky22(DecoderSteps, Kandinsky21):
                 negative_prompt: str | Sequence[str] | None = None, *, num_inference_steps: int = 100,
                 guidance_scale: float = 4.0, prior_num_inference_steps: int = 25, prior_guidance_scale: float = 4.0,
                 height: int = 512, width: int = 512, num_images_per_prompt: int = 1,
-                generator: torch.Generator | None = None, sampler: str = "ddim", output_type: str = "pil",
+                generator: torch.Generator | None = None, sampler: str | None = None, output_type: str = "pil",
                 crop: bool = False, image_embeds: torch.Tensor | None = None,
                 negative_image_embeds: torch.Tensor | None = None, sampler_options: dict | None = None,
                 prior_sampler: str = "unclip"):
@@ -134,14 +134,14 @@ class Kandinsky22(DecoderSteps, Kandinsky21):
         of the last ``int(steps * strength)`` sampler timesteps, which are then run. Pass ``image_embeds`` /
         ``negative_image_embeds`` to skip the prior.
         """
-        call = TaskCall.of(prompt, negative_prompt, Img2ImgSettings.from_values(locals()))
+        call = TaskCall.of(prompt, negative_prompt, self._settings(Img2ImgSettings, locals()))
         return self._img2img(call, image, None, generator, image_embeds, negative_image_embeds)
 
     @torch.no_grad()
     def controlnet(self, prompt: str | Sequence[str], hint, negative_prompt: str | Sequence[str] | None = None, *,
                    num_inference_steps: int = 100, guidance_scale: float = 4.0, prior_num_inference_steps: int = 25,
                    prior_guidance_scale: float = 4.0, height: int = 512, width: int = 512,
-                   num_images_per_prompt: int = 1, generator: torch.Generator | None = None, sampler: str = "ddim",
+                   num_images_per_prompt: int = 1, generator: torch.Generator | None = None, sampler: str | None = None,
                    output_type: str = "pil", crop: bool = False, image_embeds: torch.Tensor | None = None,
                    negative_image_embeds: torch.Tensor | None = None, sampler_options: dict | None = None,
                    prior_sampler: str = "unclip"):
@@ -152,7 +152,7 @@ class Kandinsky22(DecoderSteps, Kandinsky21):
         (B, 3, H, W) in [0, 1] (what diffusers takes); it is resized to the (rounded) image size. Every other
         argument is :meth:`text2img`'s; pass ``image_embeds`` / ``negative_image_embeds`` to skip the prior.
         """
-        call = TaskCall.of(prompt, negative_prompt, ControlNetSettings.from_values(locals()))
+        call = TaskCall.of(prompt, negative_prompt, self._settings(ControlNetSettings, locals()))
         generator = self._generator(generator)
         record = self._record(call, generator, prior=image_embeds is None)
         hints = self._hints(call, hint)
@@ -165,13 +165,13 @@ class Kandinsky22(DecoderSteps, Kandinsky21):
                            guidance_scale: float = 4.0, prior_num_inference_steps: int = 25,
                            prior_guidance_scale: float = 4.0, height: int = 512, width: int = 512,
                            num_images_per_prompt: int = 1, generator: torch.Generator | None = None,
-                           sampler: str = "ddim", output_type: str = "pil", crop: bool = False,
+                           sampler: str | None = None, output_type: str = "pil", crop: bool = False,
                            image_embeds: torch.Tensor | None = None, negative_image_embeds: torch.Tensor | None = None,
                            sampler_options: dict | None = None, prior_sampler: str = "unclip"):
         """Repaint ``image`` towards ``prompt`` following ``hint`` (diffusers
         ``KandinskyV22ControlnetImg2ImgPipeline``): :meth:`img2img` with the ControlNet UNet; ``hint`` as in
         :meth:`controlnet`."""
-        call = TaskCall.of(prompt, negative_prompt, ControlNetImg2ImgSettings.from_values(locals()))
+        call = TaskCall.of(prompt, negative_prompt, self._settings(ControlNetImg2ImgSettings, locals()))
         return self._img2img(call, image, hint, generator, image_embeds, negative_image_embeds)
 
     # ---- task internals ---------------------------------------------------------------------------------

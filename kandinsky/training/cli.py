@@ -19,7 +19,7 @@ from kandinsky.training.config import (
     ConfigError,
     TrainConfig,
 )
-from kandinsky.training.loop import train
+from kandinsky.training.loop import describe, train
 from kandinsky.training.losses import OBJECTIVES
 
 
@@ -51,6 +51,9 @@ def build_parser(prog: str = "kandinsky train") -> argparse.ArgumentParser:
     run.add_argument("--snr-gamma", type=float, default=None, help="Min-SNR weighting gamma (with --objective eps)")
     run.add_argument("--ema", type=float, default=None, metavar="DECAY",
                      help="keep an exponential moving average of the weights (e.g. 0.9999); exported instead of them")
+    run.add_argument("--skip-nonfinite-steps", action="store_true",
+                     help="skip the optimizer step of a batch whose loss is not finite (counted in the log as "
+                     "skipped_steps) instead of stopping the run")
     model = parser.add_argument_group("what is trained")
     model.add_argument("--lora-rank", type=int, default=None, help="train LoRA adapters of this rank on the "
                        "attention projections instead of all weights")
@@ -67,6 +70,9 @@ def build_parser(prog: str = "kandinsky train") -> argparse.ArgumentParser:
                       help="probability of an empty caption (default 0.5 decoders, 0.1 prior)")
     data.add_argument("--image-dropout", type=float, default=DEFAULT_IMAGE_DROPOUT,
                       help="decoders: probability of the zero-image CLIP embedding (default 0.1)")
+    data.add_argument("--allow-outside-paths", action="store_true",
+                      help="accept image paths outside the data folder (absolute paths, '..', symbolic links out "
+                      "of it); by default such rows are refused")
     system = parser.add_argument_group("precision, memory, processes")
     system.add_argument("--mixed-precision", choices=PRECISIONS, default="no",
                         help="autocast to bf16 or fp16 (fp16 with a gradient scaler); weights stay float32")
@@ -111,10 +117,11 @@ def main(argv: list[str] | None = None, prog: str = "kandinsky train") -> int:
         return 130
     except ConfigError as error:
         if first:
-            print(f"kandinsky: error: {error}", file=sys.stderr)
+            print(f"kandinsky: error: {describe(error)}", file=sys.stderr)
         return 2
     except (ValueError, OSError) as error:
-        print(f"kandinsky: error: {error}", file=sys.stderr)
+        if first or not getattr(error, "agreed", False):  # an error every process stopped on: said once
+            print(f"kandinsky: error: {describe(error)}", file=sys.stderr)
         return 1
     if first:
         print(out)

@@ -454,7 +454,9 @@ class CachedFeatures:
         from safetensors.torch import load_file
 
         self.folder = Path(folder)
-        index = json.loads((self.folder / CACHE_INDEX).read_text())
+        index = read_cache_index(self.folder)
+        if index is None:
+            raise ValueError(f"cache: {self.folder} has no {CACHE_INDEX}: it was not built completely")
         self.count, self.shard_size, self.task = index["count"], index["shard_size"], index["task"]
         self.null = load_file(str(self.folder / NULL_FILE))
         self._open = functools.lru_cache(maxsize=8)(
@@ -467,9 +469,14 @@ class CachedFeatures:
         rows: dict[str, list[torch.Tensor]] = {key: [] for key in FEATURES[self.task]}
         for index in indices:
             shard, row = divmod(index, self.shard_size)
-            file = self._open(shard)
-            for key in rows:
-                rows[key].append(file.get_slice(key)[row:row + 1])
+            try:
+                file = self._open(shard)
+                for key in rows:
+                    rows[key].append(file.get_slice(key)[row:row + 1])
+            except Exception as error:  # safetensors' own error type; a file changed or removed meanwhile
+                raise ValueError(f"cache: {self.folder / _shard_name(shard)}: cannot read row {row} "
+                                 f"({str(error).splitlines()[0] if str(error) else type(error).__name__}); delete "
+                                 f"the cache folder to rebuild it") from None
         return {key: torch.cat(values) for key, values in rows.items()}
 
 
@@ -490,28 +497,98 @@ def cache_description(task: str, records: Sequence[Record], resolution: int, wei
             "records_sha256": records_digest(records)}
 
 
+def read_cache_index(folder: str | os.PathLike) -> dict | None:
+    """The ``index.json`` of a cache folder (None if there is none yet); an unreadable one is a ValueError
+    naming it."""
+    path = Path(folder) / CACHE_INDEX
+    if not path.exists():
+        return None
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(index, dict) or not isinstance(index.get("shard_size"), int) or index["shard_size"] < 1:
+            raise ValueError("not a cache index")
+        return index
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"cache: {path} is damaged ({error}); delete {Path(folder)} to rebuild the cache") from None
+
+
+def cache_problems(folder: str | os.PathLike, description: dict) -> list[str]:
+    """What is wrong with the complete cache in ``folder`` for ``description``: one line per damaged file (a
+    shard or ``null.safetensors`` that is missing, truncated, or lacks rows or features), empty if it can be
+    used as it is. Cheap: reads each file's header, not its data. Raises ValueError for a cache of other data,
+    weights or settings (see :func:`cache_description`); call it only on a folder that has an index."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    index = read_cache_index(folder)
+    if {k: index.get(k) for k in description} != description:
+        raise ValueError(f"cache: {folder} holds features of other data, weights or settings "
+                         f"({index.get('task')}, {index.get('count')} records, resolution "
+                         f"{index.get('resolution')}); delete it or pass another --cache folder")
+    keys = set(FEATURES[description["task"]])
+    count, size = description["count"], index["shard_size"]
+    problems, shapes = [], {}
+    for shard in range(math.ceil(count / size)):
+        name = _shard_name(shard)
+        rows = min(size, count - shard * size)
+        try:
+            with safe_open(str(folder / name), framework="pt") as file:
+                found = set(file.keys())
+                if found != keys:
+                    raise ValueError(f"features {sorted(found)}, expected {sorted(keys)}")
+                for key in sorted(keys):
+                    shape = tuple(file.get_slice(key).get_shape())
+                    if shape[0] != rows or shapes.setdefault(key, shape[1:]) != shape[1:]:
+                        raise ValueError(f"{key} of shape {shape}, expected {rows} rows of {shapes[key]}")
+        except Exception as error:  # safetensors reports damage as its own error type
+            problems.append(f"{name}: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
+    try:
+        with safe_open(str(folder / NULL_FILE), framework="pt") as file:
+            if not set(file.keys()) <= keys or not file.keys():
+                raise ValueError(f"features {sorted(file.keys())}")
+    except Exception as error:
+        problems.append(f"{NULL_FILE}: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
+    return problems
+
+
+def remove_damaged(folder: str | os.PathLike, problems: Sequence[str]) -> None:
+    """Delete the files that :func:`cache_problems` found damaged and the index, so that :func:`build_cache`
+    encodes those again (the other shards are kept)."""
+    folder = Path(folder)
+    for problem in problems:
+        (folder / problem.split(":", 1)[0]).unlink(missing_ok=True)
+    (folder / CACHE_INDEX).unlink(missing_ok=True)
+
+
+def _raise(error: BaseException | None) -> None:
+    if error is not None:
+        raise error
+
+
 def build_cache(folder: str | os.PathLike, records: Sequence[Record], encoders: Encoders, description: dict, *,
                 shard_size: int = 256, batch_size: int = 16, rank: int = 0, world_size: int = 1,
-                barrier: Callable[[], None] = lambda: None, progress: bool = True) -> Path:
+                barrier: Callable[[], None] = lambda: None, progress: bool = True,
+                agree: Callable[[BaseException | None], None] = _raise) -> Path:
     """Encode every record once into ``folder`` (``shard-NNNNN.safetensors`` of ``shard_size`` samples each,
     ``null.safetensors``, and ``index.json`` written last); returns the folder.
 
     Processes share the work (shard ``s`` is written by rank ``s % world_size``); every file is written to a
     temporary name and renamed, so an interrupted build continues where it stopped. An existing complete cache
-    is reused if ``description`` (see :func:`cache_description`) matches, else refused.
+    is reused if ``description`` (see :func:`cache_description`) matches, else refused; check it with
+    :func:`cache_problems` first (a damaged shard is not looked for here). ``agree(error)`` is called by every
+    process after its share, with the error it met or None: under several processes it must raise on every
+    process if any failed (:func:`kandinsky.training.loop.agreed`), so that none waits for the others forever.
     """
     from safetensors.torch import save_file
     from tqdm import tqdm
 
     folder = Path(folder)
     index_path = folder / CACHE_INDEX
-    if index_path.is_file():
-        existing = json.loads(index_path.read_text())
-        if {k: existing.get(k) for k in description} != description:
-            raise ValueError(f"cache: {folder} holds features of other data, weights or settings "
-                             f"({existing.get('task')}, {existing.get('count')} records, resolution "
-                             f"{existing.get('resolution')}); delete it or pass another --cache folder")
+    if read_cache_index(folder) is not None:
+        cache_problems(folder, description)  # raises for a cache of other data
         return folder
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"cache: {folder} is a file, not a folder; pass another --cache folder")
     folder.mkdir(parents=True, exist_ok=True)
 
     def write(tensors: dict[str, torch.Tensor], name: str) -> None:
@@ -523,16 +600,22 @@ def build_cache(folder: str | os.PathLike, records: Sequence[Record], encoders: 
     mine = [s for s in range(rank, shards, world_size) if not (folder / _shard_name(s)).is_file()]
     bar = tqdm(total=sum(min(shard_size, len(records) - s * shard_size) for s in mine), desc="caching",
                unit="img", disable=not progress or rank != 0)
-    for shard in mine:
-        chunks = []
-        for start in range(shard * shard_size, min((shard + 1) * shard_size, len(records)), batch_size):
-            chunk = records[start:min(start + batch_size, (shard + 1) * shard_size, len(records))]
-            chunks.append(encoders.encode(chunk))
-            bar.update(len(chunk))
-        write({key: torch.cat([c[key] for c in chunks]) for key in chunks[0]}, _shard_name(shard))
-    bar.close()
-    if rank == 0:
-        write(encoders.null(), NULL_FILE)
+    failure = None
+    try:
+        for shard in mine:
+            chunks = []
+            for start in range(shard * shard_size, min((shard + 1) * shard_size, len(records)), batch_size):
+                chunk = records[start:min(start + batch_size, (shard + 1) * shard_size, len(records))]
+                chunks.append(encoders.encode(chunk))
+                bar.update(len(chunk))
+            write({key: torch.cat([c[key] for c in chunks]) for key in chunks[0]}, _shard_name(shard))
+        if rank == 0:
+            write(encoders.null(), NULL_FILE)
+    except Exception as error:  # every process learns of it (agree) before any waits at the barrier
+        failure = error
+    finally:
+        bar.close()
+    agree(failure)
     barrier()
     if rank == 0:
         temporary = folder / f".{CACHE_INDEX}.{os.getpid()}.tmp"

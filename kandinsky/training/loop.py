@@ -17,23 +17,29 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from kandinsky import distributed
 from kandinsky.training.checkpoints import (
     Checkpoint,
     append_log,
+    check_output_folder,
+    check_output_is_not_a_base,
     checkpoint_to_resume,
     export_trained,
+    exported_step,
     latest_checkpoint,
-    read_checkpoint,
+    set_aside,
     start_outputs,
     write_checkpoint,
 )
@@ -46,15 +52,81 @@ from kandinsky.training.data import (
     batch_records,
     build_cache,
     cache_description,
+    cache_problems,
+    check_images,
     draw_sample,
     read_records,
     records_digest,
+    remove_damaged,
     with_dropout,
 )
 from kandinsky.training.losses import decoder_loss, prior_loss
 
 if TYPE_CHECKING:
     from kandinsky.components import Components
+
+Result = TypeVar("Result")
+
+
+class NonFiniteLoss(ValueError):
+    """The loss (or the gradient norm) of a step is not finite: the run stops before that optimizer step."""
+
+
+def warn(message: str) -> None:
+    print(f"kandinsky: warning: {message}", file=sys.stderr)
+
+
+def describe(error: BaseException) -> str:
+    """An error as one line: an OSError as ``FILE: reason`` (never a bare ``[Errno N]``)."""
+    if isinstance(error, OSError) and error.filename is not None:
+        target = f" -> {error.filename2}" if error.filename2 is not None else ""
+        return f"{error.filename}{target}: {error.strerror or error}"
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# ------------------------------------------------------------------------------------------------- processes
+
+
+def agreed(processes: distributed.Processes, action: Callable[[], Result]) -> Result:
+    """``action()`` on every process; if it fails on any process, every process raises (the failure of the
+    lowest failing rank), so that all stop together instead of some waiting forever at their next collective.
+    The errors raised this way carry ``agreed = True``: the command line prints them once (on rank 0). One
+    small all-reduce when nothing failed; ``action`` must not run collectives itself. One process: ``action()``.
+    """
+    error = None
+    try:
+        result = action()
+    except Exception as caught:  # noqa: BLE001 - reported to the other processes, then raised again
+        error = caught
+    if not processes.distributed:
+        if error is not None:
+            raise error
+        return result
+    failed = processes.sum(torch.tensor([0 if error is None else 1], device=processes.device))
+    if int(failed.item()) == 0:
+        return result
+    reports: list = [None] * processes.world_size
+    own = None if error is None else (processes.rank, isinstance(error, ConfigError), describe(error))
+    dist.all_gather_object(reports, own)
+    rank, config_error, message = next(report for report in reports if report is not None)
+    if error is not None and rank == processes.rank:
+        error.agreed = True
+        raise error
+    raised = (ConfigError if config_error else ValueError)(message)
+    raised.agreed = True
+    if error is not None:
+        raise raised from error
+    raise raised
+
+
+def _main_decides(processes: distributed.Processes, decision: Callable[[], bool]) -> bool:
+    """``decision()`` taken on the main process and shared with the others (files seen by rank 0 decide)."""
+    value = int(bool(decision())) if processes.main else 0
+    if not processes.distributed:
+        return bool(value)
+    return bool(int(processes.sum(torch.tensor([value], device=processes.device)).item()))
+
 
 # ------------------------------------------------------------------------------------------------- model surgery
 
@@ -106,6 +178,21 @@ def _recomputed(forward, *args, **kwargs):
     return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
+def check_model_config(config, component: str, weights: str) -> None:
+    """Raise ValueError naming the field for a model config (of the ``--weights`` folder) that cannot build a
+    model that trains: every count (channels, layers, heads, groups, ...) a positive integer, level lists of
+    integers >= 0."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, bool) or isinstance(value, str):
+            continue
+        low = 0 if field.name.endswith("levels") else 1
+        items = value if isinstance(value, tuple) else (value,)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in items):
+            raise ValueError(f"--weights {weights}: the {component} config has {field.name} = {value!r}; expected "
+                             f"{'integers' if isinstance(value, tuple) else 'an integer'} >= {low}")
+
+
 # ------------------------------------------------------------------------------------------------- optimisation
 
 
@@ -147,49 +234,93 @@ def make_optimizer(config: TrainConfig, parameters: list[nn.Parameter]) -> torch
 
 
 class Run:
-    """One training run (see :func:`train`); ``processes`` says which share of the work is this process's."""
+    """One training run (see :func:`train`); ``processes`` says which share of the work is this process's.
+
+    Set-up happens in stages, each agreed between the processes (:func:`agreed`): the checks of the settings,
+    the folders, the data and the checkpoint to resume (nothing written or loaded before they pass); then the
+    output folder is the run's; then the models, the features (cache), the trained copy; then the wrapping
+    (DDP / FSDP) and the resumed state."""
 
     def __init__(self, config: TrainConfig, processes: distributed.Processes):
-        from kandinsky.components import Components  # (transformers: only once a run starts)
-
         self.config, self.processes = config, processes
         self.out = Path(config.output)
         self.device = processes.device
-        _check_base(config)
-        self.records = read_records(config.data)
-        self.records_sha256 = records_digest(self.records)
-        resume_from = checkpoint_to_resume(config, self.records_sha256)
-        components = Components.from_pretrained(config.weights, device=self.device, revision=config.revision,
-                                                cache_dir=config.cache_dir)
-        self.features = self._features(components)
-        self.model, self.wrapped, self.trainable = self._model(components)
+        self.warn = warn if processes.main else (lambda message: None)
+        self.step, self.skipped = 0, 0
+        checkpoint, damaged, cache_damage = agreed(processes, self._preflight)
+        if processes.main:
+            set_aside(damaged)
+            start_outputs(config, checkpoint.step if checkpoint is not None else 0)
+        components = agreed(processes, self._components)
+        self.features = self._features(components, cache_damage)
+        self.model = agreed(processes, lambda: self._trained_copy(components))
+        self.wrapped = distributed.wrap(self.model, config.strategy, processes, model_blocks(self.model))
+        self.trainable = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
         self.optimizer = make_optimizer(config, list(self.trainable.values()))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.mixed_precision == "fp16")
         self.ema = EMA(self.trainable, config.ema) if config.ema is not None else None
-        self.step = 0
-        if resume_from is not None:
-            self._load_checkpoint(resume_from)
+        if checkpoint is not None:
+            self._load_checkpoint(checkpoint)
 
     # ---- setup -----------------------------------------------------------------------------------------------
 
-    def _features(self, components: Components) -> EncodedFeatures | CachedFeatures:
+    def _preflight(self) -> tuple[Checkpoint | None, list[Path], list[str] | None]:
+        """Every check that needs no model, before any work: the output folder (new, empty or this run's, never
+        the weights), the data (paths, images), the checkpoint to resume, the cache. Returns the checkpoint
+        (read whole), the damaged checkpoint folders passed over, and the damaged files of a complete cache
+        (None: no complete cache)."""
         config = self.config
+        check_output_is_not_a_base(config)
+        check_output_folder(config)
+        _check_base(config)
+        if config.cache is not None and Path(config.cache).exists() and not Path(config.cache).is_dir():
+            raise ConfigError(f"--cache: {config.cache} is a file, not a folder")
+        self.records = read_records(config.data, allow_outside=config.allow_outside_paths)
+        self.records_sha256 = records_digest(self.records)
+        checkpoint, damaged = checkpoint_to_resume(config, self.records_sha256, self.warn)
+        cache_damage = None
+        if config.cache is not None and (Path(config.cache) / CACHE_INDEX).exists():
+            cache_damage = cache_problems(config.cache, self._cache_description())
+        if cache_damage != []:  # the images will be read: check them (each process its share)
+            check_images(self.records, self.processes.rank, self.processes.world_size)
+        return checkpoint, damaged, cache_damage
+
+    def _cache_description(self) -> dict:
+        config = self.config
+        return cache_description(config.feature_task, self.records, config.resolution, config.base)
+
+    def _components(self) -> Components:
+        from kandinsky.components import Components  # (transformers: only once a run starts)
+
+        config = self.config
+        return Components.from_pretrained(config.weights, device=self.device, revision=config.revision,
+                                          cache_dir=config.cache_dir)
+
+    def _features(self, components: Components, damage: list[str] | None) -> EncodedFeatures | CachedFeatures:
+        config, processes = self.config, self.processes
         task = config.feature_task
         if config.cache is None:
-            return EncodedFeatures(self.records, Encoders(components, task, config.resolution))
+            return agreed(processes, lambda: EncodedFeatures(self.records, Encoders(components, task,
+                                                                                      config.resolution)))
         folder = Path(config.cache)
-        description = cache_description(task, self.records, config.resolution,
-                                        {"source": config.source, **config.base_options})
-        complete = (folder / CACHE_INDEX).is_file()
-        build_cache(folder, self.records, None if complete else Encoders(components, task, config.resolution),
-                    description, rank=self.processes.rank, world_size=self.processes.world_size,
-                    barrier=self.processes.barrier, progress=config.progress)
+        if damage:
+            self.warn(f"cache: {folder} has damaged files ({'; '.join(damage[:3])}); they are encoded again")
+            if processes.main:
+                remove_damaged(folder, damage)
+            processes.barrier()
+        encoders = None if damage == [] else Encoders(components, task, config.resolution)
+        build_cache(folder, self.records, encoders, self._cache_description(), rank=processes.rank,
+                    world_size=processes.world_size, barrier=processes.barrier, progress=config.progress,
+                    agree=lambda error: agreed(processes, lambda: _raise(error)))
         components.release(components.loaded())  # the encoders: training reads the cache instead
-        return CachedFeatures(folder)
+        return agreed(processes, lambda: CachedFeatures(folder))
 
-    def _model(self, components: Components) -> tuple[nn.Module, nn.Module, dict[str, nn.Parameter]]:
+    def _trained_copy(self, components: Components) -> nn.Module:
+        """The trained component: a float32 copy on the device, frozen parts frozen, LoRA added, blocks
+        checkpointed with ``--gradient-checkpointing``; not yet wrapped for several processes."""
         config = self.config
         model = components.plain_copy(config.component)
+        check_model_config(model.config, config.component, config.weights)
         # trainable float32 copies on the device (a lazily loaded component's tensors are memory-mapped views of
         # the weight files), contiguous (FSDP shards only those; converted files hand convolution kernels over
         # channels-last)
@@ -205,58 +336,91 @@ class Run:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(config.seed)  # lora_A's initialisation: the same on every process and run
                 add_lora(model, config.lora_rank, config.lora_alpha)
-        blocks = model_blocks(model)
         if config.gradient_checkpointing:
-            checkpoint_blocks(blocks)
-        wrapped = distributed.wrap(model, config.strategy, self.processes, blocks)
-        trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        if not trainable:
+            checkpoint_blocks(model_blocks(model))
+        if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError("--freeze: nothing left to train")
-        return model, wrapped, trainable
+        return model
 
     # ---- one step --------------------------------------------------------------------------------------------
 
     def train_step(self) -> dict[str, float]:
-        """One optimizer step on the global batch of ``self.step``; returns the global mean losses."""
+        """One optimizer step on the global batch of ``self.step``; returns the global mean losses.
+
+        The data of every micro-batch is read first, agreed between the processes (a file that cannot be read
+        stops them all here with one line). A loss (or, with ``--max-grad-norm``, a gradient norm) that is not
+        finite stops the run before the optimizer step (:class:`NonFiniteLoss`; the weights, the optimizer and
+        the checkpoints are untouched), or with ``--skip-nonfinite-steps`` skips that optimizer step (and the
+        EMA update), as a gradient scaler skips an overflowing one; the step still counts."""
         config, processes = self.config, self.processes
         per_process = config.batch_size // processes.world_size
         micro = per_process // config.grad_accum
         records = batch_records(config.seed, self.step, config.batch_size, len(self.records))
         mine = range(processes.rank * per_process, (processes.rank + 1) * per_process)
+        shares = [list(mine[index * micro:(index + 1) * micro]) for index in range(config.grad_accum)]
+        inputs = agreed(processes, lambda: [self._inputs(positions, [records[p] for p in positions])
+                                            for positions in shares])
         totals: dict[str, torch.Tensor] = {}
-        for index in range(config.grad_accum):
-            positions = list(mine[index * micro:(index + 1) * micro])
+        for index, micro_batch in enumerate(inputs):
             # DDP decides in the forward pass whether the backward pass will synchronise
             with distributed.gradient_sync(self.wrapped, index == config.grad_accum - 1):
-                losses = self._losses(positions, [records[p] for p in positions])
+                losses = self._losses(micro_batch)
                 loss = losses["loss"].sum() / per_process  # the processes' mean of these is the global batch mean
                 self.scaler.scale(loss).backward()
             for key, value in losses.items():
                 totals[key] = totals.get(key, 0) + value.detach().double().sum()
-        grad_norm = None
-        if config.max_grad_norm is not None:
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), config.max_grad_norm)
-        lr = learning_rate(config, self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self.trainable)
-        self.step += 1
         names = sorted(totals)
         summed = processes.sum(torch.stack([totals[k] for k in names]).to(self.device))
-        # the one read-back of the step: the logged values
+        # the one read-back of the step (the logged values), before the optimizer step: a non-finite loss must
+        # not reach the weights
         stats = {k: float(v) / config.batch_size for k, v in zip(names, summed.tolist())}
+        lr = learning_rate(config, self.step)
         stats["lr"] = lr
-        if grad_norm is not None:
+        unscaled = config.max_grad_norm is not None
+        if unscaled:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), config.max_grad_norm)
             stats["grad_norm"] = float(grad_norm)
+        # under fp16 an overflowing gradient is the scaler's to skip (it lowers its scale); the loss is not
+        finite = math.isfinite(stats["loss"]) and (self.scaler.is_enabled() or math.isfinite(stats.get("grad_norm", 0.0)))
+        if finite:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update(self.trainable)
+        else:
+            self._nonfinite(stats, unscaled)
+        self.step += 1
+        if config.skip_nonfinite_steps:
+            stats["skipped_steps"] = self.skipped
         return stats
 
-    def _losses(self, positions: list[int], records: list[int]) -> dict[str, torch.Tensor]:
-        """Per-sample losses (B,) of the samples at ``positions`` of the global batch."""
+    def _nonfinite(self, stats: dict[str, float], unscaled: bool) -> None:
+        what = (f"the loss is {stats['loss']}" if not math.isfinite(stats["loss"])
+                else f"the gradient norm is {stats['grad_norm']}")
+        if not self.config.skip_nonfinite_steps:
+            latest = latest_checkpoint(self.out)
+            error = NonFiniteLoss(
+                f"step {self.step + 1}: {what}; stopped before its optimizer step (no weights changed): "
+                f"{'the last checkpoint ' + latest.name if latest else 'no checkpoint'} and the exported model "
+                "are kept. Lower --lr, clip with --max-grad-norm, or pass --skip-nonfinite-steps to skip such steps")
+            error.agreed = True  # every process computed the same global loss and stops here
+            raise error
+        if self.scaler.is_enabled():  # the scaler sees the overflow too (and lowers its scale)
+            if not unscaled:
+                self.scaler.unscale_(self.optimizer)
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped += 1
+        stats["skipped"] = True
+        self.warn(f"step {self.step + 1}: {what}; its optimizer step is skipped ({self.skipped} so far)")
+
+    def _inputs(self, positions: list[int], records: list[int]) -> dict:
+        """The model inputs of the samples at ``positions`` of the global batch: features (read or encoded),
+        conditioning dropped as drawn, timesteps, noise, inpainting masks; on the device."""
         config, device = self.config, self.device
         features = self.features.features(records)
         decoder = config.feature_task == "decoder"
@@ -270,18 +434,26 @@ class Run:
         batch = with_dropout(features, self.features.null, text_dropped, image_dropped)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         # drawn on the host: the losses check them there and copy them over without waiting for the device
-        timesteps = torch.tensor([d.timestep for d in draws], dtype=torch.int64)
-        noise = torch.stack([d.noise for d in draws]).to(device, non_blocking=True)
+        batch["timesteps"] = torch.tensor([d.timestep for d in draws], dtype=torch.int64)
+        batch["noise"] = torch.stack([d.noise for d in draws]).to(device, non_blocking=True)
+        if inpainting:
+            mask = torch.from_numpy(np.stack([d.inpaint_mask for d in draws]))[:, None]  # (B, 1, h, w)
+            batch["inpaint_mask"] = mask.to(device, non_blocking=True)
+        return batch
+
+    def _losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Per-sample losses (B,) of one micro-batch of :meth:`_inputs`."""
+        config, device = self.config, self.device
+        timesteps, noise = batch["timesteps"], batch["noise"]
         precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
         with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
-            if not decoder:
+            if config.feature_task != "decoder":
                 return prior_loss(self.wrapped, batch["image_embeds"], timesteps, noise,
                                   text_embeds=batch["text_embeds"], text_hidden_states=batch["text_hidden_states"],
                                   text_mask=batch["text_mask"])
             extra = {}
-            if inpainting:
-                mask = torch.from_numpy(np.stack([d.inpaint_mask for d in draws]))[:, None]  # (B, 1, h, w)
-                mask = mask.to(device, non_blocking=True)
+            if "inpaint_mask" in batch:  # 1 = known latent pixel (the original trainer's convention)
+                mask = batch["inpaint_mask"]
                 extra = {"inpaint_mask": mask, "inpaint_image": batch["latents"] * mask}
             return decoder_loss(self.wrapped, batch["latents"], timesteps, noise,
                                 text_hidden_states=batch["text_hidden_states"], text_embeds=batch["text_embeds"],
@@ -290,23 +462,34 @@ class Run:
 
     # ---- checkpoints and outputs -----------------------------------------------------------------------------
 
-    def save(self) -> None:
-        """Write a checkpoint of the current step and the loadable outputs (every process must call it)."""
+    def save(self, checkpoint: bool = True) -> None:
+        """Write a checkpoint of the current step (unless ``checkpoint`` is False) and the loadable outputs
+        (every process must call it). Non-finite weights are never written."""
         config, processes = self.config, self.processes
         state = distributed.full_model_state(self.wrapped, processes)
         average = ({name: distributed.full_tensor(t).detach().cpu() for name, t in self.ema.average.items()}
                    if self.ema is not None else None)
-        optimizer = distributed.full_optimizer_state(self.wrapped, self.optimizer, processes)
-        if processes.main:
-            checkpoint = Checkpoint(self.step, {name: state[name] for name in self.trainable}, average, optimizer,
-                                    self.scaler.state_dict(), world_size=processes.world_size,
-                                    records_sha256=self.records_sha256, config=config.as_json())
-            write_checkpoint(self.out, checkpoint, keep=config.keep_checkpoints)
-            export_trained(config, self.model, {**state, **(average or {})}, self.step)
-        processes.barrier()
+        optimizer = distributed.full_optimizer_state(self.wrapped, self.optimizer, processes) if checkpoint else None
 
-    def _load_checkpoint(self, folder: Path) -> None:
-        checkpoint = read_checkpoint(folder)
+        def write() -> None:
+            if not processes.main:
+                return
+            trainable = {name: state[name] for name in self.trainable}
+            bad = [k for k, v in {**trainable, **(average or {})}.items() if not torch.isfinite(v).all()]
+            if bad:
+                raise NonFiniteLoss(f"step {self.step}: the weights {bad[:3]} are not finite; nothing was saved "
+                                    "(the last checkpoint and the exported model are kept)")
+            if checkpoint:
+                write_checkpoint(self.out, Checkpoint(
+                    self.step, trainable, average, optimizer, self.scaler.state_dict(),
+                    world_size=processes.world_size, records_sha256=self.records_sha256, config=config.as_json(),
+                    base=config.base, skipped_steps=self.skipped), keep=config.keep_checkpoints)
+            export_trained(config, self.model, {**state, **(average or {})}, self.step)
+
+        agreed(processes, write)
+
+    def _load_checkpoint(self, checkpoint: Checkpoint) -> None:
+        folder = checkpoint.folder
         missing = sorted(set(self.trainable) - set(checkpoint.trainable))
         if missing:
             raise ConfigError(f"--resume: {folder} lacks trainable parameters {missing[:5]}")
@@ -317,7 +500,7 @@ class Run:
             self.ema.average = {name: distributed.like(checkpoint.ema[name], t) for name, t in self.ema.average.items()}
         distributed.load_optimizer_state(self.wrapped, self.optimizer, checkpoint.optimizer, self.processes)
         self.scaler.load_state_dict(checkpoint.scaler)
-        self.step = checkpoint.step
+        self.step, self.skipped = checkpoint.step, checkpoint.skipped_steps
 
     # ---- the loop --------------------------------------------------------------------------------------------
 
@@ -325,8 +508,6 @@ class Run:
         from tqdm import tqdm
 
         config, processes = self.config, self.processes
-        if processes.main:
-            start_outputs(config, self.step)
         end = config.steps if config.stop_after is None else min(config.steps, self.step + config.stop_after)
         bar = tqdm(total=config.steps, initial=self.step, desc=f"train {config.task}", unit="step",
                    disable=not (config.progress and processes.main), dynamic_ncols=True)
@@ -345,9 +526,16 @@ class Run:
                 self.save()
                 saved_at = self.step
         bar.close()
-        if saved_at != self.step or latest_checkpoint(self.out) is None:
+        if saved_at != self.step or _main_decides(processes, lambda: latest_checkpoint(self.out) is None):
             self.save()
+        elif _main_decides(processes, lambda: exported_step(self.out) != self.step):
+            self.save(checkpoint=False)  # the export of the last checkpoint was interrupted (or never made)
         return self.out
+
+
+def _raise(error: BaseException | None) -> None:
+    if error is not None:
+        raise error
 
 
 def _check_base(config: TrainConfig) -> None:

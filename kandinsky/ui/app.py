@@ -118,16 +118,18 @@ class _Page:
             seed_used = gr.Textbox(label="Seed used", interactive=False, elem_id=f"{task}-seed-used")
             reuse = gr.Button("Reuse seed", size="sm")
         info = gr.Markdown(elem_id=f"{task}-info")
-        self.send_buttons(gallery)
+        self.send_buttons(gallery, task)
         return dict(gallery=gallery, mask=mask, seed_used=seed_used, reuse=reuse, info=info)
 
-    def send_buttons(self, gallery) -> None:
+    def send_buttons(self, gallery, name: str) -> None:
         selected = gr.State(0)
         gallery.select(_selected, None, selected, queue=False, api_visibility="private")
         gallery.change(lambda: 0, None, selected, queue=False, api_visibility="private")
         with gr.Row():
-            to_img2img = gr.Button("Send to image to image", size="sm", visible="img2img" in self.tasks)
-            to_inpaint = gr.Button("Send to inpaint", size="sm", visible="inpaint" in self.tasks)
+            to_img2img = gr.Button("Send to image to image", size="sm", visible="img2img" in self.tasks,
+                                   elem_id=f"{name}-to-img2img")
+            to_inpaint = gr.Button("Send to inpaint", size="sm", visible="inpaint" in self.tasks,
+                                   elem_id=f"{name}-to-inpaint")
         self.senders.append((gallery, selected, to_img2img, to_inpaint))
 
     # ---- events -----------------------------------------------------------------------------------------
@@ -368,7 +370,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                 page.history_gallery = gr.Gallery(label="History", columns=4, height=480, object_fit="contain",
                                                   format="png", buttons=["download", "fullscreen"],
                                                   interactive=False, elem_id="history-gallery")
-                page.send_buttons(page.history_gallery)
+                page.send_buttons(page.history_gallery, "history")
         for args in wiring:
             page.wire(*args)
         page.connect_senders()
