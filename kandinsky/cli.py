@@ -451,6 +451,7 @@ def _convert_parser(commands) -> None:
                               "weights (default) or as separate adapter files")
     convert.add_argument("--overwrite", action="store_true",
                          help="replace an existing output folder, if this package wrote it (never SOURCE)")
+    convert.add_argument("--no-progress", action="store_true", help="no progress bars (loading and download bars)")
 
 
 def _json_object(value: str) -> dict:
@@ -582,6 +583,7 @@ def _export_parser(commands) -> None:
     export.add_argument("--dtype", default="float32", choices=[d for d in DTYPES if d != "auto"],
                         help="weight dtype of the exported model (default: float32)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    export.add_argument("--no-progress", action="store_true", help="no progress bars (loading and download bars)")
     _lora_option(export)
 
 
@@ -702,6 +704,17 @@ def _pipeline(args):
     return pipe
 
 
+def _check_adapters(adapters: list[tuple[str, float]]) -> None:
+    """Read every --lora file before any model work: a bad one is one line, before a seed is printed."""
+    from kandinsky.lora import read_lora
+
+    for path, _ in adapters:
+        try:
+            read_lora(path)
+        except ValueError as error:
+            raise CommandError(f"--lora: {error}") from None
+
+
 def _load_adapters(components, adapters: list[tuple[str, float]]) -> None:
     for path, scale in adapters:
         try:
@@ -761,6 +774,7 @@ def _run(args, parser: argparse.ArgumentParser) -> int:
     if args.command == "mix":
         items = [_mix_item(item) for item in args.items]
         ratios = args.ratios or [1.0 / len(items)] * len(items)
+    _check_adapters(args.lora)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     if args.seed is None:
         print(f"seed: {seed}", file=sys.stderr)

@@ -519,3 +519,65 @@ def test_from_png_refuses_what_it_cannot_regenerate(tmp_path, capsys):
     assert code == 2 and "--from-png" in _one_error_line(stderr) and not stdout
     code, _, stderr = run(capsys, "generate", "-o", tmp_path / "x.png", "--weights", "tiny")
     assert code == 2 and "prompt: expected a prompt" in _one_error_line(stderr)
+
+
+# ------------------------------------------------------------------------------------------- the LoRA workflow
+
+
+def test_a_trained_lora_is_the_same_image_from_every_path(tmp_path, capsys, caplog):
+    """Train a LoRA on the tiny weights (3 steps), then the same seed through `--weights BASE --lora RUN`,
+    `--weights RUN` and Python `load_lora` gives identical pixels, which differ from the base; the run converted
+    to diffusers' layout (adapters fused) gives diffusers' pipelines the same image."""
+    from tiny_training import write_jsonl_data
+
+    base, run_dir = tmp_path / "base", tmp_path / "run"
+    Kandinsky21.from_config("tiny", seed=0).save_pretrained(base)
+    data = write_jsonl_data(tmp_path / "data")
+    code, _, stderr = run(capsys, "train", "decoder", "--weights", base, "--data", data, "--output", run_dir,
+                          "--batch-size", 2, "--resolution", 64, "--steps", 3, "--lora-rank", 4, "--lr", "1e-2",
+                          "--no-progress")
+    assert code == 0, stderr
+    images = {}
+    for name, flags in (("base", ["--weights", base]), ("lora", ["--weights", base, "--lora", run_dir]),
+                        ("run", ["--weights", run_dir])):
+        out = tmp_path / f"{name}.png"
+        code, _, stderr = run(capsys, "generate", "a cat", "-o", out, "--seed", 3, *flags, *TINY_FAST)
+        assert code == 0, stderr
+        images[name] = _pixels(out)
+    pipe = Kandinsky21.from_pretrained(str(base), progress=False).load_lora(run_dir)
+    args = dict(height=64, width=64, num_inference_steps=2, prior_num_inference_steps=2)
+    python = np.asarray(pipe.text2img("a cat", generator=seed(3), **args)[0])
+    assert np.array_equal(images["lora"], images["run"]) and np.array_equal(images["lora"], python)
+    assert not np.array_equal(images["lora"], images["base"])
+    stored = read_png_metadata(tmp_path / "run.png")["settings"]["adapters"]
+    assert len(stored) == 1 and stored[0]["component"] == "unet" and stored[0]["scale"] == 1.0
+    code, _, stderr = run(capsys, "generate", "--from-png", tmp_path / "lora.png", "-o", tmp_path / "again.png",
+                          "--no-progress")
+    assert code == 0 and np.array_equal(_pixels(tmp_path / "again.png"), images["lora"]), stderr
+
+    # the run in diffusers' layout, adapters fused: diffusers draws our adapted image
+    code, _, stderr = run(capsys, "convert", "pipeline", run_dir, tmp_path / "diffusers", "--to", "diffusers",
+                          "--no-progress")
+    assert code == 0, stderr
+    import diffusers
+    from test_layouts import load_quietly
+
+    prior, _ = load_quietly(diffusers.KandinskyPriorPipeline, tmp_path / "diffusers" / "prior", caplog)
+    decoder, _ = load_quietly(diffusers.KandinskyPipeline, tmp_path / "diffusers" / "decoder", caplog)
+    generator = seed(3)
+    embeds, negative = prior("a cat", num_inference_steps=2, generator=generator, return_dict=False)
+    theirs = decoder("a cat", embeds, negative, height=64, width=64, num_inference_steps=2, generator=generator,
+                     output_type="np").images
+    ours = pipe.text2img("a cat", generator=seed(3), output_type="np", **args)
+    assert np.abs(ours - theirs).max() < 2e-3
+    assert np.abs(ours - pipe.unload_lora().text2img("a cat", generator=seed(3), output_type="np", **args)).max() > 0
+
+
+def test_lora_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not an adapter")
+    code, _, stderr = run(capsys, "generate", "a cat", "--weights", "tiny", "--lora", tmp_path / "notes.txt", "-o",
+                          tmp_path / "a.png", *TINY_FAST)
+    assert code == 1 and "--lora:" in _one_error_line(stderr) and "notes.txt" in stderr
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own check
+        main(["generate", "a cat", "--weights", "tiny", "--lora", "x.safetensors:big", "-o", str(tmp_path / "a.png")])
+    assert exit_info.value.code == 2 and "PATH:SCALE" in _one_error_line(capsys.readouterr().err)

@@ -10,6 +10,7 @@ a single decoder step within 2e-4, several within 2e-3 (each bound is written be
 from __future__ import annotations
 
 import inspect
+import json
 
 import numpy as np
 import pytest
@@ -276,3 +277,113 @@ def test_controlnet_img2img_matches_diffusers(ours, reference):
                                      num_inference_steps=4, prior_num_inference_steps=2, generator=seed(23),
                                      output_type="np")
     assert max_abs(images, theirs) < 2e-3
+
+
+# ------------------------------------------------------------------------------------------------ the tiny 2.2 pipeline
+
+
+@pytest.fixture(scope="module")
+def tiny_22() -> Kandinsky22:
+    return Kandinsky22.from_config("tiny", seed=0, progress=False)
+
+
+def test_tiny_runs_every_task(tiny_22):
+    args = dict(height=SIZE, width=SIZE, num_inference_steps=2, prior_num_inference_steps=2)
+    image, mask = random_image(40), np.zeros((SIZE, SIZE), dtype=np.float32)
+    mask[:32] = 1
+    outputs = {
+        "text2img": tiny_22.text2img("a cat", generator=seed(41), **args),
+        "img2img": tiny_22.img2img("a cat", image, strength=0.6, generator=seed(42), **args),
+        "inpaint": tiny_22.inpaint("a cat", image, mask, generator=seed(43), **args),
+        "mix": tiny_22.mix(["a cat", image], [0.5, 0.5], generator=seed(44), **args),
+        "controlnet": tiny_22.controlnet("a cat", image, generator=seed(45), **args),
+        "controlnet_img2img": tiny_22.controlnet_img2img("a cat", image, image, generator=seed(46), **args),
+    }
+    for task, (output,) in outputs.items():
+        assert output.size == (SIZE, SIZE), task
+        settings = json.loads(output.info["settings"])
+        assert settings["task"] == task and settings["weights"] == {"source": "tiny:0", "model": "2.2"}, task
+    embeds, negative = tiny_22.prior("a cat", num_inference_steps=2, generator=seed(47))
+    assert embeds.shape == negative.shape == (1, tiny.WIDTH_22)
+    assert "mclip" not in tiny_22.components.names()
+
+
+def test_tiny_store_and_configs(tiny_22):
+    for name in ("unet", "unet_inpaint", "unet_controlnet"):
+        assert tiny_22.module(name).config == tiny.CONFIGS_22[name]
+    assert tiny_22.module("prior").config == tiny.PRIOR_22
+    assert Kandinsky21.from_config("tiny").components.names() == [  # 2.1's tiny store is as it was
+        "clip_text", "clip_vision", "prior", "mclip", "unet", "unet_inpaint", "movq", "clip_tokenizer",
+        "mclip_tokenizer"]
+
+
+def test_decoder_reads_the_image_embedding_only(tiny_22):
+    """No text reaches the 2.2 UNet: the prompt conditions the prior only (the same embeddings with another prompt
+    give the same image), and the guided batch is [negative, positive] image embeddings."""
+    embeds, negative = torch.randn(1, tiny.WIDTH_22, generator=seed(50)), torch.randn(1, tiny.WIDTH_22, generator=seed(51))
+    args = dict(height=SIZE, width=SIZE, num_inference_steps=2, output_type="pt")
+    unet, calls = tiny_22.module("unet"), []
+    handle = unet.register_forward_hook(lambda m, a, kw, out: calls.append(kw), with_kwargs=True)
+    try:
+        first = tiny_22.decode("a cat", embeds, negative, generator=seed(52), **args)
+    finally:
+        handle.remove()
+    second = tiny_22.decode("a dog", embeds, negative, negative_prompt="dark", generator=seed(52), **args)
+    assert torch.equal(first, second)
+    assert set(calls[0]) == {"image_embeds", "hint"} and calls[0]["hint"] is None
+    assert torch.equal(calls[0]["image_embeds"], torch.cat([negative, embeds]))
+
+
+def test_inpaint_keeps_the_known_latents_exactly(tiny_22):
+    """After the last step the kept region (dilated by one latent pixel) is the image's latents, whatever the
+    sampler (euler_a's steps are in sigma space)."""
+    image, mask = random_image(53), np.zeros((SIZE, SIZE), dtype=np.float32)
+    mask[:, :32] = 1  # repaint the left half: latent columns 0..3, dilated to 0..4
+    from kandinsky.images import images_to_tensor
+
+    pixels, _ = images_to_tensor(image, SIZE, SIZE)
+    latents = tiny_22.module("movq").encode(pixels)
+    for sampler in ("ddim", "ddpm", "euler_a", "dpmpp_2m"):
+        steps = []
+        tiny_22.inpaint("a cat", image, mask, height=SIZE, width=SIZE, num_inference_steps=3,
+                        prior_num_inference_steps=2, generator=seed(54), sampler=sampler, output_type="pt",
+                        sampler_options={"callback": lambda i, t, x, x0: steps.append(x.clone())})
+        final = steps[-1]
+        assert torch.allclose(final[..., 5:], latents[..., 5:], atol=1e-6), sampler
+        assert not torch.allclose(final[..., :5], latents[..., :5], atol=1e-2), sampler
+
+
+def test_controlnet_hint_is_resized_and_broadcast(tiny_22):
+    embeds = torch.randn(2, tiny.WIDTH_22, generator=seed(55))
+    args = dict(image_embeds=embeds, negative_image_embeds=-embeds, height=SIZE, width=SIZE, num_inference_steps=2,
+                output_type="pt")
+    hint = hint_tensor(56)
+    one = tiny_22.controlnet(["a", "b"], hint, generator=seed(57), **args)
+    each = tiny_22.controlnet(["a", "b"], torch.cat([hint, hint]), generator=seed(57), **args)
+    assert torch.equal(one, each)
+    other = tiny_22.controlnet(["a", "b"], hint_tensor(58), generator=seed(57), **args)
+    assert not torch.allclose(one, other)  # the hint matters
+    bigger = torch.nn.functional.interpolate(hint, size=(2 * SIZE, 2 * SIZE), mode="nearest")
+    assert tiny_22.controlnet(["a", "b"], bigger, generator=seed(57), **args).shape == one.shape
+    with pytest.raises(ValueError, match=r"hint: expected 1 or 2 \(one per prompt\), got 3"):
+        tiny_22.controlnet(["a", "b"], torch.cat([hint] * 3), **args)
+    with pytest.raises(ValueError, match=r"image: expected values in \[0, 1\]"):
+        tiny_22.controlnet("a", hint * 2 - 1, **{**args, "image_embeds": embeds[:1], "negative_image_embeds": embeds[:1]})
+
+
+def test_missing_unets_and_hub_loading_are_one_line_errors():
+    parts = tiny.components_22(1)
+    parts.pop("unet_controlnet")
+    pipe = Kandinsky22(**parts, progress=False)
+    embeds = torch.randn(1, tiny.WIDTH_22)
+    with pytest.raises(ValueError, match="these components have no 'unet_controlnet'"):
+        pipe.controlnet("a", hint_tensor(), image_embeds=embeds, negative_image_embeds=embeds, height=SIZE,
+                        width=SIZE, num_inference_steps=1)
+    with pytest.raises(NotImplementedError, match="from_diffusers"):
+        Kandinsky22.from_pretrained("kandinsky-community/kandinsky-2-2-decoder")
+
+
+def test_public_name():
+    import kandinsky
+
+    assert kandinsky.Kandinsky22 is Kandinsky22 and "Kandinsky22" in kandinsky.__all__

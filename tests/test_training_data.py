@@ -1,9 +1,12 @@
 """Training data (kandinsky/training/data.py): the three data formats, image preprocessing, the keyed random
-draws, the data order, the original's inpainting masks, conditioning dropout and the encoder cache."""
+draws, the data order, the original's inpainting masks, conditioning dropout and the encoder cache; data paths
+kept inside their folder, unreadable text and images named, damaged cache files found."""
 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,22 +14,27 @@ import torch
 from PIL import Image
 
 from kandinsky.components import Components
+from kandinsky.images import load_image
 from kandinsky.training.data import (
     FEATURES,
     CachedFeatures,
     EncodedFeatures,
     Encoders,
+    Record,
     batch_records,
     build_cache,
     cache_description,
+    cache_problems,
+    check_images,
     draw_sample,
     epoch_order,
     inpaint_mask,
     read_records,
+    remove_damaged,
     training_pixels,
     with_dropout,
 )
-from tiny_training import CAPTIONS, RESOLUTION, write_images, write_jsonl_data
+from tiny_training import CAPTIONS, RESOLUTION, corrupt_png_stream, write_images, write_jsonl_data
 
 
 # ------------------------------------------------------------------------------------------------- records
@@ -176,3 +184,170 @@ def test_cache_holds_what_the_encoders_compute(tmp_path, tiny_components, task):
     assert build_cache(folder, records, None, description) == folder
     with pytest.raises(ValueError, match="other data, weights or settings"):
         build_cache(folder, records[:2], None, cache_description(task, records[:2], RESOLUTION, {"source": "tiny"}))
+
+
+# ------------------------------------------------------------------------------------------------- hardening (issue 29)
+
+
+def test_data_paths_stay_inside_their_folder(tmp_path):
+    """metadata.jsonl ``../`` and absolute paths, a CSV row with ``../``, a symbolic link out of a .txt-layout
+    folder: refused with one line naming the row, unless allow_outside (--allow-outside-paths)."""
+    outside = write_images(tmp_path / "elsewhere", count=1)[0]
+    folder = write_jsonl_data(tmp_path / "jsonl", count=1)
+    lines = (folder / "metadata.jsonl").read_text()
+    for name, message in (("../elsewhere/image_0.png", "line 2: file_name: '../elsewhere/image_0.png' leaves the "
+                           "folder"), (str(outside), "line 2: file_name: .* is an absolute path outside the folder")):
+        (folder / "metadata.jsonl").write_text(lines + json.dumps({"file_name": name, "text": "x"}) + "\n")
+        with pytest.raises(ValueError, match=message + ".*--allow-outside-paths"):
+            read_records(folder)
+        assert read_records(folder, allow_outside=True)[1].image.resolve() == outside.resolve()
+    # an absolute path inside the folder is fine
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": str((folder / "image_0.png").resolve()),
+                                                       "text": "x"}) + "\n")
+    assert read_records(folder)[0].image.resolve() == (folder / "image_0.png").resolve()
+
+    (folder / "data.csv").write_text("image_name,caption\nimage_0.png,a\n../elsewhere/image_0.png,b\n")
+    with pytest.raises(ValueError, match=r"data.csv line 3: image_name: '../elsewhere/image_0.png' leaves"):
+        read_records(folder / "data.csv")
+    assert len(read_records(folder / "data.csv", allow_outside=True)) == 2
+
+    txt = tmp_path / "txt"
+    write_images(txt, count=1)
+    (txt / "image_0.txt").write_text("a cat")
+    (txt / "link.png").symlink_to(outside)
+    (txt / "link.txt").write_text("a link")
+    with pytest.raises(ValueError, match=r"link.png: 'link.png' leaves the folder"):
+        read_records(txt)
+    assert len(read_records(txt, allow_outside=True)) == 2
+
+
+def test_unreadable_text_is_named_and_byte_order_marks_are_read(tmp_path):
+    txt = tmp_path / "txt"
+    write_images(txt, count=1)
+    (txt / "image_0.txt").write_bytes("un caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"image_0.txt line 1 is not UTF-8 text"):
+        read_records(txt)
+
+    folder = write_jsonl_data(tmp_path / "jsonl", count=2)
+    good = (folder / "metadata.jsonl").read_bytes()
+    (folder / "metadata.jsonl").write_bytes(good.replace(b"blue", b"bl\xfce"))
+    with pytest.raises(ValueError, match=r"metadata.jsonl line 2 is not UTF-8 text"):
+        read_records(folder)
+    (folder / "metadata.jsonl").write_bytes(b"\xef\xbb\xbf" + good)  # a byte-order mark
+    assert [r.caption for r in read_records(folder)] == list(CAPTIONS[:2])
+
+    # a spreadsheet's CSV: byte-order mark, CRLF line ends
+    (folder / "data.csv").write_bytes(b"\xef\xbb\xbfimage_name,caption\r\nimage_0.png,\"a, cat\"\r\n")
+    assert [(r.image.name, r.caption) for r in read_records(folder / "data.csv")] == [("image_0.png", "a, cat")]
+
+    (folder / "a_folder.png").mkdir()
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "a_folder.png", "text": "x"}) + "\n")
+    with pytest.raises(ValueError, match="are folders, not image files.*a_folder.png"):
+        read_records(folder)
+
+
+def test_16_bit_and_transparent_images_are_read_like_their_8_bit_version(tmp_path, tiny_components):
+    """A 16-bit PNG (PIL's convert would clip it to white) and a grey image with an opaque alpha channel give the
+    features of the 8-bit image: training reads images with kandinsky.images.load_image."""
+    rng = np.random.default_rng(0)
+    grey = np.asarray(Image.fromarray(rng.integers(0, 256, (5, 6), dtype=np.uint8)).resize((96, 80), Image.BICUBIC))
+    paths = {"8": tmp_path / "grey8.png", "16": tmp_path / "grey16.png", "la": tmp_path / "grey_alpha.png"}
+    Image.fromarray(grey).save(paths["8"])
+    Image.fromarray(grey.astype(np.uint16) * 257).save(paths["16"])  # mode I;16, 0..65535
+    Image.fromarray(np.stack([grey, np.full_like(grey, 255)], axis=-1), "LA").save(paths["la"])
+    assert Image.open(paths["16"]).mode.startswith("I")
+    encoded = Encoders(tiny_components, "decoder", RESOLUTION).encode([Record(p, "x") for p in paths.values()])
+    for key in ("latents", "image_embeds"):
+        assert torch.equal(encoded[key][0], encoded[key][1]) and torch.equal(encoded[key][0], encoded[key][2]), key
+
+
+def test_images_are_checked_before_training(tmp_path, monkeypatch):
+    """Unreadable files and decompression bombs are one ValueError naming the file, found by opening each image
+    (no decoding). A corrupt pixel stream with valid checksums passes this check and fails when decoded."""
+    paths = write_images(tmp_path, count=3)
+    records = [Record(p, "x") for p in paths]
+    check_images(records)
+    paths[1].write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"image_1.png: cannot read image"):
+        check_images(records)
+    check_images(records, rank=0, world_size=2)  # each process its share: 0 and 2
+    with pytest.raises(ValueError, match=r"image_1.png"):
+        check_images(records, rank=1, world_size=2)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # the 96 x 80 images are then "bombs" (a warning)
+    with pytest.raises(ValueError, match=r"image_0.png: refused as a decompression bomb"):
+        check_images(records[:1])
+    monkeypatch.undo()
+    corrupt_png_stream(paths[2])
+    check_images(records[2:])
+    with pytest.raises(ValueError, match=r"image_2.png: cannot read image"):
+        load_image(paths[2])
+
+
+def test_damaged_cache_files_are_found_and_encoded_again(tmp_path, tiny_components):
+    records = read_records(write_jsonl_data(tmp_path / "data"))
+    encoders = Encoders(tiny_components, "decoder", RESOLUTION)
+    description = cache_description("decoder", records, RESOLUTION, {"source": "tiny"})
+    folder = build_cache(tmp_path / "cache", records, encoders, description, shard_size=3, progress=False)
+    assert cache_problems(folder, description) == []
+    expected = CachedFeatures(folder).features([0, 1, 2, 3])
+    shard = folder / "shard-00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])  # truncated
+    (folder / "null.safetensors").write_bytes(b"{}")
+    problems = cache_problems(folder, description)
+    assert [p.split(":")[0] for p in problems] == ["shard-00000.safetensors", "null.safetensors"]
+    assert "incomplete metadata" in problems[0] or "not fully covered" in problems[0]
+    untouched = (folder / "shard-00001.safetensors").stat().st_mtime_ns
+    remove_damaged(folder, problems)
+    build_cache(folder, records, encoders, description, shard_size=3, progress=False)
+    assert cache_problems(folder, description) == []
+    assert (folder / "shard-00001.safetensors").stat().st_mtime_ns == untouched  # only the damaged shard again
+    got = CachedFeatures(folder).features([0, 1, 2, 3])
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    (folder / "index.json").write_text("{")
+    with pytest.raises(ValueError, match=r"index.json is damaged .*delete .* to rebuild"):
+        cache_problems(folder, description)
+
+
+# ------------------------------------------------------------------------------------------------- behaviour (issue 25)
+
+DRAWS = 20000
+TEXT_DROPOUT, IMAGE_DROPOUT = 0.3, 0.2  # different, so that each decision shows which probability it used
+
+
+@pytest.fixture(scope="module")
+def many_draws():
+    return [draw_sample(7, 3, i, (1,), text_dropout=TEXT_DROPOUT, image_dropout=IMAGE_DROPOUT) for i in range(DRAWS)]
+
+
+def _within_binomial(count: int, n: int, p: float, sigmas: float = 5.0) -> bool:
+    return abs(count - n * p) <= sigmas * (n * p * (1 - p)) ** 0.5
+
+
+def test_conditioning_dropout_frequencies_match_their_probabilities_drawn_independently(many_draws):
+    """Each dropout's frequency is within 5 binomial standard deviations of its own probability, and the two are
+    drawn independently, as the original datasets do (dataset_unclip_2_1.py: two separate
+    np.random.binomial(1, p) draws for the text and the CLIP image; dataset_prior.py: the text only)."""
+    text = np.array([d.text_dropped for d in many_draws])
+    image = np.array([d.image_dropped for d in many_draws])
+    assert _within_binomial(text.sum(), DRAWS, TEXT_DROPOUT)
+    assert _within_binomial(image.sum(), DRAWS, IMAGE_DROPOUT)
+    # independence: both dropped with probability p_text * p_image (not p_image: nested; not 0: exclusive), and
+    # the image dropout's frequency is the same whether the text was dropped or not
+    assert _within_binomial((text & image).sum(), DRAWS, TEXT_DROPOUT * IMAGE_DROPOUT)
+    assert _within_binomial(image[text].sum(), int(text.sum()), IMAGE_DROPOUT)
+    assert _within_binomial(image[~text].sum(), int((~text).sum()), IMAGE_DROPOUT)
+    # the prior's draws: no image dropout at all (the trainer passes 0), text at its own probability
+    prior = [draw_sample(7, 3, i, (1,), text_dropout=0.1, image_dropout=0.0) for i in range(2000)]
+    assert not any(d.image_dropped for d in prior)
+    assert _within_binomial(sum(d.text_dropped for d in prior), 2000, 0.1)
+
+
+def test_training_timesteps_cover_0_to_999_and_never_1000(many_draws):
+    """Uniform over the 1000 training steps 0..999 (the original's UniformSampler): every value appears in 20000
+    draws (each is missed with probability (1 - 1/1000)^20000 = 2e-9), none is 1000 or more, and each tenth of
+    the range holds its binomial share."""
+    timesteps = np.array([d.timestep for d in many_draws])
+    assert set(timesteps.tolist()) == set(range(1000))
+    assert timesteps.min() == 0 and timesteps.max() == 999
+    counts = np.bincount(timesteps // 100, minlength=10)
+    assert len(counts) == 10 and all(_within_binomial(c, DRAWS, 0.1) for c in counts)

@@ -303,6 +303,13 @@ def test_learning_rate_warmup():
 
 @pytest.mark.parametrize("args, message", [
     (["decoder", "--batch-size", "3", "--grad-accum", "2"], "--batch-size: the global batch (3) must split evenly"),
+    (["decoder", "--lr", "inf"], "--lr: expected a finite number, got inf"),
+    (["decoder", "--lr", "nan"], "--lr: expected a finite number, got nan"),
+    (["decoder", "--weight-decay", "nan"], "--weight-decay: expected a finite number"),
+    (["decoder", "--max-grad-norm", "inf"], "--max-grad-norm: expected a finite number"),
+    (["decoder", "--objective", "eps", "--snr-gamma", "inf"], "--snr-gamma: expected a finite number"),
+    (["decoder", "--lora-rank", "4", "--lora-alpha", "inf"], "--lora-alpha: expected a finite number"),
+    (["decoder", "--text-dropout", "nan"], "--text-dropout: expected a finite number"),
     (["decoder", "--snr-gamma", "5"], "--snr-gamma: Min-SNR weighting needs --objective eps"),
     (["prior", "--freeze", "attention"], "--freeze: the original's resblocks/attention freezing"),
     (["decoder", "--lora-rank", "4", "--freeze", "resblocks"], "use either --freeze or --lora-rank"),

@@ -217,6 +217,12 @@ def test_a_random_seed_is_shown(page):
     data = text_to_image(page, seed=-1)
     shown = page.locator("#text2img-seed-used textarea").input_value()
     assert int(shown) >= 0 and read_png_metadata(io.BytesIO(data))["seed"] == int(shown)
+    page.get_by_role("button", name="Reuse seed").first.click()
+    seed = page.locator("#text2img-seed input")
+    deadline = time.monotonic() + 10
+    while seed.input_value() != shown:
+        assert time.monotonic() < deadline, "Reuse seed did not fill in the seed"
+        time.sleep(0.2)
 
 
 def test_an_invalid_value_shows_a_message_and_the_next_request_works(page):
@@ -288,6 +294,9 @@ def test_image_to_image_from_a_result(page):
 
 
 def test_mix_and_history(page):
+    fill(page, "text2img", "num-images", 3)
+    text_to_image(page, seed=8)
+    assert page.locator("#text2img-gallery img").count() == 3
     page.get_by_role("tab", name="Mix").click()
     fill(page, "mix", "prompt1", "a cat")
     fill(page, "mix", "prompt2", "a dog")
@@ -302,7 +311,7 @@ def test_mix_and_history(page):
     screenshot(page, "mix")
     page.get_by_role("tab", name="History").click()
     page.locator("#history-gallery img").first.wait_for(timeout=10_000)
-    assert page.locator("#history-gallery img").count() >= 1
+    assert page.locator("#history-gallery img").count() == 4  # the session's images, newest first
     screenshot(page, "history")
 
 

@@ -43,3 +43,22 @@ def write_jsonl_data(folder: Path, count: int = 4) -> Path:
     lines = [json.dumps({"file_name": p.name, "text": CAPTIONS[i % len(CAPTIONS)]}) for i, p in enumerate(paths)]
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return folder
+
+
+def corrupt_png_stream(path: Path) -> Path:
+    """Damage the compressed pixel data of the PNG at ``path`` in place, keeping every chunk's checksum valid:
+    PIL's ``verify`` (headers and checksums) passes, decoding fails."""
+    import struct
+    import zlib
+
+    data = path.read_bytes()
+    out, position = bytearray(data[:8]), 8
+    while position < len(data):
+        length, kind = struct.unpack(">I", data[position:position + 4])[0], data[position + 4:position + 8]
+        body = data[position + 8:position + 8 + length]
+        if kind == b"IDAT":
+            body = bytes(b ^ 0x5A for b in body)
+        out += struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        position += 12 + length
+    path.write_bytes(bytes(out))
+    return path

@@ -367,9 +367,9 @@ def build_app(studio: Studio) -> gr.Blocks:
             with gr.Tab("History", id="history"):
                 gr.Markdown("This session's images, newest first (they stay in the output folder: "
                             f"`{studio.output_dir}`).")
-                page.history_gallery = gr.Gallery(label="History", columns=4, height=480, object_fit="contain",
+                page.history_gallery = gr.Gallery(label="History", columns=6, height=480, object_fit="contain",
                                                   format="png", buttons=["download", "fullscreen"],
-                                                  interactive=False, elem_id="history-gallery")
+                                                  interactive=False, fit_columns=False, elem_id="history-gallery")
                 page.send_buttons(page.history_gallery, "history")
         for args in wiring:
             page.wire(*args)
