@@ -204,8 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     except (CommandError, ValueError, OSError) as error:
         command = next((a for a in argv if not a.startswith("-")), None)
         hint = f" (see `{PROG} {command} --help`)" if isinstance(error, UsageError) and command else ""
-        print(f"{PROG}: error: {error}{hint}", file=sys.stderr)
+        print(f"{PROG}: error: {_message(error)}{hint}", file=sys.stderr)
         return 2 if isinstance(error, UsageError) else 1
+
+
+def _message(error: Exception) -> str:
+    """An error as one line that names its file: an OSError as "FILE: what happened" (not "[Errno 21] ...")."""
+    if isinstance(error, OSError) and error.strerror and error.filename is not None:
+        other = f" -> {error.filename2}" if error.filename2 is not None else ""
+        return f"{error.filename}{other}: {error.strerror}"
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _explicit(parser: argparse.ArgumentParser, command: str, argv: list[str]) -> set[str]:

@@ -581,3 +581,16 @@ def test_lora_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # argparse's own check
         main(["generate", "a cat", "--weights", "tiny", "--lora", "x.safetensors:big", "-o", str(tmp_path / "a.png")])
     assert exit_info.value.code == 2 and "PATH:SCALE" in _one_error_line(capsys.readouterr().err)
+
+
+def test_file_system_errors_name_the_file_in_one_line(tmp_path, capsys, monkeypatch):
+    import kandinsky.png as png
+
+    def refused(*args, **kwargs):
+        raise IsADirectoryError(21, "Is a directory", str(tmp_path / "out.png"))
+
+    monkeypatch.setattr(png, "save_png", refused)
+    code, _, stderr = run(capsys, "generate", "a cat", "--weights", "tiny", "--seed", "1", "-o", tmp_path / "out.png",
+                          *TINY_FAST)
+    line = _one_error_line(stderr)
+    assert code == 1 and line == f"kandinsky: error: {tmp_path / 'out.png'}: Is a directory" and "Errno" not in line
