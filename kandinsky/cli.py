@@ -614,6 +614,7 @@ def _ui_parser(commands) -> None:
 def _ui(args) -> int:
     if not 0 < args.port < 65536:
         raise UsageError(f"--port: expected a port in 1..65535, got {args.port}")
+    _check_adapters(args.lora)  # before the (slow) loading
     try:
         from kandinsky.ui.app import launch  # imports gradio
     except ImportError as error:

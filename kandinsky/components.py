@@ -346,10 +346,14 @@ class Components:
         ``export_options``: ``dtype``, ``lora``, ``provenance``). Lazy components are loaded one at a time.
         Existing component folders are an error, or with ``overwrite`` replaced, each only once its new copy is
         complete and only if this package wrote it. Our layout stores adapters fused (the weights a task runs)."""
-        from kandinsky.weights import check_output, save_component
+        from kandinsky.weights import KINDS, check_output, save_component
 
         folder = Path(folder)
         names = self.names()
+        unsaved = [name for name in names if name not in KINDS]
+        if unsaved and layout == "ours":  # refused before anything is written
+            raise ValueError(f"{unsaved}: our weight files do not hold this component yet (Kandinsky 2.2's "
+                             "ControlNet UNet); a store without it saves the others")
         if layout != "ours":
             from kandinsky.layouts import export_pipeline
 

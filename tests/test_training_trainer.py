@@ -559,9 +559,8 @@ def test_resume_falls_back_over_a_damaged_newest_checkpoint(root, resumable, tmp
     code, err = run(capsys, *resumable, "--output", out, "--resume")
     warnings = [line for line in err.splitlines() if line.startswith("kandinsky: warning: ")]
     assert code == 0 and len(warnings) == 1 and name in warnings[0] and "resumes from step-0000001" in warnings[0]
-    for kind in ("trainable", "optimizer"):  # the run continued from step 1 ends where the uninterrupted one does
-        if kind == "trainable":
-            assert same(checkpoint(root / "uninterrupted", kind), checkpoint(out, kind))
+    # continued from step 1, the run ends where the uninterrupted one does
+    assert same(checkpoint(root / "uninterrupted", "trainable"), checkpoint(out, "trainable"))
     assert (out / "checkpoints" / "damaged-step-0000002" / name).is_file()
     assert [r["step"] for r in log(out)] == [1, 2, 3]
 
@@ -667,11 +666,7 @@ def test_inpainting_unet_gets_the_masked_latents_known_where_the_mask_is_1(root,
         return forward(self, x, *args, **kwargs)
 
     monkeypatch.setattr(UNet, "forward", spy)
-    train(*quick(root, cache), "--output", tmp_path / "run")
-    train_args = quick(root, cache)
-    train_args[0] = "inpaint"
-    seen.clear()
-    train(*train_args, "--output", tmp_path / "inpaint")
+    train("inpaint", *quick(root, cache)[1:], "--output", tmp_path / "inpaint")  # the decoders' cache serves
     (x,) = seen
     latents = CachedFeatures(cache).features(batch_records(0, 0, 2, 4))["latents"]
     known = torch.from_numpy(mask)
@@ -805,7 +800,7 @@ def accumulation(root, cache):
 
 def test_ddp_synchronises_gradients_only_on_the_last_micro_batch(accumulation):
     """Under DDP with --grad-accum 2: the first micro-batch's backward pass runs under no_sync (no all-reduce),
-    the last one's synchronises (DDP's all-reduce runs, once per gradient bucket); the same on every process."""
+    the last one's synchronises (DDP's all-reduce runs); the same on every process."""
     _, _, ranks = accumulation
     for report in ranks:
         assert report[0]["code"] == 0
@@ -816,8 +811,9 @@ def test_ddp_synchronises_gradients_only_on_the_last_micro_batch(accumulation):
             else:
                 segments[-1][1] += 1
         assert [s[0] for s in segments] == ["forward no_sync", "forward sync"] * 2  # 2 steps x 2 micro-batches
+        # (one all-reduce per gradient bucket; DDP regroups its buckets after the first step, so their count may
+        # change between steps)
         assert [s[1] == 0 for s in segments] == [True, False] * 2
-        assert segments[1][1] == segments[3][1]  # every bucket, every step
 
 
 def test_one_process_with_4_accumulation_steps_updates_like_two_processes_with_2(accumulation):

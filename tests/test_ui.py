@@ -83,8 +83,8 @@ def test_a_bad_value_names_its_control(control, value, label):
 def test_the_checks_are_the_clis():
     """The same bad value, the same words after the name: one validation (kandinsky.settings)."""
     class Args:
-        command, steps, guidance, height, width, num_images, sampler, crop = "generate", 0, 4.0, 64, 64, 1, "ddim", False
-        prior_steps, prior_guidance = 2, 4.0
+        command, steps, guidance, height, width, num_images = "generate", 0, 4.0, 64, 64, 1
+        sampler, crop, prior_steps, prior_guidance = "ddim", False, 2, 4.0
 
     with pytest.raises(Exception) as from_cli:
         cli_task_settings(Args())
@@ -334,7 +334,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_the_api_text2img(studio):
+def test_the_api(studio, tmp_path):
     pytest.importorskip("gradio")
     gradio_client = pytest.importorskip("gradio_client")
     from kandinsky.ui.app import build_app
@@ -362,6 +362,23 @@ def test_the_api_text2img(studio):
         again = client.predict(prompt="a cat", negative_prompt="", seed=11, steps=2, guidance=4.0, width=64,
                                height=64, prior_steps=2, api_name="/text2img")  # the server stays up
         assert read_png_metadata(again[0]["image"])["seed"] == 11
+        picture, layer = tmp_path / "picture.png", tmp_path / "layer.png"
+        random_picture(6).save(picture)
+        painted = np.zeros((SIZE, SIZE, 4), dtype=np.uint8)
+        painted[8:24, 8:24, 3] = 255
+        Image.fromarray(painted, "RGBA").save(layer)
+        small = dict(seed=3, steps=2, prior_steps=2, width=64, height=64)
+        images, mask = client.predict(image={"background": gradio_client.handle_file(str(picture)),
+                                             "layers": [gradio_client.handle_file(str(layer))], "composite": None},
+                                      prompt="a hat", **small, api_name="/inpaint")
+        assert read_png_metadata(images[0]["image"])["settings"]["task"] == "inpaint"
+        assert np.array_equal(np.asarray(Image.open(mask)) > 0, painted[..., 3] > 0)
+        images = client.predict(prompt1="a cat", image2=gradio_client.handle_file(str(picture)), weight2=0.5, **small,
+                                api_name="/mix")
+        assert read_png_metadata(images[0]["image"])["prompt"] == "a cat | <image>"
+        images = client.predict(image=gradio_client.handle_file(str(picture)), prompt="a frog", strength=0.5,
+                                **small, api_name="/img2img")
+        assert read_png_metadata(images[0]["image"])["settings"]["strength"] == 0.5
     finally:
         demo.close(verbose=False)
 
@@ -378,19 +395,24 @@ def test_kandinsky_help_imports_neither_gradio_nor_torch():
     assert out.strip() == "[]"
 
 
-def test_the_ui_command_launches_with_its_options(monkeypatch, capsys):
+def test_the_ui_command_launches_with_its_options(monkeypatch, capsys, tmp_path):
     pytest.importorskip("gradio")
     import kandinsky.ui.app as app
+    from test_components import write_adapter
 
+    adapter, _ = write_adapter(tmp_path / "cats.safetensors")
     calls = []
     monkeypatch.setattr(app, "launch", lambda *args, **kwargs: calls.append((args, kwargs)))
-    assert main(["ui", "--weights", "tiny:2", "--lora", "runs/cats:0.5", "--port", "8123"]) == 0
+    assert main(["ui", "--weights", "tiny:2", "--lora", f"{adapter}:0.5", "--port", "8123"]) == 0
     [(args, kwargs)] = calls
-    assert args == ("tiny:2",) and kwargs["adapters"] == [("runs/cats", 0.5)]
+    assert args == ("tiny:2",) and kwargs["adapters"] == [(str(adapter), 0.5)]
     assert kwargs["host"] == "127.0.0.1" and kwargs["port"] == 8123 and kwargs["share"] is False
     assert main(["ui", "--port", "70000"]) == 2
     assert "--port: expected a port in 1..65535" in capsys.readouterr().err
+    assert main(["ui", "--lora", str(tmp_path / "missing.safetensors")]) == 1  # before any loading
+    assert "kandinsky: error: --lora:" in capsys.readouterr().err
     assert main(["ui", "--share"]) == 0 and calls[-1][1]["share"] is True
+    assert len(calls) == 2
 
 
 def test_the_metadata_reads_back_with_kandinsky_info(studio, capsys):

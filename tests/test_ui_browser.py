@@ -54,7 +54,7 @@ def server(tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, "-m", "kandinsky", "ui", "--weights", "tiny", "--port", str(port),
-                                    "--host", "127.0.0.1", "--output-dir", str(output)],
+                                    "--host", "127.0.0.1", "--device", "cpu", "--output-dir", str(output)],
                                    stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + STARTUP_S

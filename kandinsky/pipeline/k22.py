@@ -28,8 +28,10 @@ Example::
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -78,12 +80,27 @@ class Kandinsky22(DecoderSteps, Kandinsky21):
     # ---- construction ---------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, source: str = "kandinsky-community/kandinsky-2-2-decoder", **options) -> Kandinsky22:
-        """Not yet: the hub loader (:mod:`kandinsky.hub`) knows the 2.1 repositories only. Use :meth:`from_diffusers`
-        with ``diffusers.KandinskyV22PriorPipeline.from_pretrained(...)`` and the decoder pipelines."""
-        raise NotImplementedError(f"Kandinsky22.from_pretrained({source!r}): loading the 2.2 hub repositories is not "
-                                  "supported yet; build diffusers' KandinskyV22PriorPipeline and KandinskyV22Pipeline "
-                                  "and pass them to Kandinsky22.from_diffusers")
+    def from_pretrained(cls, source: str | os.PathLike, *, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32, offload: str | None = None, progress: bool = True,
+                        **options) -> Kandinsky22:
+        """A local folder in our layout (what :meth:`save_pretrained` writes; its components load memory-mapped on
+        first use) or ``"tiny"`` / ``"tiny:SEED"`` (:meth:`from_config`). The 2.2 hub repositories
+        (``kandinsky-community/kandinsky-2-2-*``) are not read yet: build diffusers' ``KandinskyV22PriorPipeline``
+        and decoder pipelines from them and pass those to :meth:`from_diffusers`. ``options``: as
+        :meth:`kandinsky.components.Components.from_pretrained`."""
+        from kandinsky.hub import detect_layout, tiny_seed
+
+        seed = tiny_seed(source)
+        if seed is not None:
+            return cls.from_config("tiny", seed=seed, device=device, dtype=dtype, offload=offload, progress=progress)
+        folder = Path(source).expanduser()
+        if not folder.is_dir() or detect_layout(folder) != "ours":
+            raise NotImplementedError(f"Kandinsky22.from_pretrained({str(source)!r}): only folders in our layout (what "
+                                      "save_pretrained writes) and 'tiny' are read; for the 2.2 hub repositories build "
+                                      "diffusers' KandinskyV22PriorPipeline and KandinskyV22Pipeline and pass them to "
+                                      "Kandinsky22.from_diffusers")
+        return cls(Components.from_pretrained(folder, device=device, dtype=dtype, offload=offload, **options),
+                   progress=progress)
 
     @classmethod
     def from_config(cls, name: str = "tiny", *, seed: int = 0, device: str | torch.device = "cpu",

@@ -3,7 +3,7 @@
     kandinsky ui --weights tiny                      # http://127.0.0.1:7860, offline, noise images
     kandinsky ui --lora runs/cats:0.8 --port 8000
 
-Tabs: Text to image, Image to image, Inpaint (the mask painted on the image: white = repaint), Mix, History.
+Tabs: Text to image, Image to image, Inpaint (the mask painted on the image: painted = repaint), Mix, History.
 Each task tab has its prompt, its settings and a Generate and a Stop button; its images are the PNG files the
 pipeline's metadata was written into (:func:`kandinsky.png.save_png`), served as they are, so that a downloaded
 image carries its prompt, seed and settings. Every generation goes through Gradio's queue, one at a time.
@@ -14,8 +14,9 @@ the image files; ``/img2img`` (+ ``image``, ``strength``), ``/inpaint`` (+ ``ima
 ``{"background", "layers"}``; returns the images and the mask used) and ``/mix`` (``prompt1..4``,
 ``image1..4``, ``weight1..4``) likewise.
 
-A new task (ControlNet, once a Kandinsky 2.2 pipeline exists) is one more entry of :data:`TABS`: a function
-that builds its task inputs in the tab and returns them with its event handler (see :func:`_text2img_inputs`).
+A new task (ControlNet, once a Kandinsky 2.2 pipeline is served) is one more entry of :data:`TABS`: a function
+that builds its task inputs in the tab and returns them with its event handler (see :func:`_text2img_inputs`),
+with its settings and pipeline call in :mod:`kandinsky.ui.handlers`.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class _Page:
         self.defaults = {"steps": 100, "prior_steps": 25, "width": 512, "height": 512, **studio.defaults}
         self.tasks = available_tasks(studio.pipe)
         self.targets: dict[str, dict] = {}  # task -> components a "Send to" button fills
-        self.senders: list[tuple] = []  # (gallery, selected index state) of each result gallery
+        self.senders: list[tuple] = []  # (gallery, selected index, its two "Send to" buttons) of each gallery
         self.tabs = None
         self.history = None
         self.history_gallery = None
