@@ -343,11 +343,28 @@ def resolve(source: str | os.PathLike = DEFAULT_SOURCE, *, revision: str | None 
 
     if layout == "ours":
         return _ours(local, cache_dir, hub_cache)
+    if layout == "original" and original_configs is None and local.is_dir():
+        original_configs = _exported_configs(local)
     origin = Origin(source, layout, revision=revision, hub_cache=hub_cache, prior_source=prior_source,
                     inpaint_source=inpaint_source, clip_source=clip_source, original_configs=original_configs)
     target = cache_root(cache_dir) / origin.main.key()
     return {name: Lazy(_cached_loader(name, target / name, origin), f"{name} via {target / name}")
             for name in COMPONENTS}
+
+
+def _exported_configs(folder: Path) -> dict[str, dict] | None:
+    """The original constructor arguments an original-layout export of ours recorded (any size; the released
+    checkpoints have none: the official ones apply)."""
+    import json
+
+    from kandinsky.weights import EXPORT_FILE
+
+    try:
+        record = json.loads((folder / EXPORT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    configs = record.get("original_configs") if isinstance(record, dict) else None
+    return configs if isinstance(configs, dict) else None
 
 
 def _tiny(seed: int) -> dict[str, Lazy]:

@@ -216,7 +216,9 @@ def export_component(component: str, module: nn.Module, folder: str | os.PathLik
 
     def write(temporary: Path) -> None:
         _write_model(component, module, temporary, layout, dtype, lora)
-        _provenance(temporary, layout, dtype, [component], lora, provenance)
+        extra = {"original_configs": {component: foreign_config(component, module.config, "original")}} \
+            if layout == "original" else {}
+        _provenance(temporary, layout, dtype, [component], lora, {**dict(provenance or {}), **extra})
 
     return atomic_folder(folder, write, overwrite=overwrite)
 
@@ -344,12 +346,15 @@ def export_pipeline(components: Mapping[str, Callable[[], object]], folder: str 
                 everything += [part for part in parts if part not in everything]
             _provenance(temporary, layout, dtype, everything, lora, provenance)
             return
+        configs = {}  # the original code keeps its configs in code: record ours, so any size reads back
         for name in written:
             if name == "mclip":
                 tokenizer = load("mclip_tokenizer") if "mclip_tokenizer" in available else None
                 _write_mclip_original(load("mclip"), tokenizer, temporary / ORIGINAL_TEXT_ENCODER, dtype)
             else:
-                _write_model(name, load(name), temporary, layout, dtype, lora)
-        _provenance(temporary, layout, dtype, written, lora, provenance)
+                module = load(name)
+                configs[name] = foreign_config(name, module.config, "original")
+                _write_model(name, module, temporary, layout, dtype, lora)
+        _provenance(temporary, layout, dtype, written, lora, {**dict(provenance or {}), "original_configs": configs})
 
     return atomic_folder(folder, write, overwrite=overwrite)

@@ -273,3 +273,41 @@ def test_cli_convert_pipeline_to_diffusers(ours, tmp_path, capsys):
     assert_same_state(back, cast_copy(ours.module("unet"), torch.float16))
     info = json.loads((tmp_path / "d" / "prior" / "kandinsky21_export.json").read_text())
     assert info["source"] == str(tmp_path / "ours") and info["dtype"] == "float16"
+
+
+def test_the_tiny_pipeline_reads_back_from_the_original_layout(tmp_path):
+    """The original layout holds no configs (the original code keeps them in code): the export records ours, so
+    any size reads back, the tiny one included (CLIP from a diffusers prior folder: the layout has no towers)."""
+    tiny = Kandinsky21.from_config("tiny", seed=0, progress=False)
+    tiny.save_pretrained(tmp_path / "original", layout="original", dtype=torch.float32)
+    tiny.save_pretrained(tmp_path / "diffusers", layout="diffusers")
+    back = Kandinsky21.from_pretrained(str(tmp_path / "original"), clip_source=str(tmp_path / "diffusers" / "prior"),
+                                       cache_dir=tmp_path / "cache", progress=False)
+    for name in ("prior", "unet", "unet_inpaint", "movq", "mclip"):
+        assert_same_state(back.module(name), tiny.module(name))
+    args = dict(height=64, width=64, num_inference_steps=2, prior_num_inference_steps=2, output_type="np")
+    assert np.array_equal(back.text2img("a cat", generator=seed(0), **args),
+                          tiny.text2img("a cat", generator=seed(0), **args))
+
+
+@pytest.mark.parametrize("component", ["unet", "unet_inpaint", "movq", "prior"])
+def test_an_original_export_is_what_the_original_code_loads(component, tmp_path):
+    """The original implementation's own state dicts (its fixtures, seeded random weights at small configs) come
+    back key for key, tensor for tensor: what its strict load_state_dict takes."""
+    from kandinsky.layouts import ORIGINAL_FILES, export_component
+    from kandinsky.testing import load_original_fixture, prefixed
+
+    tensors, meta = load_original_fixture(component)
+    state = prefixed(tensors, "state_dict.")
+    stats = (tensors["input.clip_mean"], tensors["input.clip_std"]) if component == "prior" else None
+    ours = from_original(component, meta["original_config"], state, **({"clip_stats": stats} if stats else {}))
+    folder = export_component(component, ours, tmp_path / component, layout="original", dtype=torch.float32)
+    written = read_state_dict(folder / ORIGINAL_FILES[component])
+    assert sorted(written) == sorted(state)
+    assert all(torch.equal(written[key], state[key].float()) for key in state)
+    if stats is not None:
+        # as the original reads it: clip_mean, clip_std = torch.load(clip_mean_std_path)
+        mean, std = torch.load(folder / "ViT-L-14_stats.th", weights_only=True)
+        assert torch.equal(mean.flatten(), stats[0].flatten()) and torch.equal(std.flatten(), stats[1].flatten())
+    recorded = json.loads((folder / "kandinsky21_export.json").read_text())["original_configs"][component]
+    assert from_original(component, recorded, written, **({"clip_stats": stats} if stats else {})).config == ours.config

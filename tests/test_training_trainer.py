@@ -3,8 +3,15 @@ on a tiny base pipeline:
 one process against two (torchrun, gloo, DDP and FSDP2), an interrupted-and-resumed run against an
 uninterrupted one, the trained folder and LoRA adapters in the pipeline, a tiny model overfitting 4 images.
 
-The distributed runs are few (one plain ``torchrun -m kandinsky train`` and one torchrun of a driver that runs
-two trainings in the same processes) and shared by the tests through module-scoped fixtures.
+The distributed runs are few (one plain ``torchrun -m kandinsky train``, one torchrun of a driver that runs
+two trainings in the same processes, and one of a driver that also watches DDP's synchronisation) and shared by
+the tests through module-scoped fixtures.
+
+Then the hardening of issue 29 (each test fails on the trainer before it: the output folder, atomic files, an
+interrupted export, resume checks, non-finite losses, damaged checkpoints and caches, decompression bombs, model
+configs) and behaviour checked against independent expectations (issue 25: closed-form EMA, the inpainting UNet's
+input for a hand-made mask, which conditioning each dropout replaces, LoRA's alpha / rank, DDP's no_sync during
+accumulation, 1 x 4 against 2 x 2 accumulation).
 
 Tolerances: Adam divides each gradient by its running RMS, so float rounding in a gradient element near zero
 can move that weight by up to the learning rate. Weights are compared without the parameters whose gradient is

@@ -4,7 +4,10 @@ Two layouts are read and written:
 
 * ``original``: the ai-forever/Kandinsky-2 checkpoints (``movq_final.ckpt``, ``prior_fp16.ckpt``,
   ``decoder_fp16.ckpt``, ``inpainting_fp16.ckpt``) with the original constructor arguments as config;
-* ``diffusers``: the kandinsky-community repositories (``config.json`` + state dict per component).
+* ``diffusers``: the kandinsky-community repositories (``config.json`` + state dict per component), Kandinsky 2.1's
+  and 2.2's: ``from_diffusers("unet", ...)`` reads every UNet variant (2.1, 2.2, 2.2 ControlNet; ``"unet_inpaint"``
+  for 9 input channels) and tells them apart by the config (see :mod:`kandinsky.convert.unet`). Kandinsky 2.2 has
+  no original layout.
 
 Example::
 

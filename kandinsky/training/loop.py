@@ -248,9 +248,13 @@ class Run:
         self.warn = warn if processes.main else (lambda message: None)
         self.step, self.skipped = 0, 0
         checkpoint, damaged, cache_damage = agreed(processes, self._preflight)
-        if processes.main:
-            set_aside(damaged)
-            start_outputs(config, checkpoint.step if checkpoint is not None else 0)
+
+        def start() -> None:  # the output folder is the run's from here on
+            if processes.main:
+                set_aside(damaged)
+                start_outputs(config, checkpoint.step if checkpoint is not None else 0)
+
+        agreed(processes, start)
         components = agreed(processes, self._components)
         self.features = self._features(components, cache_damage)
         self.model = agreed(processes, lambda: self._trained_copy(components))
