@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import sys
 from pathlib import Path
@@ -389,6 +390,7 @@ def _eval_parser(commands) -> None:
     evaluate.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (default: 100)")
     evaluate.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size (default: 1000)")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     coco = evaluate.add_argument_group("COCO-30k inputs (instead of evaluating)")
     coco.add_argument("--prepare-coco", metavar="DIR", default=None,
                       help="write DIR/prompts.jsonl and DIR/reference/ from --coco-captions and --coco-images")
@@ -410,6 +412,9 @@ def _evaluate(args) -> int:
         return 0
     if args.generated is None:
         raise UsageError("--generated is required (or --prepare-coco)")
+    output = Path(args.output) if args.output else Path(args.generated) / "eval.json"
+    if args.output and output.exists() and not args.overwrite:  # before the (slow) evaluation
+        raise CommandError(f"refusing to overwrite {output} (use --overwrite)")
     try:
         from kandinsky.eval import evaluate
 
@@ -420,8 +425,9 @@ def _evaluate(args) -> int:
     except ImportError as error:  # the metrics are an optional extra
         hint = "" if "kandinsky21[eval]" in str(error) else " (pip install 'kandinsky21[eval]')"
         raise CommandError(f"{error}{hint}") from None
-    output = Path(args.output) if args.output else Path(args.generated) / "eval.json"
-    output.write_text(json.dumps(result, indent=2) + "\n")
+    partial = output.with_name(f".{output.name}.partial")
+    partial.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(partial, output)
     for key in ("fid", "kid_mean", "kid_std", "clip_score"):
         if key in result:
             print(f"{key}: {result[key]:.6g}")

@@ -472,6 +472,14 @@ def test_eval_command_runs_offline_from_local_files(reference, tiny_clip, incept
     for key in ("fid", "kid_mean", "kid_std", "clip_score"):
         assert f"{key}: {result[key]:.6g}" in captured.out
     assert str(generated / "eval.json") in captured.out
+    # an existing --output is replaced only with --overwrite, refused before any work
+    (tmp_path / "mine.json").write_text("precious")
+    args = ["eval", "--generated", str(generated), "--no-clip", "--reference", str(few), "--inception-weights",
+            str(inception_weights), "--size", str(SIZE), "--kid-subsets", "5", "--no-progress", "--output",
+            str(tmp_path / "mine.json")]
+    assert main(args) == 1 and "refusing to overwrite" in capsys.readouterr().err
+    assert (tmp_path / "mine.json").read_text() == "precious"
+    assert main([*args, "--overwrite"]) == 0 and "fid" in json.loads((tmp_path / "mine.json").read_text())
 
 
 def test_prepare_coco_writes_a_prompt_file_and_its_reference_set(tmp_path, capsys):
