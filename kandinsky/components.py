@@ -318,21 +318,21 @@ class Components:
         """Remove every adapter: the base layers come back untouched, so do the base outputs, exactly."""
         from kandinsky import lora
 
-        for name, module in self._modules.items():
-            if lora.has_lora(module):
-                lora.remove_lora(module)
-                self._compiled.pop(name, None)
-        self.adapters = []
-        return self
+        return self._drop_adapters(lora.remove_lora)
 
     def fuse_lora(self) -> Components:
         """Merge every adapter into its base weights (``W + scale * alpha / rank * B A``): faster, and
         permanent (:meth:`unload_lora` can no longer remove them)."""
         from kandinsky import lora
 
+        return self._drop_adapters(lora.fuse_lora)
+
+    def _drop_adapters(self, drop: Callable[[nn.Module], nn.Module]) -> Components:
+        from kandinsky import lora
+
         for name, module in self._modules.items():
             if lora.has_lora(module):
-                lora.fuse_lora(module)
+                drop(module)
                 self._compiled.pop(name, None)
         self.adapters = []
         return self
