@@ -52,6 +52,8 @@ COMPONENTS = "tests/test_components.py::"
 BATCH = "tests/test_batch.py::"
 IMAGES = "tests/test_images.py::"
 SCHEDULER_CONFIGS = "tests/test_convert_scheduler.py::"
+TRAINER = "tests/test_training_trainer.py::"
+TRAINING_DATA = "tests/test_training_data.py::"
 
 MUTATIONS = (
     # ---- pipeline: guidance and its batch order
@@ -246,6 +248,43 @@ MUTATIONS = (
              'if layout == "original" and original_configs is None and local.is_dir():',
              'if layout == "original" and original_configs is not None and local.is_dir():',
              ("tests/test_layouts.py::test_the_tiny_pipeline_reads_back_from_the_original_layout",)),
+    # ---- training
+    Mutation("ema_decay_inverted", "kandinsky/training/loop.py",
+             "self.average[name].lerp_(p.detach().float(), 1 - self.decay)",
+             "self.average[name].lerp_(p.detach().float(), self.decay)",
+             (TRAINER + "test_ema_after_k_steps_is_the_closed_form",)),
+    Mutation("dropout_probabilities_swapped", "kandinsky/training/data.py",
+             "bool(uniforms[0] < text_dropout), bool(uniforms[1] < image_dropout)",
+             "bool(uniforms[0] < image_dropout), bool(uniforms[1] < text_dropout)",
+             (TRAINING_DATA + "test_conditioning_dropout_frequencies_match_their_probabilities_drawn_independently",)),
+    Mutation("dropout_drawn_jointly", "kandinsky/training/data.py",
+             "bool(uniforms[0] < text_dropout), bool(uniforms[1] < image_dropout)",
+             "bool(uniforms[0] < text_dropout), bool(uniforms[0] < image_dropout)",
+             (TRAINING_DATA + "test_conditioning_dropout_frequencies_match_their_probabilities_drawn_independently",)),
+    Mutation("training_timesteps_include_1000", "kandinsky/training/data.py",
+             "timestep = int(torch.randint(0, NUM_TRAIN_TIMESTEPS, (1,), generator=generator))",
+             "timestep = int(torch.randint(1, NUM_TRAIN_TIMESTEPS + 1, (1,), generator=generator))",
+             (TRAINING_DATA + "test_training_timesteps_cover_0_to_999_and_never_1000",)),
+    Mutation("inpaint_mask_polarity_inverted", "kandinsky/training/losses.py",
+             "model_input = torch.cat([x_t, inpaint_image.float() * mask, mask], dim=1)",
+             "model_input = torch.cat([x_t, inpaint_image.float() * (1 - mask), mask], dim=1)",
+             (TRAINER + "test_inpainting_unet_gets_the_masked_latents_known_where_the_mask_is_1",)),
+    Mutation("lora_alpha_ignored_in_training", "kandinsky/training/loop.py",
+             "add_lora(model, config.lora_rank, config.lora_alpha)", "add_lora(model, config.lora_rank)",
+             (TRAINER + "test_lora_alpha_scales_the_adapter_by_alpha_over_rank_in_training_and_loading",)),
+    Mutation("ddp_syncs_every_micro_batch", "kandinsky/training/loop.py",
+             "distributed.gradient_sync(self.wrapped, index == config.grad_accum - 1)",
+             "distributed.gradient_sync(self.wrapped, True)",
+             (TRAINER + "test_ddp_synchronises_gradients_only_on_the_last_micro_batch",)),
+    Mutation("training_paths_not_resolved", "kandinsky/training/data.py",
+             "if not allow_outside and not path.resolve().is_relative_to(folder.resolve()):",
+             "if not allow_outside and not path.is_relative_to(folder.resolve()):",
+             (TRAINING_DATA + "test_data_paths_stay_inside_their_folder",)),
+    # ---- evaluation
+    Mutation("clip_score_on_the_fid_squares", "kandinsky/eval.py",
+             "for files, _, images in _batches(captioned, size, batch_size, full=True):",
+             "for files, images, _ in _batches(captioned, size, batch_size, full=True):",
+             ("tests/test_eval.py::test_clip_score_is_torchmetrics_on_the_full_images",)),
     # ---- the web UI's handlers
     Mutation("ui_mask_threshold_off_by_one", "kandinsky/ui/handlers.py",
              "painted |= alpha >= 128", "painted |= alpha >= 64",

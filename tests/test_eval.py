@@ -335,6 +335,21 @@ def test_clip_score_is_higher_for_matched_than_for_shuffled_captions(tiny_clip, 
     assert matched["clip_score"] > 50 and shuffled["clip_score"] < 30
 
 
+def test_clip_score_is_torchmetrics_on_the_full_images(tiny_clip, tmp_path):
+    """The CLIP score sees each whole image (CLIP's own preprocessing: resize and centre crop), not the square
+    resized copy FID uses: torchmetrics' CLIPScore on the images as files hold them is the reference."""
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    images = smooth_images(6, seed=3)  # 50..58 x 40: not square, other than SIZE
+    generated = write(tmp_path / "generated", images)
+    prompts = {f"{i:06d}.png": f"a {list(COLORS)[i % 4]} square" for i in range(6)}
+    ours = evaluation.evaluate(generated, clip_source=str(tiny_clip), size=SIZE, prompts=prompts)["clip_score"]
+    metric = CLIPScore(model_name_or_path=evaluation.clip_model(str(tiny_clip)))
+    metric.update([torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1) for image in images],
+                  [prompts[f"{i:06d}.png"] for i in range(6)])
+    assert abs(ours - float(metric.compute())) < 1e-4
+
+
 def test_clip_score_reads_projected_embeddings_from_transformers(tiny_clip):
     """transformers >= 5 returns a model output from get_image_features: the adapter hands torchmetrics the
     projected embedding, the one CLIPModel's own logits use."""
