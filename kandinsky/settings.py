@@ -1,8 +1,9 @@
 """The settings of each generation task, validated in one place.
 
 One frozen dataclass per task: :class:`Text2ImgSettings`, :class:`Img2ImgSettings` (+ ``strength``),
-:class:`InpaintSettings` (+ ``mask_convention``), :class:`MixSettings` and :class:`DecodeSettings` (the decoder
-alone, no prior). Building one validates every field (a ``ValueError`` naming the field, what was expected and
+:class:`InpaintSettings` (+ ``mask_convention``), :class:`MixSettings`, :class:`DecodeSettings` (the decoder
+alone, no prior) and Kandinsky 2.2's :class:`ControlNetSettings` / :class:`ControlNetImg2ImgSettings`
+(:func:`default_guidance`: 2.2's img2img guides at 4 by default, 2.1's at 7). Building one validates every field (a ``ValueError`` naming the field, what was expected and
 what was given), so the Python API (:class:`~kandinsky.pipeline.Kandinsky21`'s task methods), the CLI, batch
 generation and the web UI accept and refuse exactly the same values. The field names are the task methods'
 keyword arguments; :meth:`~Text2ImgSettings.kwargs` gives them back for a call::
@@ -189,8 +190,34 @@ class MixSettings(Text2ImgSettings):
     task: ClassVar[str] = "mix"
 
 
+@dataclass(frozen=True)
+class ControlNetSettings(Text2ImgSettings):
+    """:meth:`~kandinsky.pipeline.Kandinsky22.controlnet` (Kandinsky 2.2): text2img's settings (the hint is an
+    input, not a setting)."""
+
+    task: ClassVar[str] = "controlnet"
+
+
+@dataclass(frozen=True)
+class ControlNetImg2ImgSettings(Img2ImgSettings):
+    """:meth:`~kandinsky.pipeline.Kandinsky22.controlnet_img2img` (Kandinsky 2.2): img2img's settings (diffusers'
+    defaults: strength 0.3, guidance 4)."""
+
+    task: ClassVar[str] = "controlnet_img2img"
+    guidance_scale: float = 4.0
+
+
 TASK_SETTINGS = {cls.task: cls for cls in (Text2ImgSettings, Img2ImgSettings, InpaintSettings, MixSettings,
-                                           DecodeSettings)}
+                                           DecodeSettings, ControlNetSettings, ControlNetImg2ImgSettings)}
+# The decoder guidance a task uses when none is given, by model: 2.2's img2img (diffusers'
+# KandinskyV22Img2ImgPipeline, and Kandinsky22.img2img) guides at 4, 2.1's at 7; every other task at 4.
+MODELS = ("2.1", "2.2")
+GUIDANCE_DEFAULTS = {("2.1", "img2img"): 7.0}
+
+
+def default_guidance(task: str, model: str = "2.1") -> float:
+    """The decoder guidance scale ``task`` uses by default with a Kandinsky ``model`` ("2.1" or "2.2")."""
+    return GUIDANCE_DEFAULTS.get((model, task), 4.0)
 
 
 def _check_bool(name: str, value: object) -> bool:

@@ -99,7 +99,7 @@ MUTATIONS = (
              "embeds = weight * embeds.to(self.device)", "embeds = embeds.to(self.device)",
              (PIPELINE + "test_interpolate_and_mix_match_diffusers",
               PIPELINE + "test_mix_is_interpolate_then_the_decoder_as_in_diffusers")),
-    Mutation("decoder_start_noise_fixed", "kandinsky/pipeline/k21.py",
+    Mutation("decoder_start_noise_fixed", "kandinsky/pipeline/common.py",
              "width // factor), generator, self.device)",
              "width // factor), torch.Generator().manual_seed(0), self.device)",
              (PIPELINE + "test_decode_matches_decoder_pipeline",)),

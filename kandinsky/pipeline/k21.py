@@ -31,10 +31,10 @@ from torch import nn
 
 from kandinsky import schedulers
 from kandinsky.components import Components
-from kandinsky.images import images_to_tensor, mask_to_tensor, to_output, unit_range
-from kandinsky.pipeline.common import (DecoderStart, NonFiniteError, TaskCall, dilate_repaint, guided_denoiser,
-                                       initial_seeds, match_batch, negative_list, original_x0_fn)
-from kandinsky.png import png_text, recorded_settings
+from kandinsky.images import images_to_tensor, mask_to_tensor, unit_range
+from kandinsky.pipeline.common import (DecoderStart, DecoderSteps, NonFiniteError, TaskCall, dilate_repaint,
+                                       guided_denoiser, initial_seeds, match_batch, negative_list, scheduler_sampling)
+from kandinsky.png import recorded_settings
 from kandinsky.settings import (MAX_EMBED, MAX_WEIGHT, PRIOR_SAMPLERS, DecodeSettings, Img2ImgSettings,
                                 InpaintSettings, MixSettings, Text2ImgSettings, check_guidance, check_prior_sampler,
                                 check_steps, rounded_size)
@@ -42,7 +42,7 @@ from kandinsky.text_encoders import encode_clip_images, encode_clip_text, encode
 from kandinsky.validation import check_finite, check_in_range, check_positive_int, prompt_list
 
 
-class Kandinsky21:
+class Kandinsky21(DecoderSteps):
     """The Kandinsky 2.1 pipeline: prior (CLIP text -> CLIP image embedding) + decoder (UNet + MoVQ).
 
     Build it with :meth:`from_pretrained` (hub repos or local folders), :meth:`from_diffusers` (live diffusers
@@ -114,15 +114,10 @@ class Kandinsky21:
         :meth:`kandinsky.components.Components.from_diffusers`. The samplers follow the pipelines' scheduler configs
         (:func:`kandinsky.convert.scheduler.sampling_from_diffusers`): what the default samplers (``sampler="ddim"``
         or the decoder scheduler's, and the prior's unCLIP) then compute is what diffusers computes."""
-        from kandinsky.convert.scheduler import sampling_from_diffusers
-
         components = Components.from_diffusers(prior_pipeline, decoder_pipeline, inpaint_pipeline=inpaint_pipeline,
                                                device=device, dtype=dtype, offload=offload)
-        def sampling(scheduler):  # a live scheduler's config lacks its class name
-            return sampling_from_diffusers({**scheduler.config, "_class_name": type(scheduler).__name__})
-
-        return cls(components, progress=progress, prior_sampling=sampling(prior_pipeline.scheduler),
-                   decoder_sampling=sampling(decoder_pipeline.scheduler))
+        return cls(components, progress=progress, prior_sampling=scheduler_sampling(prior_pipeline.scheduler),
+                   decoder_sampling=scheduler_sampling(decoder_pipeline.scheduler))
 
     # ---- the store ------------------------------------------------------------------------------------
 
@@ -556,32 +551,7 @@ class Kandinsky21:
 
         # the 4 noise channels are guided; the 4 learned-variance channels come from the conditional half
         denoise = guided_denoiser(predict, settings.guidance_scale, guided_channels=4)
-        x, timesteps = start.x, start.timesteps
-        if x is None:
-            height, width = self._size(call)
-            factor = self.module("movq").config.downsample_factor
-            x = schedulers.randn((call.rows, 4, height // factor, width // factor), generator, self.device)
-        sampling = self.decoder_sampling
-        if timesteps is None:
-            timesteps = sampling.timesteps(settings.sampler, settings.num_inference_steps)
-        options = sampling.options_for(settings.sampler, settings.num_inference_steps, settings.sampler_options)
-        if settings.sampler == "p_sampler":
-            options.setdefault("x0_fn", original_x0_fn(start.known))
-        if len(timesteps) > 0:
-            x = schedulers.sample(settings.sampler, denoise, x, sampling.schedule, timesteps,
-                                  generator=generator, progress=self.progress, **options)
-        self._finite("decoder UNet", x)
-        images = self._finite("MoVQ decoder", self.module("movq").decode(x.to(dtype)).float())
-        if settings.crop:
-            images = images[..., :settings.height, :settings.width]  # the original keeps the top-left corner
-        output = to_output(images, settings.output_type)
-        if settings.output_type == "pil" and record is not None:
-            prompts, seeds = record["prompts"], record["seeds"]
-            for row, image in enumerate(output):
-                prompt = row // per_prompt
-                negative = call.negatives[prompt] if call.negatives else None
-                image.info.update(png_text(prompts[prompt], seeds[row % len(seeds)], row, record["settings"], negative))
-        return output
+        return self._output(call, self._sample_latents(call, denoise, start, generator), record)
 
     def _record(self, call: TaskCall, generator, *, prior: bool = True, prompts: Sequence[str] | None = None,
                 **inputs) -> dict:

@@ -30,39 +30,22 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 
 from kandinsky import schedulers
 from kandinsky.components import Components
 from kandinsky.images import images_to_tensor
-from kandinsky.pipeline.common import (DecoderStart, DecoderSteps, TaskCall, guided_denoiser, match_batch,
+from kandinsky.pipeline.common import (DecoderStart, TaskCall, guided_denoiser, match_batch,
                                        scheduler_sampling)
 from kandinsky.pipeline.k21 import Kandinsky21
-from kandinsky.settings import Img2ImgSettings, Text2ImgSettings
+from kandinsky.settings import ControlNetImg2ImgSettings, ControlNetSettings, Img2ImgSettings
 
 MODEL = "2.2"  # what the store's ``source`` records (the PNG metadata's ``weights.model``)
 
 
-@dataclass(frozen=True)
-class ControlNetSettings(Text2ImgSettings):
-    """:meth:`Kandinsky22.controlnet`: text2img's settings (the hint is an input, not a setting)."""
-
-    task: ClassVar[str] = "controlnet"
-
-
-@dataclass(frozen=True)
-class ControlNetImg2ImgSettings(Img2ImgSettings):
-    """:meth:`Kandinsky22.controlnet_img2img`: img2img's settings (diffusers' defaults: strength 0.3, guidance 4)."""
-
-    task: ClassVar[str] = "controlnet_img2img"
-    guidance_scale: float = 4.0
-
-
-class Kandinsky22(DecoderSteps, Kandinsky21):
+class Kandinsky22(Kandinsky21):
     """The Kandinsky 2.2 pipeline: prior (CLIP text -> CLIP image embedding) + decoder (UNet + MoVQ).
 
     Build it with :meth:`from_config` (seeded random weights, e.g. the tiny pipeline), :meth:`from_diffusers`
