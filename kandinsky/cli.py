@@ -4,6 +4,8 @@
     kandinsky img2img "a frog" --image cat.png --strength 0.3 -o frog.png
     kandinsky inpaint "a hat" --image cat.png --mask mask.png -o hat.png
     kandinsky mix "a cat" starry_night.png --ratios 0.3 0.7 -o mix.png --grid mix-grid.png
+    kandinsky controlnet "a robot" --hint depth.png --weights k22/ -o robot.png        (Kandinsky 2.2)
+    kandinsky controlnet "a robot" --depth-from room.jpg --image room.jpg --strength 0.5 --weights k22/
     kandinsky convert movq movq_final.ckpt weights/movq
     kandinsky convert pipeline kandinsky-community/kandinsky-2-1 k21-original --to original
     kandinsky export unet --format onnx --output unet.onnx --weights weights/
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import sys
 from pathlib import Path
@@ -43,6 +46,9 @@ MAX_IMAGE_SIDE = 4096
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
 DEFAULT_WEIGHTS = "kandinsky-community/kandinsky-2-1"  # = kandinsky.hub.DEFAULT_SOURCE, without importing
 # transformers (2+ s) just to print --help
+MODELS = ("2.1", "2.2")  # = kandinsky.settings.MODELS
+DEFAULT_DEPTH_MODEL = "Intel/dpt-hybrid-midas"  # diffusers' example for kandinsky-2-2-controlnet-depth
+TINY = re.compile(r"^tiny(?::(\d+))?$")  # = kandinsky.hub.TINY
 
 
 class CommandError(Exception):
@@ -71,20 +77,28 @@ def _seed(text: str) -> int:
     return value
 
 
-def _common(parser: argparse.ArgumentParser, steps: int, guidance: float) -> None:
+def _common(parser: argparse.ArgumentParser, steps: int, guidance: float | None,
+            guidance_help: str | None = None) -> None:
     parser.add_argument("-o", "--output", default="out.png",
                         help="output PNG (default: out.png); several images are written as NAME-0.png, NAME-1.png, ...")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    sampling = _model_options(parser, steps, guidance)
+    sampling = _model_options(parser, steps, guidance, guidance_help=guidance_help, model=True)
     sampling.add_argument("--seed", type=_seed, default=None, help="random seed (default: a random one, printed)")
     sampling.add_argument("--num-images", type=int, default=1, help="images per prompt (default: 1)")
 
 
-def _model_options(parser: argparse.ArgumentParser, steps: int, guidance: float | None):
-    """The weights, device and sampling options of every generating command; returns the sampling group."""
+def _model_options(parser: argparse.ArgumentParser, steps: int, guidance: float | None, *,
+                   guidance_help: str | None = None, model: bool = False):
+    """The weights, device and sampling options of every generating command; returns the sampling group.
+    ``model``: with ``--model 2.1|2.2``."""
     weights = parser.add_argument_group("weights and device")
     weights.add_argument("--weights", default=DEFAULT_WEIGHTS,
                          help=f"hub repository (diffusers or original layout) or local folder (default: {DEFAULT_WEIGHTS})")
+    if model:
+        weights.add_argument("--model", default=None, choices=MODELS,
+                             help="the Kandinsky version of --weights (default: detected: 2.2 for a folder of 2.2 "
+                                  "UNets or a hub repository named *2-2*, else 2.1; tiny[:SEED] is 2.1 unless "
+                                  "--model 2.2; --from-png: the image's)")
     weights.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) to pin")
     weights.add_argument("--cache-dir", default=None, help="converted-weights cache (default: $KANDINSKY21_CACHE "
                                                             "or ~/.cache/kandinsky21)")
@@ -97,7 +111,7 @@ def _model_options(parser: argparse.ArgumentParser, steps: int, guidance: float 
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--steps", type=int, default=steps, help=f"decoder steps (default: {steps})")
     sampling.add_argument("--guidance", type=float, default=guidance, help="decoder guidance scale (default: "
-                          f"{guidance if guidance is not None else '7 for img2img, else 4'})")
+                          f"{guidance if guidance is not None else guidance_help or '7 for img2img, else 4'})")
     sampling.add_argument("--prior-steps", type=int, default=25, help="prior steps (default: 25)")
     sampling.add_argument("--prior-guidance", type=float, default=4.0, help="prior guidance scale (default: 4.0)")
     for side in ("height", "width"):
@@ -134,8 +148,8 @@ def _lora_option(parser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from kandinsky import __version__
 
-    parser = _Parser(prog=PROG, description="Kandinsky 2.1 text-to-image, image-to-image, "
-                     "inpainting and mixing (a PyTorch reimplementation).")
+    parser = _Parser(prog=PROG, description="Kandinsky 2.1 and 2.2 text-to-image, image-to-image, "
+                     "inpainting, mixing and (2.2) ControlNet (a PyTorch reimplementation).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     generate = commands.add_parser("generate", help="text to image")
@@ -148,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     img2img.add_argument("prompt")
     img2img.add_argument("--image", required=True, help="input image")
     img2img.add_argument("--strength", type=float, default=0.3, help="how much to change, in (0, 1] (default: 0.3)")
-    _common(img2img, steps=100, guidance=7.0)
+    _common(img2img, steps=100, guidance=None, guidance_help="7 with 2.1 weights, 4 with 2.2 weights")
     inpaint = commands.add_parser("inpaint", help="repaint the masked part of an image")
     inpaint.add_argument("prompt")
     inpaint.add_argument("--image", required=True, help="input image")
@@ -163,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="one weight per item (default: equal weights summing to 1)")
     mix.add_argument("--grid", default=None, help="also write a PNG grid: the inputs, then the result")
     _common(mix, steps=100, guidance=4.0)
+    _controlnet_parser(commands)
     info = commands.add_parser("info", help="how a PNG of ours was made: prompt, seed, settings, weights, adapters")
     info.add_argument("image", help="a PNG written by kandinsky (generate, batch, the Python API or the web UI)")
     info.add_argument("--json", action="store_true", help="print the metadata as one JSON object")
@@ -174,6 +189,26 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, _, description) in DELEGATED.items():
         commands.add_parser(name, help=description, add_help=False)
     return parser
+
+
+def _controlnet_parser(commands) -> None:
+    controlnet = commands.add_parser(
+        "controlnet", help="text to image following a depth map (Kandinsky 2.2)",
+        description="Kandinsky 2.2's ControlNet: an image of the prompt that follows a depth map (--hint, or one "
+                    "estimated from --depth-from IMAGE); with --image, that image repainted (controlnet_img2img). "
+                    "Needs 2.2 weights (--model 2.2 for tiny).")
+    controlnet.add_argument("prompt")
+    hints = controlnet.add_mutually_exclusive_group(required=True)
+    hints.add_argument("--hint", default=None, metavar="DEPTH.png",
+                       help="the hint: a depth map (white = near), resized to the image size")
+    hints.add_argument("--depth-from", default=None, metavar="IMAGE",
+                       help="estimate the hint from IMAGE with --depth-model (transformers' depth-estimation)")
+    controlnet.add_argument("--depth-model", default=None, metavar="ID_OR_DIR",
+                            help=f"with --depth-from: a transformers depth model (default: {DEFAULT_DEPTH_MODEL})")
+    controlnet.add_argument("--image", default=None, help="start from this image (controlnet_img2img)")
+    controlnet.add_argument("--strength", type=float, default=None,
+                            help="with --image: how much to change, in (0, 1] (default: 0.3)")
+    _common(controlnet, steps=100, guidance=4.0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,6 +286,8 @@ def _apply_png(args, explicit: set[str]) -> None:
     weights = settings.get("weights") or {}
     values.update(weights=weights.get("source"), revision=weights.get("revision"),
                   lora=[(a["path"], a["scale"]) for a in settings.get("adapters", [])])
+    if "weights" not in explicit or TINY.match(str(args.weights)):  # other weights explicitly: their own model
+        values["model"] = weights.get("model")
     for option, value in values.items():
         if option not in explicit and value is not None and not (option == "prompt" and args.prompt is not None):
             setattr(args, option, value)
@@ -703,20 +740,74 @@ def _mix_item(item: str):
     return item
 
 
+def detect_model(weights: str | os.PathLike) -> str:
+    """The Kandinsky version ("2.1" or "2.2") of a ``--weights`` value, without loading anything: ``tiny[:SEED]``
+    is 2.1; a local folder is 2.2 when a UNet's ``config.json`` has a ``conditioning`` other than ``"text_image"``
+    (ours, at the top or under ``config``) or diffusers' image ``addition_embed_type``; a hub repository is 2.2
+    when its name has ``2-2`` (``kandinsky-community/kandinsky-2-2-decoder``); anything else 2.1."""
+    text = str(weights)
+    if TINY.match(text):
+        return "2.1"
+    folder = Path(text).expanduser()
+    if folder.is_dir():
+        for name in ("unet", "unet_inpaint", "unet_controlnet", "decoder/unet"):
+            try:
+                config = json.loads((folder / name / "config.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if not isinstance(config, dict):
+                continue
+            inner = config.get("config") if isinstance(config.get("config"), dict) else {}
+            conditioning = config.get("conditioning", inner.get("conditioning"))
+            if conditioning is not None:
+                return "2.1" if conditioning == "text_image" else "2.2"
+            if config.get("addition_embed_type") in ("image", "image_hint"):  # diffusers' 2.2 UNets
+                return "2.2"
+        return "2.1"
+    return "2.2" if "2-2" in text else "2.1"
+
+
+def _model(args) -> str:
+    """The Kandinsky version the command runs (``--model``, else :func:`detect_model` of ``--weights``)."""
+    if getattr(args, "model", None) not in MODELS:
+        args.model = detect_model(args.weights)
+    return args.model
+
+
 def _pipeline(args):
     import torch
 
-    from kandinsky.pipeline import Kandinsky21
+    from kandinsky.pipeline import Kandinsky21, Kandinsky22
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype
     if dtype == "auto":
         dtype = "float16" if torch.device(device).type == "cuda" else "float32"
-    pipe = Kandinsky21.from_pretrained(args.weights, device=device, dtype=getattr(torch, dtype),
-                                       revision=args.revision, cache_dir=args.cache_dir,
-                                       offload="sequential" if args.offload else None, progress=not args.no_progress)
+    options = dict(device=device, dtype=getattr(torch, dtype), offload="sequential" if args.offload else None,
+                   progress=not args.no_progress)
+    if _model(args) == "2.2":
+        extra = {} if TINY.match(str(args.weights)) else dict(revision=args.revision, cache_dir=args.cache_dir)
+        try:
+            pipe = Kandinsky22.from_pretrained(args.weights, **options, **extra)
+        except NotImplementedError as error:
+            raise CommandError(f"--weights: {error}") from None
+    else:
+        pipe = Kandinsky21.from_pretrained(args.weights, revision=args.revision, cache_dir=args.cache_dir, **options)
     _load_adapters(pipe.components, args.lora)
     return pipe
+
+
+def _depth_hint(image, model: str | None, device: str | None):
+    """``--depth-from``: the depth map of ``image`` (PIL) by a transformers depth-estimation model (diffusers'
+    kandinsky-2-2-controlnet-depth example: ``pipeline("depth-estimation")``'s ``depth`` as an RGB hint)."""
+    from transformers import pipeline
+
+    model = model or DEFAULT_DEPTH_MODEL
+    try:
+        estimator = pipeline("depth-estimation", model=model, device=device)
+    except (OSError, ValueError, KeyError) as error:
+        raise CommandError(f"--depth-model: cannot load {model!r}: {_message(error)}") from None
+    return estimator(image)["depth"].convert("RGB")
 
 
 def _check_adapters(adapters: list[tuple[str, float]]) -> None:
@@ -748,20 +839,41 @@ FLAGS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "prio
 def task_settings(args):
     """The command's settings (:mod:`kandinsky.settings`), validated by the same code as the Python API: a bad
     value is a :class:`UsageError` naming the flag."""
-    from kandinsky.settings import TASK_SETTINGS
+    from kandinsky.settings import TASK_SETTINGS, default_guidance
 
-    task = {"generate": "text2img"}.get(args.command, args.command)
-    values = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height, width=args.width,
+    task = _task(args)
+    guidance = args.guidance if args.guidance is not None else default_guidance(task, _model(args))
+    values = dict(num_inference_steps=args.steps, guidance_scale=guidance, height=args.height, width=args.width,
                   num_images_per_prompt=args.num_images, sampler=args.sampler, crop=args.crop,
                   prior_num_inference_steps=args.prior_steps, prior_guidance_scale=args.prior_guidance)
-    if task == "img2img":
-        values["strength"] = args.strength
+    if task in ("img2img", "controlnet_img2img"):
+        values["strength"] = args.strength if args.strength is not None else 0.3
     if task == "inpaint":
         values["mask_convention"] = "legacy" if args.legacy_mask else "repaint"
     try:
         return TASK_SETTINGS[task](**values)
     except ValueError as error:
         raise UsageError(_flag_message(str(error))) from None
+
+
+def _task(args) -> str:
+    """The pipeline task of the command (``controlnet`` with ``--image``: ``controlnet_img2img``)."""
+    if args.command == "controlnet":
+        return "controlnet_img2img" if args.image is not None else "controlnet"
+    return {"generate": "text2img"}.get(args.command, args.command)
+
+
+def _check_model(args) -> None:
+    """Argument errors of the model choice, before any model work: ControlNet needs 2.2 weights."""
+    model = _model(args)
+    if args.command == "controlnet":
+        if model != "2.2":
+            raise UsageError(f"controlnet: needs Kandinsky 2.2 weights; {args.weights} are 2.1 "
+                             "(--model 2.2 if they are 2.2, e.g. with tiny)")
+        if args.image is None and args.strength is not None:
+            raise UsageError("--strength: only with --image (controlnet_img2img)")
+        if args.depth_model is not None and args.depth_from is None:
+            raise UsageError("--depth-model: only with --depth-from IMAGE")
 
 
 def _flag_message(message: str) -> str:
@@ -775,6 +887,7 @@ def _run(args, parser: argparse.ArgumentParser) -> int:
 
     from kandinsky.png import save_png
 
+    _check_model(args)
     settings = task_settings(args)  # every argument error before any model work and before a seed is printed
     if args.command == "mix" and args.ratios is not None and len(args.ratios) != len(args.items):
         parser.error(f"--ratios: expected one weight per item ({len(args.items)}), got {len(args.ratios)}")
@@ -784,8 +897,11 @@ def _run(args, parser: argparse.ArgumentParser) -> int:
     _check_free(outputs + ([grid] if grid else []), args.overwrite)
 
     # inputs are read before the (slow) model loading, so that a wrong path fails at once
-    image = _open_image(args.image, "--image") if args.command in ("img2img", "inpaint") else None
+    image = _open_image(args.image, "--image") if getattr(args, "image", None) is not None else None
     mask = _open_image(args.mask, "--mask", "L") if args.command == "inpaint" else None
+    if args.command == "controlnet":
+        hint = _open_image(args.hint, "--hint") if args.hint is not None else None
+        depth_source = _open_image(args.depth_from, "--depth-from") if args.depth_from is not None else None
     if args.command == "mix":
         items = [_mix_item(item) for item in args.items]
         ratios = args.ratios or [1.0 / len(items)] * len(items)
@@ -795,6 +911,8 @@ def _run(args, parser: argparse.ArgumentParser) -> int:
         print(f"seed: {seed}", file=sys.stderr)
     generator = torch.Generator().manual_seed(seed)
 
+    if args.command == "controlnet" and hint is None:
+        hint = _depth_hint(depth_source, args.depth_model, args.device)
     pipe = _pipeline(args)
     common = dict(generator=generator, **settings.kwargs())
     if args.command == "generate":
@@ -803,6 +921,10 @@ def _run(args, parser: argparse.ArgumentParser) -> int:
         images = pipe.img2img(args.prompt, image, negative_prompt=args.negative_prompt, **common)
     elif args.command == "inpaint":
         images = pipe.inpaint(args.prompt, image, mask, args.negative_prompt, **common)
+    elif args.command == "controlnet" and image is None:
+        images = pipe.controlnet(args.prompt, hint, args.negative_prompt, **common)
+    elif args.command == "controlnet":
+        images = pipe.controlnet_img2img(args.prompt, image, hint, negative_prompt=args.negative_prompt, **common)
     else:
         images = pipe.mix(items, ratios, negative_prompt=args.negative_prompt or "", **common)
 

@@ -185,20 +185,26 @@ def components(seed: int = 0) -> dict:
     seed derived from ``seed``, by constructor argument name. Random weights are scaled where they would
     saturate the images: the UNet's noise prediction (x 0.1: DDIM latents stay near unit scale) and the
     MoVQ's output (x 0.05: random decoders give |x| ~ 50, which clips every pixel)."""
-    prior = randomize_(Prior(PRIOR), seed + 3).eval()
-    prior.clip_std.copy_(0.5 + torch.rand(PRIOR.clip_dim, generator=torch.Generator().manual_seed(seed + 3)))
+    tokenizer = clip_tokenizer()
+    return dict(clip_tokenizer=tokenizer, clip_text=clip_text_model(seed + 1, vocab_size=len(tokenizer)),
+                clip_vision=clip_vision_model(seed + 2), mclip_tokenizer=xlmr_tokenizer(), mclip=mclip(seed + 4),
+                **_diffusion_models(seed, PRIOR, {"unet": UNET, "unet_inpaint": UNET_INPAINT}))
+
+
+def _diffusion_models(seed: int, prior_config: PriorConfig, unet_configs: dict) -> dict:
+    """The prior, the UNets (by name) and the MoVQ of the tiny pipelines, each from its own seed derived from
+    ``seed``, scaled as :func:`components` says."""
+    prior = randomize_(Prior(prior_config), seed + 3).eval()
+    prior.clip_std.copy_(0.5 + torch.rand(prior_config.clip_dim, generator=torch.Generator().manual_seed(seed + 3)))
     unets = {}
-    for offset, (name, config) in enumerate((("unet", UNET), ("unet_inpaint", UNET_INPAINT))):
+    for offset, (name, config) in enumerate(unet_configs.items()):
         unet = randomize_(UNet(config), seed + 6 + offset).eval()
         unet.conv_out.weight.mul_(0.1)
         unet.conv_out.bias.mul_(0.1)
         unets[name] = unet
     movq = randomize_(MoVQ(MOVQ), seed + 5).eval()
     movq.decoder.conv_out.weight.mul_(0.05)
-    tokenizer = clip_tokenizer()
-    return dict(clip_tokenizer=tokenizer, clip_text=clip_text_model(seed + 1, vocab_size=len(tokenizer)),
-                clip_vision=clip_vision_model(seed + 2), prior=prior, mclip_tokenizer=xlmr_tokenizer(),
-                mclip=mclip(seed + 4), movq=movq, **unets)
+    return dict(prior=prior, movq=movq, **unets)
 
 
 @torch.no_grad()
@@ -206,18 +212,9 @@ def components_22(seed: int = 0) -> dict:
     """Every component of :class:`~kandinsky.pipeline.Kandinsky22` at the tiny 2.2 configs (:data:`CONFIGS_22`),
     by constructor argument name of :class:`~kandinsky.components.Components`, each from its own seed derived
     from ``seed``, scaled as :func:`components` scales them. No M-CLIP: the 2.2 decoder reads no text."""
-    prior = randomize_(Prior(PRIOR_22), seed + 3).eval()
-    prior.clip_std.copy_(0.5 + torch.rand(PRIOR_22.clip_dim, generator=torch.Generator().manual_seed(seed + 3)))
-    unets = {}
-    for offset, name in enumerate(("unet", "unet_inpaint", "unet_controlnet")):
-        unet = randomize_(UNet(CONFIGS_22[name]), seed + 6 + offset).eval()
-        unet.conv_out.weight.mul_(0.1)
-        unet.conv_out.bias.mul_(0.1)
-        unets[name] = unet
-    movq = randomize_(MoVQ(MOVQ), seed + 5).eval()
-    movq.decoder.conv_out.weight.mul_(0.05)
     tokenizer = clip_tokenizer()
     return dict(clip_tokenizer=tokenizer,
                 clip_text=clip_text_model(seed + 1, vocab_size=len(tokenizer), projection_dim=WIDTH_22, width=WIDTH_22),
                 clip_vision=clip_vision_model(seed + 2, projection_dim=WIDTH_22, width=WIDTH_22),
-                prior=prior, movq=movq, **unets)
+                **_diffusion_models(seed, PRIOR_22, {name: CONFIGS_22[name]
+                                                     for name in ("unet", "unet_inpaint", "unet_controlnet")}))
