@@ -647,6 +647,9 @@ def _ui_parser(commands) -> None:
                     help=f"hub repository, local folder or tiny[:SEED] (default: {DEFAULT_WEIGHTS})")
     ui.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     ui.add_argument("--dtype", default="auto", choices=DTYPES, help="weight dtype (default auto: float16 on CUDA)")
+    ui.add_argument("--model", default=None, choices=MODELS,
+                    help="the Kandinsky version of --weights (default: detected; tiny is 2.1 unless --model 2.2); "
+                         "2.2 adds a ControlNet tab")
     _lora_option(ui)
     ui.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     ui.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
@@ -662,8 +665,9 @@ def _ui(args) -> int:
         from kandinsky.ui.app import launch  # imports gradio
     except ImportError as error:
         raise CommandError(f"kandinsky ui needs gradio ({error}): pip install 'kandinsky21[ui]'") from None
+    options = {} if args.model is None else {"model": args.model}
     launch(args.weights, adapters=args.lora, host=args.host, port=args.port, share=args.share, device=args.device,
-           dtype=args.dtype, output_dir=args.output_dir)
+           dtype=args.dtype, output_dir=args.output_dir, **options)
     return 0
 
 

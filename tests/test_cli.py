@@ -594,3 +594,151 @@ def test_file_system_errors_name_the_file_in_one_line(tmp_path, capsys, monkeypa
                           *TINY_FAST)
     line = _one_error_line(stderr)
     assert code == 1 and line == f"kandinsky: error: {tmp_path / 'out.png'}: Is a directory" and "Errno" not in line
+
+
+# ------------------------------------------------------------------------------------------- Kandinsky 2.2
+
+
+TINY22 = ["--weights", "tiny", "--model", "2.2", *TINY_FAST]
+
+
+def _tiny_dpt(folder: Path) -> Path:
+    """A DPT depth model of random weights (a few kB) and its image processor, saved as transformers does."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    torch.manual_seed(0)
+    config = DPTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                       intermediate_size=37, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 8, 16, 16],
+                       fusion_hidden_size=16, reassemble_factors=[4, 2, 1, 0.5], is_hybrid=False, head_in_index=-1)
+    DPTForDepthEstimation(config).eval().save_pretrained(folder)
+    DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False).save_pretrained(folder)
+    return folder
+
+
+def test_tiny_22_runs_every_task_from_the_command_line_as_the_api_does(tmp_path, capsys):
+    """generate, img2img, inpaint, mix, controlnet (--hint, --hint --image, --depth-from) with --model 2.2 give
+    the pixels of Kandinsky22.from_config("tiny", seed=0) for the same seed; the PNGs record model 2.2."""
+    from transformers import pipeline as transformers_pipeline
+
+    from kandinsky.images import load_image
+    from kandinsky.pipeline import Kandinsky22
+
+    random_image(1, 64).save(tmp_path / "in.png")
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[:32] = 255
+    Image.fromarray(mask, "L").save(tmp_path / "mask.png")
+    random_image(2, 64).save(tmp_path / "hint.png")
+    dpt = _tiny_dpt(tmp_path / "dpt")
+    image, mask_image = load_image(tmp_path / "in.png", "RGB"), load_image(tmp_path / "mask.png", "L")
+    hint = load_image(tmp_path / "hint.png", "RGB")
+    depth = transformers_pipeline("depth-estimation", model=str(dpt))(image)["depth"].convert("RGB")
+
+    pipe = Kandinsky22.from_config("tiny", seed=0, progress=False)
+    size = dict(height=64, width=64, num_inference_steps=2, prior_num_inference_steps=2)
+    cases = {
+        "generate": (["generate", "a cat"], lambda: pipe.text2img("a cat", generator=seed(3), **size)),
+        "img2img": (["img2img", "a dog", "--image", tmp_path / "in.png"],
+                    lambda: pipe.img2img("a dog", image, generator=seed(3), **size)),
+        "inpaint": (["inpaint", "a hat", "--image", tmp_path / "in.png", "--mask", tmp_path / "mask.png"],
+                    lambda: pipe.inpaint("a hat", image, mask_image, generator=seed(3), **size)),
+        "mix": (["mix", "a cat", tmp_path / "in.png", "--ratios", "0.3", "0.7"],
+                lambda: pipe.mix(["a cat", image], [0.3, 0.7], negative_prompt="", generator=seed(3), **size)),
+        "controlnet": (["controlnet", "a robot", "--hint", tmp_path / "hint.png"],
+                       lambda: pipe.controlnet("a robot", hint, generator=seed(3), **size)),
+        "controlnet_img2img": (["controlnet", "a robot", "--hint", tmp_path / "hint.png", "--image",
+                                tmp_path / "in.png", "--strength", "0.5"],
+                               lambda: pipe.controlnet_img2img("a robot", image, hint, 0.5, generator=seed(3), **size)),
+        "depth": (["controlnet", "a robot", "--depth-from", tmp_path / "in.png", "--depth-model", dpt],
+                  lambda: pipe.controlnet("a robot", depth, generator=seed(3), **size)),
+    }
+    for name, (argv, api) in cases.items():
+        out = tmp_path / f"{name}.png"
+        code, stdout, stderr = run(capsys, *argv, *TINY22, "--seed", "3", "-o", out)
+        assert code == 0 and stdout.strip() == str(out), (name, stderr)
+        assert np.array_equal(_pixels(out), np.asarray(api()[0])), name
+        settings = read_png_metadata(out)["settings"]
+        assert settings["weights"] == {"source": "tiny:0", "model": "2.2"}, name
+        assert settings["task"] == {"generate": "text2img", "depth": "controlnet"}.get(name, name)
+    # 2.2's img2img guides at 4 by default (diffusers' KandinskyV22Img2ImgPipeline), 2.1's at 7
+    assert read_png_metadata(tmp_path / "img2img.png")["settings"]["guidance_scale"] == 4.0
+    code, _, stderr = run(capsys, "img2img", "a dog", "--image", tmp_path / "in.png", "--weights", "tiny",
+                          *TINY_FAST, "--seed", "3", "-o", tmp_path / "k21.png")
+    assert code == 0, stderr
+    settings = read_png_metadata(tmp_path / "k21.png")["settings"]
+    assert settings["guidance_scale"] == 7.0 and settings["weights"] == {"source": "tiny:0"}
+
+
+def test_from_png_of_a_22_image_regenerates_its_pixels(tmp_path, capsys):
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    assert run(capsys, "generate", "a cat", *TINY22, "--seed", "7", "-o", first)[0] == 0
+    code, _, stderr = run(capsys, "generate", "--from-png", first, "-o", second, "--no-progress")
+    assert code == 0, stderr
+    assert np.array_equal(_pixels(first), _pixels(second))
+    assert read_png_metadata(second)["settings"]["weights"] == {"source": "tiny:0", "model": "2.2"}
+    # an explicit --model overrides the image's
+    code, _, stderr = run(capsys, "generate", "--from-png", first, "-o", tmp_path / "c.png", "--model", "2.1",
+                          "--no-progress")
+    assert code == 0 and read_png_metadata(tmp_path / "c.png")["settings"]["weights"] == {"source": "tiny:0"}
+
+
+def test_the_model_is_detected_from_the_weights(tmp_path, capsys):
+    from kandinsky import tiny
+    from kandinsky.cli import detect_model
+    from kandinsky.components import Components
+    from kandinsky.pipeline import Kandinsky22
+
+    assert detect_model("tiny") == detect_model("tiny:3") == "2.1"
+    assert detect_model("kandinsky-community/kandinsky-2-2-decoder") == "2.2"
+    assert detect_model("kandinsky-community/kandinsky-2-1") == "2.1"
+    assert detect_model(tmp_path) == "2.1"  # a folder without UNet configs
+    parts = tiny.components_22(0)
+    del parts["unet_controlnet"]  # our weight files do not hold it yet
+    folder = tmp_path / "k22"
+    Kandinsky22(Components(**parts), progress=False).save_pretrained(folder)
+    assert detect_model(folder) == "2.2"
+    (tmp_path / "diffusers" / "unet").mkdir(parents=True)
+    (tmp_path / "diffusers" / "unet" / "config.json").write_text('{"addition_embed_type": "image"}')
+    assert detect_model(tmp_path / "diffusers") == "2.2"
+    out = tmp_path / "a.png"
+    code, _, stderr = run(capsys, "generate", "a cat", "--weights", folder, *TINY_FAST, "--seed", "0", "-o", out)
+    assert code == 0, stderr
+    assert read_png_metadata(out)["settings"]["weights"]["model"] == "2.2"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["controlnet", "a robot", "--hint", "x.png", "--weights", "tiny"], "needs Kandinsky 2.2 weights"),
+    (["controlnet", "a robot", "--hint", "x.png", "--weights", "tiny", "--model", "2.1"], "needs Kandinsky 2.2"),
+    (["controlnet", "a robot", "--weights", "tiny", "--model", "2.2"], "one of the arguments --hint --depth-from"),
+    (["controlnet", "a robot", "--hint", "x.png", "--depth-from", "y.png", "--model", "2.2"], "not allowed with"),
+    (["controlnet", "a robot", "--hint", "x.png", "--strength", "0.5", "--weights", "tiny", "--model", "2.2"],
+     "--strength: only with --image"),
+    (["controlnet", "a robot", "--hint", "x.png", "--depth-model", "d", "--weights", "tiny", "--model", "2.2"],
+     "--depth-model: only with --depth-from"),
+    (["controlnet", "a robot", "--hint", "x.png", "--image", "x.png", "--strength", "2", "--weights", "tiny",
+      "--model", "2.2"], "--strength: expected a number in (0, 1]"),
+    (["generate", "a cat", "--weights", "tiny", "--model", "3"], "--model: invalid choice"),
+    (["img2img", "a cat", "--image", "x.png", "--weights", "tiny", "--model", "2.2", "--guidance", "-1"],
+     "--guidance"),
+])
+def test_22_argument_errors_are_one_line_before_any_model_work(tmp_path, capsys, monkeypatch, argv, needle):
+    import kandinsky.cli as cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "_pipeline", lambda args: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(cli, "_depth_hint", lambda *args: pytest.fail("a depth model was loaded"))
+    try:
+        code = main([str(a) for a in (*argv, "-o", tmp_path / "out.png")])
+    except SystemExit as done:  # argparse's own errors
+        code = done.code
+    stdout, stderr = capsys.readouterr()
+    assert code == 2 and needle in _one_error_line(stderr) and not stdout
+
+
+def test_controlnet_help_without_torch():
+    script = ("import sys\nfrom kandinsky.cli import main\n"
+              "for argv in (['controlnet', '--help'], ['img2img', '--help']):\n"
+              "    try:\n        main(argv)\n    except SystemExit as done:\n        assert done.code == 0, argv\n"
+              "print(sorted(m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("[]") and "--depth-from" in done.stdout and "--model" in done.stdout

@@ -419,3 +419,86 @@ def test_the_metadata_reads_back_with_kandinsky_info(studio, capsys):
     result = studio.generate("text2img", prompt="a cat", seed=9, **FAST)
     assert main(["info", str(result.paths[0]), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["seed"] == 9
+
+
+# ---- Kandinsky 2.2: the ControlNet tab -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipe22():
+    from kandinsky.pipeline import Kandinsky22
+
+    return Kandinsky22.from_config("tiny", seed=0, progress=False)
+
+
+def test_the_controlnet_tasks_are_22s_with_the_same_settings_classes():
+    from kandinsky.settings import ControlNetImg2ImgSettings, ControlNetSettings
+
+    assert task_settings("controlnet", model="2.2", **FAST) == cli_task_settings(type("Args", (), dict(
+        command="controlnet", image=None, steps=2, guidance=None, height=SIZE, width=SIZE, num_images=1,
+        sampler="ddim", crop=False, prior_steps=2, prior_guidance=4.0, model="2.2", weights="tiny"))())
+    assert isinstance(task_settings("controlnet", model="2.2"), ControlNetSettings)
+    assert task_settings("controlnet_img2img", model="2.2", strength=0.5) == ControlNetImg2ImgSettings(strength=0.5)
+    assert task_settings("img2img", model="2.2").guidance_scale == 4.0  # 2.2's img2img default (2.1: 7)
+    with pytest.raises(ValueError, match="task: expected one of"):
+        task_settings("controlnet", model="2.1")
+
+
+def test_the_controlnet_handler_gives_the_pipelines_images(pipe22, tmp_path):
+    studio = Studio(pipe22, output_dir=tmp_path / "out")
+    assert studio.model == "2.2" and available_tasks(pipe22)[-2:] == ["controlnet", "controlnet_img2img"]
+    hint, image = random_picture(1), random_picture(2)
+    result = studio.generate("controlnet", prompt="a robot", hint=hint, seed=5, **FAST)
+    expected = direct(pipe22.controlnet, "a robot", hint, seed=5)
+    assert np.array_equal(pixels(result.paths[0]), pixels(expected[0]))
+    settings = read_png_metadata(result.paths[0])["settings"]
+    assert settings["task"] == "controlnet" and settings["weights"]["model"] == "2.2"
+    result = studio.generate("controlnet_img2img", prompt="a robot", hint=hint, image=image, strength=0.5, seed=5,
+                             **FAST)
+    expected = direct(pipe22.controlnet_img2img, "a robot", image, hint, 0.5, seed=5)
+    assert np.array_equal(pixels(result.paths[0]), pixels(expected[0]))
+    assert read_png_metadata(result.paths[0])["settings"]["guidance_scale"] == 4.0
+    with pytest.raises(ValueError, match="^Hint: expected a hint image"):
+        studio.generate("controlnet", prompt="a robot", seed=5, **FAST)
+    with pytest.raises(ValueError, match="^Image: expected an input image"):
+        studio.generate("controlnet_img2img", prompt="a robot", hint=hint, seed=5, **FAST)
+
+
+def test_the_page_has_a_controlnet_tab_only_with_22_weights(pipe, pipe22, tmp_path):
+    pytest.importorskip("gradio")
+    from kandinsky.ui.app import _controlnet_inputs, build_app
+
+    demo = build_app(Studio(pipe22, output_dir=tmp_path / "a"))
+    info = demo.get_api_info()["named_endpoints"]
+    assert {"/text2img", "/img2img", "/inpaint", "/mix", "/controlnet"} <= set(info)
+    names = {p["parameter_name"] for p in info["/controlnet"]["parameters"]}
+    assert {"hint", "image", "strength", "prompt", "seed", "steps"} <= names
+    assert "/controlnet" not in build_app(Studio(pipe, output_dir=tmp_path / "b")).get_api_info()["named_endpoints"]
+
+    # the tab's handler: a start image makes it controlnet_img2img
+    import gradio as gr
+
+    studio = Studio(pipe22, output_dir=tmp_path / "c")
+
+    class Page:
+        def generate(self, task, request, progress, *, inputs, controls):
+            return studio.generate(task, **inputs, **controls)
+
+    with gr.Blocks():
+        _, handler = _controlnet_inputs(Page())
+    small = dict(seed=4, steps=2, prior_steps=2, width=SIZE, height=SIZE)
+    hint, image = random_picture(1), random_picture(2)
+    first = handler(None, hint=hint, prompt="a robot", **small)
+    second = handler(None, hint=hint, image=image, prompt="a robot", strength=0.4, **small)
+    assert read_png_metadata(first.paths[0])["settings"]["task"] == "controlnet"
+    assert read_png_metadata(second.paths[0])["settings"]["strength"] == 0.4
+
+
+def test_the_ui_command_takes_the_model(monkeypatch):
+    pytest.importorskip("gradio")
+    import kandinsky.ui.app as app
+
+    calls = []
+    monkeypatch.setattr(app, "launch", lambda *args, **kwargs: calls.append((args, kwargs)))
+    assert main(["ui", "--weights", "tiny", "--model", "2.2"]) == 0
+    assert calls[-1][1]["model"] == "2.2"

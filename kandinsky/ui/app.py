@@ -3,7 +3,10 @@
     kandinsky ui --weights tiny                      # http://127.0.0.1:7860, offline, noise images
     kandinsky ui --lora runs/cats:0.8 --port 8000
 
-Tabs: Text to image, Image to image, Inpaint (the mask painted on the image: painted = repaint), Mix, History.
+    kandinsky ui --weights tiny --model 2.2          # Kandinsky 2.2: one more tab, ControlNet
+
+Tabs: Text to image, Image to image, Inpaint (the mask painted on the image: painted = repaint), Mix, with 2.2
+weights ControlNet (a hint image, e.g. a depth map; with a start image: ControlNet image to image), History.
 Each task tab has its prompt, its settings and a Generate and a Stop button; its images are the PNG files the
 pipeline's metadata was written into (:func:`kandinsky.png.save_png`), served as they are, so that a downloaded
 image carries its prompt, seed and settings. Every generation goes through Gradio's queue, one at a time.
@@ -12,11 +15,12 @@ API (``gradio_client``): ``/text2img`` (``prompt``, ``negative_prompt``, ``seed`
 ``width``, ``height``, ``sampler``, ``prior_steps``, ``prior_guidance``, ``num_images``, ``adapters``) returns
 the image files; ``/img2img`` (+ ``image``, ``strength``), ``/inpaint`` (+ ``image``: the editor's
 ``{"background", "layers"}``; returns the images and the mask used) and ``/mix`` (``prompt1..4``,
-``image1..4``, ``weight1..4``) likewise.
+``image1..4``, ``weight1..4``) likewise; with 2.2 weights ``/controlnet`` (+ ``hint``, optional ``image`` and
+``strength``: with an image it runs ``controlnet_img2img``).
 
-A new task (ControlNet, once a Kandinsky 2.2 pipeline is served) is one more entry of :data:`TABS`: a function
-that builds its task inputs in the tab and returns them with its event handler (see :func:`_text2img_inputs`),
-with its settings and pipeline call in :mod:`kandinsky.ui.handlers`.
+A new task is one more entry of :data:`TABS`: a function that builds its task inputs in the tab and returns them
+with its event handler (see :func:`_text2img_inputs`), with its settings and pipeline call in
+:mod:`kandinsky.ui.handlers`.
 """
 
 from __future__ import annotations
@@ -30,10 +34,12 @@ import gradio as gr  # noqa: E402
 
 from kandinsky.ui.handlers import (MAX_IMAGES, MULTIPLE, SAMPLERS, Stopped, Studio, add_to_history,  # noqa: E402
                                    available_tasks, describe, format_adapters, size_note)
+from kandinsky.settings import default_guidance  # noqa: E402
 from kandinsky.validation import MAX_IMAGE_SIDE  # noqa: E402
 
 log = logging.getLogger("kandinsky.ui")
-TITLES = {"text2img": "Text to image", "img2img": "Image to image", "inpaint": "Inpaint", "mix": "Mix"}
+TITLES = {"text2img": "Text to image", "img2img": "Image to image", "inpaint": "Inpaint", "mix": "Mix",
+          "controlnet": "ControlNet"}
 MIX_SLOTS = 4
 CONCURRENCY = "generate"  # every generating event shares one queue slot: one job at a time
 
@@ -78,7 +84,7 @@ class _Page:
     def controls(self, task: str) -> dict:
         """The settings of a task tab: sampler, steps, guidance, the prior's, size, seed, images, adapters."""
         d = self.defaults
-        guidance = 7.0 if task == "img2img" else 4.0
+        guidance = default_guidance(task, self.studio.model)  # 2.1's img2img: 7, else 4
         with gr.Row():
             sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="Sampler", elem_id=f"{task}-sampler")
             steps = gr.Number(d["steps"], label="Steps", info="decoder steps", elem_id=f"{task}-steps")
@@ -334,15 +340,44 @@ def _mix_inputs(page: _Page):
     return inputs, mix
 
 
-TABS = {"text2img": _text2img_inputs, "img2img": _img2img_inputs, "inpaint": _inpaint_inputs, "mix": _mix_inputs}
+def _controlnet_inputs(page: _Page):
+    gr.Markdown("Kandinsky 2.2's ControlNet: an image of the prompt that follows the hint (a depth map: white = "
+                "near). With a start image, that image is repainted (ControlNet image to image).")
+    with gr.Row():
+        hint = gr.Image(label="Hint (depth map)", type="pil", image_mode="RGB", sources=["upload", "clipboard"],
+                        format="png", height=240, elem_id="controlnet-hint")
+        image = gr.Image(label="Start image (optional)", type="pil", image_mode="RGB",
+                         sources=["upload", "clipboard"], format="png", height=240, elem_id="controlnet-image")
+    inputs = {"hint": hint, "image": image, **_prompts("controlnet"),
+              "strength": gr.Slider(0.01, 1.0, 0.3, step=0.01, label="Strength",
+                                    info="with a start image: how much to change", elem_id="controlnet-strength")}
+
+    def controlnet(request: gr.Request, progress=gr.Progress(track_tqdm=True), *, hint, prompt: str, image=None,
+                   negative_prompt: str = "", strength=0.3, seed=-1, steps=100, guidance=4.0, width=512, height=512,
+                   sampler: str = "ddim", prior_steps=25, prior_guidance=4.0, num_images=1, adapters: str = ""):
+        task = "controlnet" if image is None else "controlnet_img2img"
+        controls = dict(steps=steps, guidance=guidance, width=width, height=height, sampler=sampler,
+                        prior_steps=prior_steps, prior_guidance=prior_guidance, num_images=num_images)
+        if image is not None:
+            controls["strength"] = strength
+        return page.generate(task, request, progress,
+                             inputs=dict(hint=hint, image=image, prompt=prompt, negative_prompt=negative_prompt,
+                                         seed=seed, adapters=adapters),
+                             controls=controls)
+
+    return inputs, controlnet
+
+
+TABS = {"text2img": _text2img_inputs, "img2img": _img2img_inputs, "inpaint": _inpaint_inputs, "mix": _mix_inputs,
+        "controlnet": _controlnet_inputs}
 
 
 def build_app(studio: Studio) -> gr.Blocks:
     """The page on ``studio``: a tab per task the pipeline runs, and the session's history."""
     page = _Page(studio)
     weights = (studio.pipe.components.source or {}).get("source", "?")
-    with gr.Blocks(title="Kandinsky 2.1", analytics_enabled=False) as demo:
-        gr.Markdown(f"## Kandinsky 2.1 · weights `{weights}`")
+    with gr.Blocks(title=f"Kandinsky {studio.model}", analytics_enabled=False) as demo:
+        gr.Markdown(f"## Kandinsky {studio.model} · weights `{weights}`")
         page.history = gr.State([])
         with gr.Tabs() as page.tabs:
             wiring = []
@@ -379,11 +414,13 @@ def build_app(studio: Studio) -> gr.Blocks:
 
 
 def launch(weights: str, *, adapters=(), host: str = "127.0.0.1", port: int = 7860, share: bool = False,
-           device: str | None = None, dtype: str = "auto", output_dir: str | None = None) -> None:
+           device: str | None = None, dtype: str = "auto", output_dir: str | None = None,
+           model: str | None = None) -> None:
     """Load the pipeline once, then serve the page on ``host:port`` until interrupted (a public gradio.live
-    link only with ``share``; a shared page takes only the adapters given here)."""
+    link only with ``share``; a shared page takes only the adapters given here). ``model``: "2.1" or "2.2"
+    (default: detected from ``weights``; 2.2 adds the ControlNet tab)."""
     studio = Studio.load(weights, device=device, dtype=dtype, adapters=adapters, output_dir=output_dir,
-                         adapter_paths=not share)
+                         adapter_paths=not share, model=model)
     demo = build_app(studio)
     demo.queue(default_concurrency_limit=1)
     print(f"images are written to {studio.output_dir}", flush=True)

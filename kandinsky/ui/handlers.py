@@ -10,9 +10,10 @@ wires to the page, and that the unit tests call directly.
   as those files, never re-encoded: a downloaded image says how it was made (``kandinsky info``).
 * :meth:`Studio.stop` ends a session's generation at its next decoder step (:class:`Stopped`).
 
-Adding a task (e.g. ControlNet once a Kandinsky 2.2 pipeline exists): a settings class in :data:`SETTINGS`, a
-branch in :meth:`Studio._call` and a tab in :mod:`kandinsky.ui.app` (its ``TABS``); :func:`available_tasks`
-offers a task only when the loaded pipeline has its method.
+Adding a task: a settings class in :data:`SETTINGS` (a Kandinsky 2.2 task: :data:`SETTINGS_22`), a branch in
+:meth:`Studio._call` and a tab in :mod:`kandinsky.ui.app` (its ``TABS``); :func:`available_tasks` offers a task
+only when the loaded pipeline has its method. With 2.2 weights (``kandinsky ui --model 2.2``) the ControlNet tab
+runs ``controlnet`` (a hint image) or, given a start image, ``controlnet_img2img``.
 """
 
 from __future__ import annotations
@@ -28,13 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kandinsky.png import read_png_metadata, save_png
-from kandinsky.settings import (DECODER_SAMPLERS, Img2ImgSettings, InpaintSettings, MixSettings, Text2ImgSettings,
-                                rounded_size)
+from kandinsky.settings import (DECODER_SAMPLERS, ControlNetImg2ImgSettings, ControlNetSettings, Img2ImgSettings,
+                                InpaintSettings, MixSettings, Text2ImgSettings, rounded_size)
 
 # task -> its settings (kandinsky.settings) and the pipeline method that runs it
 SETTINGS = {"text2img": Text2ImgSettings, "img2img": Img2ImgSettings, "inpaint": InpaintSettings,
             "mix": MixSettings}
-TASKS = tuple(SETTINGS)
+# and those of Kandinsky 2.2 weights: the same tasks, and ControlNet (one tab: a start image makes it img2img)
+SETTINGS_22 = {**SETTINGS, "controlnet": ControlNetSettings, "controlnet_img2img": ControlNetImg2ImgSettings}
+TASKS = tuple(SETTINGS_22)
 SAMPLERS = DECODER_SAMPLERS
 # the page's controls (= the API's parameter names) -> the settings' fields
 FIELDS = {"steps": "num_inference_steps", "guidance": "guidance_scale", "prior_steps": "prior_num_inference_steps",
@@ -45,7 +48,7 @@ LABELS = {"num_inference_steps": "Steps", "guidance_scale": "Guidance", "prior_n
           "prior_guidance_scale": "Prior guidance", "width": "Width", "height": "Height", "sampler": "Sampler",
           "num_images_per_prompt": "Images", "strength": "Strength", "prompt": "Prompt",
           "negative_prompt": "Negative prompt", "weights": "Weights", "images_and_prompts": "Mix",
-          "image": "Image", "mask_image": "Mask", "negative_prior_prompt": "Negative prompt"}
+          "image": "Image", "mask_image": "Mask", "negative_prior_prompt": "Negative prompt", "hint": "Hint"}
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
 RANDOM_SEEDS = 2**31  # a random seed (-1) is drawn below this, as the CLI does
 MAX_IMAGES = 16  # images per request: a server's bound, beyond the settings' own checks
@@ -70,12 +73,16 @@ def whole(value):
     return value
 
 
-def task_settings(task: str, **values):
+def task_settings(task: str, *, model: str = "2.1", **values):
     """The settings of ``task`` from the page's controls (``steps``, ``guidance``, ``prior_steps``,
     ``prior_guidance``, ``width``, ``height``, ``sampler``, ``num_images``, ``strength``), validated by
-    :mod:`kandinsky.settings` as the CLI's are: a bad value is a ``ValueError`` naming the control."""
-    if task not in SETTINGS:
-        raise ValueError(f"task: expected one of {list(SETTINGS)}, got {task!r}")
+    :mod:`kandinsky.settings` as the CLI's are: a bad value is a ``ValueError`` naming the control. ``model``
+    "2.2" also takes the ControlNet tasks, and its img2img guides at 4 when no guidance is given (2.1: 7)."""
+    from kandinsky.settings import default_guidance
+
+    tasks = SETTINGS_22 if model == "2.2" else SETTINGS
+    if task not in tasks:
+        raise ValueError(f"task: expected one of {list(tasks)}, got {task!r}")
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise ValueError(f"{unknown}: not controls of the page; expected some of {sorted(FIELDS)}")
@@ -83,8 +90,9 @@ def task_settings(task: str, **values):
     images = fields.get("num_images_per_prompt")
     if isinstance(images, int) and not isinstance(images, bool) and images > MAX_IMAGES:
         raise ValueError(f"Images: expected an integer in 1..{MAX_IMAGES}, got {images}")
+    fields.setdefault("guidance_scale", default_guidance(task, model))
     try:
-        return SETTINGS[task](**fields)
+        return tasks[task](**fields)
     except (TypeError, ValueError) as error:
         raise ValueError(labelled(str(error))) from None
 
@@ -277,6 +285,8 @@ class Studio:
         self.adapter_paths = adapter_paths
         self.default_adapters = [(str(p), float(s)) for p, s in adapters]
         self.defaults = dict(defaults or {})
+        source = getattr(getattr(pipe, "components", None), "source", None) or {}
+        self.model = "2.2" if source.get("model") == "2.2" else "2.1"  # the Kandinsky version of the weights
         self.lock = threading.Lock()
         self._loaded: list[tuple[str, float]] = []
         self._stops: dict[object, threading.Event] = {}
@@ -287,17 +297,20 @@ class Studio:
     @classmethod
     def load(cls, weights: str, *, device: str | None = None, dtype: str = "auto",
              adapters: Sequence[tuple[str, float]] = (), output_dir: str | Path | None = None,
-             adapter_paths: bool = True, progress: bool = True) -> Studio:
+             adapter_paths: bool = True, progress: bool = True, model: str | None = None) -> Studio:
         """The pipeline of ``weights`` (a hub repository, a folder, ``"tiny"`` / ``"tiny:SEED"``) on ``device``
-        (default cuda if available) in ``dtype`` (``"auto"``: float16 on CUDA, float32 otherwise)."""
+        (default cuda if available) in ``dtype`` (``"auto"``: float16 on CUDA, float32 otherwise); ``model``
+        "2.1" or "2.2" (default: detected from ``weights``, as the CLI does: tiny is 2.1)."""
         import torch
 
-        from kandinsky.pipeline import Kandinsky21
+        from kandinsky.cli import detect_model
+        from kandinsky.pipeline import Kandinsky21, Kandinsky22
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if dtype == "auto":
             dtype = "float16" if torch.device(device).type == "cuda" else "float32"
-        pipe = Kandinsky21.from_pretrained(weights, device=device, dtype=getattr(torch, dtype), progress=progress)
+        cls_ = Kandinsky22 if (model or detect_model(weights)) == "2.2" else Kandinsky21
+        pipe = cls_.from_pretrained(weights, device=device, dtype=getattr(torch, dtype), progress=progress)
         return cls(pipe, output_dir=output_dir, adapters=adapters, adapter_paths=adapter_paths,
                    defaults=defaults_for(weights))
 
@@ -356,18 +369,23 @@ class Studio:
 
     def generate(self, task: str, *, prompt: str = "", negative_prompt: str | None = None, seed=-1,
                  adapters: Sequence[tuple[str, float]] | str | None = None, image=None, mask=None, editor=None,
-                 items: Sequence = (), weights: Sequence[float] = (), session=None,
+                 items: Sequence = (), weights: Sequence[float] = (), hint=None, session=None,
                  on_step: Callable[[int, int], None] | None = None, **controls) -> Result:
         """Run ``task`` with the page's ``controls`` (see :func:`task_settings`) and write its images.
 
-        ``image`` (img2img, inpaint), ``mask`` or ``editor`` (inpaint: an image editor's value, image and mask
-        in one), ``items`` and ``weights`` (mix). ``on_step(step, total)`` after each decoder step. Every input
-        is checked before the pipeline runs; a bad one is a ``ValueError`` in the page's words."""
-        settings = task_settings(task, **controls)
+        ``image`` (img2img, inpaint, controlnet_img2img), ``mask`` or ``editor`` (inpaint: an image editor's
+        value, image and mask in one), ``items`` and ``weights`` (mix), ``hint`` (controlnet, controlnet_img2img:
+        a depth map). ``on_step(step, total)`` after each decoder step. Every input is checked before the pipeline
+        runs; a bad one is a ``ValueError`` in the page's words."""
+        settings = task_settings(task, model=self.model, **controls)
         seed = parse_seed(seed)
         prompt = _text("Prompt", prompt)
         negative_prompt = _text("Negative prompt", negative_prompt) or None
-        if task in ("img2img", "inpaint"):
+        if task in ("controlnet", "controlnet_img2img"):
+            if hint is None:
+                raise ValueError("Hint: expected a hint image (a depth map: white = near)")
+            hint = _pil(hint).convert("RGB")
+        if task in ("img2img", "inpaint", "controlnet_img2img"):
             if editor is not None:
                 image, mask = editor_inputs(editor)
             if image is None:
@@ -388,7 +406,7 @@ class Studio:
                     raise Stopped("stopped before it started")
                 self.set_adapters(adapters)
                 return self._run(task, settings, seed, stop, on_step, prompt=prompt, negative_prompt=negative_prompt,
-                                 image=image, mask=mask, items=list(items), weights=list(weights))
+                                 image=image, mask=mask, items=list(items), weights=list(weights), hint=hint)
         finally:
             with self._stops_lock:
                 if self._stops.get(session) is stop:
@@ -427,7 +445,7 @@ class Studio:
             save_png(inputs["mask"], mask_path, {})
         return Result(paths, seed, list(images), mask_path, time.perf_counter() - start)
 
-    def _call(self, task, kwargs, generator, *, prompt, negative_prompt, image, mask, items, weights):
+    def _call(self, task, kwargs, generator, *, prompt, negative_prompt, image, mask, items, weights, hint=None):
         pipe = self.pipe
         if task == "text2img":
             return pipe.text2img(prompt, negative_prompt, generator=generator, **kwargs)
@@ -438,6 +456,12 @@ class Studio:
             return pipe.inpaint(prompt, image, mask, negative_prompt, generator=generator, **kwargs)
         if task == "mix":
             return pipe.mix(items, weights, negative_prompt=negative_prompt or "", generator=generator, **kwargs)
+        if task == "controlnet":
+            return pipe.controlnet(prompt, hint, negative_prompt, generator=generator, **kwargs)
+        if task == "controlnet_img2img":
+            strength = kwargs.pop("strength")
+            return pipe.controlnet_img2img(prompt, image, hint, strength, negative_prompt, generator=generator,
+                                           **kwargs)
         raise ValueError(f"task: expected one of {list(TASKS)}, got {task!r}")
 
 
@@ -453,7 +477,7 @@ def defaults_for(weights: str) -> dict:
 
 def _decoder_steps(settings) -> int:
     steps = settings.num_inference_steps
-    if settings.task == "img2img":
+    if settings.task in ("img2img", "controlnet_img2img"):
         return min(int(steps * settings.strength), steps)
     return steps
 
