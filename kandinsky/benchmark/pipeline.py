@@ -291,7 +291,7 @@ def _stage_modules(prior_pipe, decoder_pipe, stage: str) -> list[nn.Module]:
 def build(config: str = "full", stage: str = "decoder", seed: int = 0, dtype: torch.dtype = torch.float32):
     """(diffusers' prior and decoder pipelines, our ``Kandinsky21`` from them, sharing report) with one
     ``stage`` ("prior" or "decoder") at ``config`` and the other tiny: the full pair of both stages plus our
-    channels-last UNet kernels (a second copy of 3.5 GiB) would not fit a 24 GiB machine.
+    channels-last UNet kernels (a second copy of 3.5 GiB) need about twice the memory of one stage.
 
     Ours comes from :meth:`Kandinsky21.from_diffusers` and shares diffusers' float32 tensors (see
     :func:`share_weights_`); with another ``dtype`` our stage's modules are cast copies (diffusers stays
