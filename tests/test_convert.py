@@ -384,3 +384,37 @@ def test_unet_22_has_no_original_layout_and_maps_its_hint_encoder():
     mapped = module_map("unet", ours.config, "diffusers")
     assert mapped["hint_encoder.14"] == "add_embedding.input_hint_block.14"
     assert mapped["image_tokens_norm"] == "encoder_hid_proj.norm"
+
+
+def test_a_fused_pair_of_the_wrong_shapes_is_in_the_strict_listing():
+    """A wrongly shaped tensor of a fused group (diffusers' to_q / to_k / to_v) is named with its shape in the
+    converter's one error, not a raw torch.cat traceback."""
+    theirs = _diffusers_model(diffusers.UNet2DConditionModel, UNET_BASE)
+    state = dict(theirs.state_dict())
+    key = next(k for k in state if k.endswith("attn1.to_k.weight") or k.endswith(".to_k.weight"))
+    state[key] = state[key][:, :-1]
+    with pytest.raises(ValueError, match="tensors whose shapes do not combine") as error:
+        from_diffusers("unet", UNET_BASE, state)
+    assert key in str(error.value) and "RuntimeError" not in str(error.value)
+
+
+@pytest.mark.parametrize("component, key", [("unet", "model_channels"), ("unet", "num_res_blocks")])
+def test_a_negative_count_in_a_config_is_one_value_error_naming_it(component, key):
+    from kandinsky.convert import official_original_config
+
+    config = {**official_original_config(component), key: -1}
+    with pytest.raises(ValueError, match=f"{key}: expected a positive integer, got -1"):
+        from_original(component, config, {})
+
+
+def test_model_configs_refuse_counts_below_one():
+    from kandinsky.models.movq import MoVQConfig
+    from kandinsky.models.prior import PriorConfig
+    from kandinsky.models.unet import UNetConfig
+
+    for make, key in ((UNetConfig, "norm_groups"), (PriorConfig, "heads"), (MoVQConfig, "channels")):
+        with pytest.raises(ValueError, match=f"^{key}: expected a positive integer"):
+            make(**{key: 0})
+    with pytest.raises(ValueError, match="^channel_mult: expected a tuple of integers >= 1"):
+        UNetConfig(channel_mult=(1, -2))
+    assert MoVQConfig(attention_levels=()).attention_levels == ()  # levels may be none, or level 0

@@ -31,6 +31,7 @@ class Source:
         self.layout = layout
         self.used: set[str] = set()
         self.missing: list[str] = []
+        self.malformed: list[str] = []  # foreign tensors that do not combine into one of ours (their shapes)
 
     def __contains__(self, key: str) -> bool:
         return key in self.state_dict
@@ -51,7 +52,11 @@ class Source:
         tensors = [self.take(k) for k in keys]
         if any(t is None for t in tensors):
             return None
-        return combine(*tensors)
+        try:
+            return combine(*tensors)
+        except RuntimeError:
+            self.malformed.append(", ".join(f"{key} {tuple(t.shape)}" for key, t in zip(keys, tensors)))
+            return None
 
     def rename(self, rules: list[tuple[str, str]], skip: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
         """Map every not-yet-consumed key through the first matching regex rule (``re.fullmatch``,
@@ -109,6 +114,8 @@ def build_strict(
     problems = []
     if source.missing:
         problems.append(_listing(f"keys absent from the {source.layout} state dict", sorted(set(source.missing))))
+    if source.malformed:
+        problems.append(_listing("tensors whose shapes do not combine", source.malformed))
     if unused:
         problems.append(_listing(f"{source.layout} keys not consumed", unused))
     if missing:
@@ -197,8 +204,19 @@ def read_layers(source: Source, layers: Iterable[Layer]) -> dict[str, torch.Tens
         for param in item.params:
             ours, foreign = item.keys(param)
             tensors = [source.take(key) for key in foreign]
-            converted[ours] = None if any(t is None for t in tensors) else item.to_ours(param, tensors)
+            converted[ours] = None if any(t is None for t in tensors) else _combined(source, item, param, tensors)
     return converted
+
+
+def _combined(source: Source, item: Layer, param: str, tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """``item.to_ours``; foreign tensors whose shapes cannot be fused or reordered are recorded (``None``)."""
+    try:
+        return item.to_ours(param, tensors)
+    except RuntimeError:
+        ours, foreign = item.keys(param)
+        shapes = ", ".join(f"{key} {tuple(t.shape)}" for key, t in zip(foreign, tensors))
+        source.malformed.append(f"{ours} <- {shapes}")
+        return None
 
 
 def write_layers(component: str, layout: str, state_dict: Mapping[str, torch.Tensor], layers: Iterable[Layer],

@@ -6,6 +6,7 @@ timestep embeddings are computed in float32 and cast back to the input dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -25,6 +26,23 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     if dim % 2:
         embedding = F.pad(embedding, (0, 1))
     return embedding
+
+
+def check_config(config) -> None:
+    """Refuse a config dataclass whose integer fields are not positive integers, or whose tuple fields do not hold
+    integers (``*_levels``: >= 0, others >= 1, ``channel_mult`` not empty): a ``ValueError`` naming the field,
+    before any layer is built (a negative width would otherwise fail deep inside torch)."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(field.default, int) and not isinstance(field.default, bool):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{field.name}: expected a positive integer, got {value!r}")
+        elif isinstance(field.default, tuple):
+            least = 0 if field.name.endswith("levels") else 1
+            if not isinstance(value, tuple) or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and v >= least for v in value) or \
+                    (field.name == "channel_mult" and not value):
+                raise ValueError(f"{field.name}: expected a tuple of integers >= {least}, got {value!r}")
 
 
 class GroupNorm32(nn.GroupNorm):

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kandinsky.models.layers import GroupNorm32
+from kandinsky.models.layers import GroupNorm32, check_config
 
 
 @dataclass
@@ -52,6 +52,9 @@ class MoVQConfig:
     n_embed: int = 16384
     norm_groups: int = 32  # the encoder's GroupNorms
     decoder_norm_groups: int = 32  # the decoder's (spatial) GroupNorms: diffusers' VQModel always has 32 there
+
+    def __post_init__(self):
+        check_config(self)
 
     @property
     def downsample_factor(self) -> int:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kandinsky.models.layers import LayerNorm32, timestep_embedding
+from kandinsky.models.layers import LayerNorm32, check_config, timestep_embedding
 
 NUM_EXTRA_TOKENS = 4  # text embedding, time embedding, noisy image embedding, prd token
 
@@ -44,6 +44,9 @@ class PriorConfig:
     heads: int = 32
     clip_dim: int = 768  # CLIP image/text embedding size (in and out)
     text_width: int = 768  # width of the CLIP text tower's hidden states
+
+    def __post_init__(self):
+        check_config(self)
 
 
 class Attention(nn.Module):

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kandinsky.models.layers import GroupNorm32, LayerNorm32, timestep_embedding
+from kandinsky.models.layers import GroupNorm32, LayerNorm32, check_config, timestep_embedding
 
 CONDITIONINGS = ("text_image", "image", "image_hint")  # Kandinsky 2.1, 2.2, 2.2 ControlNet
 HINT_CHANNELS = 4  # what the hint encoder adds to the UNet's input channels
@@ -66,6 +66,7 @@ class UNetConfig:
     conditioning: str = "text_image"
 
     def __post_init__(self):
+        check_config(self)
         if self.conditioning not in CONDITIONINGS:
             raise ValueError(f"conditioning: expected one of {list(CONDITIONINGS)}, got {self.conditioning!r}")
         if self.conditioning == "image_hint" and self.in_channels <= HINT_CHANNELS:
