@@ -398,12 +398,14 @@ def test_a_fused_pair_of_the_wrong_shapes_is_in_the_strict_listing():
     assert key in str(error.value) and "RuntimeError" not in str(error.value)
 
 
-@pytest.mark.parametrize("component, key", [("unet", "model_channels"), ("unet", "num_res_blocks")])
-def test_a_negative_count_in_a_config_is_one_value_error_naming_it(component, key):
+@pytest.mark.parametrize("component, key, ours", [("unet", "num_channels", "model_channels"),
+                                                  ("unet", "num_res_blocks", "num_res_blocks")])
+def test_a_negative_count_in_a_config_is_one_value_error_naming_it(component, key, ours):
+    """kandinsky convert --config: a negative count is refused by our config, before any layer is built."""
     from kandinsky.convert import official_original_config
 
     config = {**official_original_config(component), key: -1}
-    with pytest.raises(ValueError, match=f"{key}: expected a positive integer, got -1"):
+    with pytest.raises(ValueError, match=f"{ours}: expected a positive integer, got -1"):
         from_original(component, config, {})
 
 

@@ -98,12 +98,12 @@ def test_optimized_modules_are_exported_plain():
 
 
 def test_an_onnx_graph_and_its_weights_are_one_output(tmp_path, monkeypatch):
-    module, path = model("movq_decode"), tmp_path / "m.onnx"
+    module, path = model("prior"), tmp_path / "m.onnx"  # the quickest target to export
     (tmp_path / "m.onnx.data").write_bytes(b"precious")  # the weights file alone: still an existing output
     with pytest.raises(FileExistsError, match="m.onnx.data"):
-        save_onnx("movq_decode", module, path)
+        save_onnx("prior", module, path)
     assert (tmp_path / "m.onnx.data").read_bytes() == b"precious" and not path.exists()
-    save_onnx("movq_decode", module, path, overwrite=True)
+    save_onnx("prior", module, path, overwrite=True)
     first = sorted(tmp_path.glob("m.onnx*"))
     assert len(first) == 2 and not (tmp_path / "m.onnx.data").exists()  # the graph and its one weights file
     # killed after the new weights are in place but before the graph is: the old pair still loads
@@ -118,10 +118,10 @@ def test_an_onnx_graph_and_its_weights_are_one_output(tmp_path, monkeypatch):
 
     monkeypatch.setattr(export_module.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
-        save_onnx("movq_decode", module, path, overwrite=True)
+        save_onnx("prior", module, path, overwrite=True)
     monkeypatch.setattr(export_module.os, "replace", real_replace)
     onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # the old graph and its weights
-    save_onnx("movq_decode", module, path, overwrite=True)
+    save_onnx("prior", module, path, overwrite=True)
     assert len(list(tmp_path.glob("m.onnx*.data"))) == 1  # stale weights files removed once the graph switched
     onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 

@@ -620,7 +620,7 @@ def test_invalid_model_config_in_the_weights_is_one_line(root, tmp_path, capsys)
     config["config"]["norm_groups"] = -1
     config_file.write_text(json.dumps(config))
     code, err = run(capsys, *quick(root, None, "--weights", weights), "--output", tmp_path / "run")
-    assert code == 1 and "the unet config has norm_groups = -1; expected an integer >= 1" in error_line(err)
+    assert code == 1 and "config.json: norm_groups: expected a positive integer, got -1" in error_line(err)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
