@@ -389,9 +389,13 @@ def finished(item: Item, folder: Path) -> bool:
 
 def merge_manifest(folder: Path, items: Sequence[Item]) -> int:
     """Write ``folder/manifest.jsonl``: one record per item whose PNG exists, in file order, from the previous
-    manifest and the processes' parts (later records win); the parts are then removed. Returns the count."""
+    manifest and the processes' parts (later records win); the parts are then removed. Returns the count.
+
+    Records are matched to items by their file (the item's id): after an edit of the prompt file (rows moved,
+    added or removed) a kept image keeps its record, with its new index and line, and a removed row's record goes.
+    A PNG is only kept when it was made from its item (:func:`finished`), so the record matches it too."""
     folder = Path(folder)
-    by_index = {item.index: item for item in items}
+    by_file = {item.file: item for item in items}
     records: dict[int, dict] = {}
     sources = [folder / MANIFEST] + sorted((folder / PARTS).glob("*.jsonl"))
     for source in sources:
@@ -402,9 +406,10 @@ def merge_manifest(folder: Path, items: Sequence[Item]) -> int:
                 record = json.loads(raw)
             except json.JSONDecodeError:  # a line cut short by a killed process
                 continue
-            item = by_index.get(record.get("index")) if isinstance(record, dict) else None
-            if item is not None and record.get("file") == item.file:
-                records[item.index] = record
+            item = by_file.get(record.get("file")) if isinstance(record, dict) else None
+            if item is not None:
+                records[item.index] = {**record, "index": item.index, "line": item.line}
+    by_index = {item.index: item for item in items}
     lines = [json.dumps(records[i], sort_keys=True) for i in sorted(records) if (folder / by_index[i].file).is_file()]
     partial = folder / f".{MANIFEST}.partial"
     partial.write_text("".join(line + "\n" for line in lines), encoding="utf-8")

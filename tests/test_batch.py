@@ -395,3 +395,21 @@ def test_bench_batch_runs_both_sides_at_a_tiny_config(monkeypatch):
         assert all(math.isfinite(v) and v > 0 for v in [*result.ours, *result.diffusers, result.ratio])
     assert "2 prompts, 32px, 2 + 1 steps" in results[0].case
     assert results[0].extra["throughput ours / diffusers"] == pytest.approx(1 / results[0].ratio)
+
+
+def test_the_manifest_follows_an_edited_prompt_file(weights, tmp_path, capsys):
+    """Rows moved, one removed, one added: the rerun makes only the new image, and the manifest has exactly one
+    record per row of the edited file, in its order, with its index and line; the removed row's record goes."""
+    rows = [{"prompt": "the cat", "id": "cat", "seed": 1}, {"prompt": "a dog", "id": "dog", "seed": 2},
+            {"prompt": "red fish", "id": "fish", "seed": 3}]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    assert run(capsys, "batch", prompts, "-o", out, "--weights", weights, *FAST)[0] == 0
+    edited = [rows[2], {"prompt": "blue sky", "id": "sky", "seed": 4}, rows[0]]  # fish first, dog removed
+    prompts.write_text("\n" + "".join(json.dumps(r) + "\n" for r in edited))  # a blank first line: lines move too
+    code, stdout, stderr = run(capsys, "batch", prompts, "-o", out, "--weights", weights, *FAST)
+    assert code == 0 and "1 made by this process, 2 already there" in stdout, stderr
+    records = manifest(out)
+    assert [(r["file"], r["index"], r["line"], r["prompt"]) for r in records] == [
+        ("fish.png", 0, 2, "red fish"), ("sky.png", 1, 3, "blue sky"), ("cat.png", 2, 4, "the cat")]
