@@ -469,7 +469,7 @@ def _lock_output(output: Path, processes):
             lock.acquire(timeout=0)
         except Timeout:
             busy = 1
-    if int(processes.sum(torch.tensor([busy]))) > 0:
+    if int(processes.sum(torch.tensor([busy], device=processes.device))) > 0:  # nccl reduces device tensors
         raise ValueError(f"{output} is being written by another kandinsky batch run; wait for it or use another "
                          "--output folder")
     marker = output / MARKER
