@@ -18,7 +18,9 @@ Example::
     components.save_pretrained("out/k21", layout="diffusers")
 
 A Kandinsky 2.2 store has no M-CLIP (its decoder reads no text) and may hold a third UNet, ``unet_controlnet``
-(a decoder-stage module beside those of :data:`kandinsky.hub.MODULES`).
+(a decoder-stage module beside those of :data:`kandinsky.hub.MODULES`), and the decoder's diffusers scheduler config
+(``scheduler``: what :meth:`Kandinsky22.from_pretrained <kandinsky.pipeline.Kandinsky22.from_pretrained>` samples
+with; saved with the models).
 """
 
 from __future__ import annotations
@@ -34,12 +36,12 @@ import torch
 from torch import nn
 
 from kandinsky import ops
-from kandinsky.hub import DECODER_STAGE, MODULES, PRIOR_STAGE, TOKENIZERS, Lazy, resolve, tiny_seed
+from kandinsky.hub import CONTROLNET, DECODER_STAGE, MODULES, PRIOR_STAGE, SCHEDULER, TOKENIZERS, Lazy, resolve, \
+    tiny_seed
 from kandinsky.validation import check_device, check_number
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 OFFLOAD = (None, "sequential")
-CONTROLNET = "unet_controlnet"  # Kandinsky 2.2's ControlNet UNet
 ALL_MODULES = MODULES + (CONTROLNET,)  # the modules a store may hold
 DECODER_MODULES = DECODER_STAGE + (CONTROLNET,)
 COMPILABLE = ("unet", "unet_inpaint", CONTROLNET)  # what compile() applies to: the models run once per sampler step
@@ -74,12 +76,15 @@ class Components:
             modules are dropped (reloaded memory-mapped when needed), the others moved to CPU.
         source: where the weights came from (``{"source": ..., "revision": ...}``), as the PNG metadata records
             it; the constructors fill it in.
+        scheduler: the decoder's diffusers scheduler config (a dict with its ``_class_name``, as in
+            ``scheduler_config.json``), a :class:`~kandinsky.hub.Lazy` loader of one (or of None), or ``None``:
+            Kandinsky 2.2's decoder repositories say how to sample (:meth:`scheduler_config`).
     """
 
     def __init__(self, *, clip_tokenizer=None, clip_text=None, clip_vision=None, prior=None, mclip_tokenizer=None,
                  mclip=None, unet=None, unet_inpaint=None, movq=None, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, offload: str | None = None, source: dict | None = None,
-                 unet_controlnet=None):
+                 unet_controlnet=None, scheduler=None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype: expected torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
         if offload not in OFFLOAD:
@@ -94,6 +99,11 @@ class Components:
         for name, value in given.items():
             if value is not None and not isinstance(value, (Lazy, nn.Module)):
                 raise ValueError(f"{name}: expected an nn.Module, a Lazy loader or None, got {type(value).__name__}")
+        if scheduler is not None and not isinstance(scheduler, Lazy) and not (
+                isinstance(scheduler, dict) and isinstance(scheduler.get("_class_name"), str)):
+            raise ValueError(f"scheduler: expected a diffusers scheduler config (a dict with its \"_class_name\"), a "
+                             f"Lazy loader or None, got {type(scheduler).__name__}")
+        self._scheduler = dict(scheduler) if isinstance(scheduler, dict) else scheduler
         self._loaders: dict[str, Lazy] = {k: v for k, v in given.items() if isinstance(v, Lazy)}
         self._modules: dict[str, nn.Module] = {k: v for k, v in given.items() if isinstance(v, nn.Module)}
         self._compile_options: dict | None = None
@@ -109,8 +119,10 @@ class Components:
                         **sources) -> Components:
         """Weights from the hub, a local folder (any layout) or ``"tiny"`` / ``"tiny:SEED"`` (the tiny random
         weights), each loaded on first use (:func:`kandinsky.hub.resolve`; ``sources``: ``prior_source``,
-        ``inpaint_source``, ``clip_source``, ...). A training output folder gives what it trained: a full run its
-        model over its base (``base.json``), a LoRA run its base with its adapter loaded."""
+        ``inpaint_source``, ``controlnet_source``, ``clip_source``, ``model``, ...). Kandinsky 2.2 sources (detected,
+        or ``model="2.2"``) give 2.2's components (no M-CLIP; ``unet_controlnet``; the decoder's scheduler config).
+        A training output folder gives what it trained: a full run its model over its base (``base.json``), a LoRA
+        run its base with its adapter loaded."""
         from kandinsky.lora import LORA_FILE
 
         parts = resolve(source, revision=revision, cache_dir=cache_dir, **sources)
@@ -171,11 +183,16 @@ class Components:
 
         text_encoder = getattr(decoder_pipeline, "text_encoder", None)  # M-CLIP: Kandinsky 2.1 only
         mclip = None if text_encoder is None else MultilingualCLIP.from_diffusers_module(text_encoder)
+        scheduler = getattr(decoder_pipeline, "scheduler", None)
+        if text_encoder is None and scheduler is not None:  # 2.2: the decoder's sampling travels with the store
+            scheduler = {**scheduler.config, "_class_name": type(scheduler).__name__}
+        else:
+            scheduler = None
         return cls(clip_tokenizer=prior_pipeline.tokenizer, clip_text=reused(prior_pipeline.text_encoder),
                    clip_vision=reused(prior_pipeline.image_encoder), prior=convert("prior", prior_pipeline.prior),
                    mclip_tokenizer=getattr(decoder_pipeline, "tokenizer", None), mclip=mclip,
                    movq=convert("movq", decoder_pipeline.movq), **unets, device=device, dtype=dtype,
-                   offload=offload, source={"source": "diffusers pipelines"})
+                   offload=offload, source={"source": "diffusers pipelines"}, scheduler=scheduler)
 
     # ---- what is there --------------------------------------------------------------------------------
 
@@ -187,6 +204,13 @@ class Components:
         if name in TOKENIZERS:
             return self._tokenizers.get(name) is not None
         return name in self._modules or name in self._loaders
+
+    def scheduler_config(self) -> dict | None:
+        """The decoder's diffusers scheduler config (a copy), loading it if lazy, or None if the store has none."""
+        if isinstance(self._scheduler, Lazy):
+            loaded = self._scheduler.load()
+            self._scheduler = None if loaded is None else dict(loaded)
+        return None if self._scheduler is None else dict(self._scheduler)
 
     def loaded(self) -> list[str]:
         """The modules in memory now."""
@@ -345,30 +369,33 @@ class Components:
         :meth:`from_pretrained`), or ``layout="diffusers"`` / ``"original"`` (:func:`kandinsky.layouts.export_pipeline`;
         ``export_options``: ``dtype``, ``lora``, ``provenance``). Lazy components are loaded one at a time.
         Existing component folders are an error, or with ``overwrite`` replaced, each only once its new copy is
-        complete and only if this package wrote it. Our layout stores adapters fused (the weights a task runs)."""
-        from kandinsky.weights import KINDS, check_output, save_component
+        complete and only if this package wrote it. Our layout stores adapters fused (the weights a task runs). The
+        decoder's scheduler config, when the store has one (Kandinsky 2.2), is written too (``scheduler/``)."""
+        from kandinsky.weights import check_output, save_component
 
         folder = Path(folder)
         names = self.names()
-        unsaved = [name for name in names if name not in KINDS]
-        if unsaved and layout == "ours":  # refused before anything is written
-            raise ValueError(f"{unsaved}: our weight files do not hold this component yet (Kandinsky 2.2's "
-                             "ControlNet UNet); a store without it saves the others")
         if layout != "ours":
             from kandinsky.layouts import export_pipeline
 
-            export_pipeline({name: self._saver(name) for name in names}, folder, layout=layout, overwrite=overwrite,
-                            **export_options)
+            savers = {name: self._saver(name) for name in names}
+            if self._scheduler is not None:
+                savers[SCHEDULER] = self.scheduler_config
+            export_pipeline(savers, folder, layout=layout, overwrite=overwrite, **export_options)
             return
         if export_options:
             raise ValueError(f"{sorted(export_options)}: only for layout='diffusers' or 'original'")
+        scheduler = self.scheduler_config()
+        if scheduler is not None:
+            names.append(SCHEDULER)
         existing = [str(folder / name) for name in names if (folder / name).exists()]
         if existing and not overwrite:
             raise FileExistsError(f"{', '.join(existing)} already exist (pass overwrite=True to replace them)")
         for name in names:  # every refusal (a folder this package did not write) before the first write
             check_output(folder / name, overwrite=overwrite, component=name)
         for name in names:
-            save_component(name, self._for_saving(name), folder / name, overwrite=overwrite)
+            save_component(name, scheduler if name == SCHEDULER else self._for_saving(name), folder / name,
+                           overwrite=overwrite)
 
     def _saver(self, name: str) -> Callable:
         return lambda: self.tokenizer(name) if name in TOKENIZERS else self._stored(name)

@@ -11,11 +11,18 @@ A model fine-tuned here can then be shared with a diffusers user or fed to the o
   ``prior/`` (``KandinskyPriorPipeline``: prior, CLIP text and vision towers, tokenizer, unCLIP scheduler,
   image processor), ``decoder/`` (``KandinskyPipeline``: UNet, MoVQ, M-CLIP, tokenizer, DDIM scheduler) and,
   with an inpainting UNet, ``inpaint/`` (``KandinskyInpaintPipeline``). The schedulers are the official
-  repositories' configurations. Weights keep their dtype unless ``dtype`` is given.
+  repositories' configurations. Weights keep their dtype unless ``dtype`` is given. A Kandinsky 2.2 pipeline (its
+  UNets read the image embedding only) becomes ``prior/`` (``KandinskyV22PriorPipeline``), ``decoder/``
+  (``KandinskyV22Pipeline``: UNet, MoVQ, scheduler), ``inpaint/`` (``KandinskyV22InpaintPipeline``) and
+  ``controlnet/`` (``KandinskyV22ControlnetPipeline``), the folders of kandinsky-2-2-prior, -decoder,
+  -decoder-inpaint and -controlnet-depth; the decoders' scheduler is the store's (``"scheduler"``: the config a 2.2
+  repository came with), else the DDIM configuration our pipelines sample with by default.
 * ``"original"``: the files of ``ai-forever/Kandinsky_2.1`` (``decoder_fp16.ckpt``, ``inpainting_fp16.ckpt``,
   ``prior_fp16.ckpt``, ``movq_final.ckpt``, ``ViT-L-14_stats.th``, ``text_encoder/``): tensor-only pickles with
   the original key names, which the original code's ``load_state_dict`` accepts, in float16 by default as
   released. The original code takes CLIP ViT-L/14 from OpenAI's ``clip`` package: the CLIP towers are not written.
+  Kandinsky 2.2 has no such layout (ai-forever's own 2.2 code loads the kandinsky-community diffusers repositories):
+  a 2.2 pipeline is refused with a ``ValueError`` pointing at ``"diffusers"``.
 
 The weights go through the converters' layer tables (:mod:`kandinsky.convert`), so an export is exact:
 converting it back gives bit-identical tensors (in the same dtype). Every exported folder is written with
@@ -57,7 +64,9 @@ CLIP_STATS_FILE = "ViT-L-14_stats.th"
 ORIGINAL_TEXT_ENCODER = "text_encoder"
 LORA_MODES = ("fuse", "separate")
 _DIFFUSERS_CLASSES = {"movq": "VQModel", "prior": "PriorTransformer", "unet": "UNet2DConditionModel",
-                      "unet_inpaint": "UNet2DConditionModel"}
+                      "unet_inpaint": "UNet2DConditionModel", "unet_controlnet": "UNet2DConditionModel"}
+CONTROLNET = "unet_controlnet"
+SCHEDULER = "scheduler"  # a pipeline's component: the decoder's diffusers scheduler config (Kandinsky 2.2)
 # the official repositories' scheduler configurations (kandinsky-2-1 and kandinsky-2-1-prior)
 _DECODER_SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
                       "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": False, "set_alpha_to_one": False,
@@ -73,6 +82,16 @@ DIFFUSERS_PIPELINES = {
     "inpaint": ("KandinskyInpaintPipeline", {"unet": "unet_inpaint", "movq": "movq", "text_encoder": "mclip",
                                              "tokenizer": "mclip_tokenizer"}),
 }
+# Kandinsky 2.2's: kandinsky-2-2-prior, -decoder, -decoder-inpaint, -controlnet-depth (no text encoder in a decoder)
+DIFFUSERS_PIPELINES_22 = {
+    "prior": ("KandinskyV22PriorPipeline", {"prior": "prior", "text_encoder": "clip_text",
+                                            "image_encoder": "clip_vision", "tokenizer": "clip_tokenizer"}),
+    "decoder": ("KandinskyV22Pipeline", {"unet": "unet", "movq": "movq"}),
+    "inpaint": ("KandinskyV22InpaintPipeline", {"unet": "unet_inpaint", "movq": "movq"}),
+    "controlnet": ("KandinskyV22ControlnetPipeline", {"unet": CONTROLNET, "movq": "movq"}),
+}
+ORIGINAL_22 = ("layout: Kandinsky 2.2 has no original layout (ai-forever's own 2.2 code loads the kandinsky-community "
+               "diffusers repositories); use layout='diffusers'")
 
 
 def _check(layout: str, dtype, lora: str) -> torch.dtype | None:
@@ -264,8 +283,9 @@ def _write_mclip_original(mclip: nn.Module, tokenizer, folder: Path, dtype) -> N
 # --------------------------------------------------------------------------------------------- a pipeline
 
 
-def _write_diffusers_pipeline(name: str, load: Callable[[str], object], folder: Path, dtype, lora: str) -> None:
-    pipeline_class, parts = DIFFUSERS_PIPELINES[name]
+def _write_diffusers_pipeline(name: str, load: Callable[[str], object], folder: Path, dtype, lora: str,
+                              pipelines: Mapping = DIFFUSERS_PIPELINES, decoder_scheduler: dict | None = None) -> None:
+    pipeline_class, parts = pipelines[name]
     folder.mkdir()
     index = {"_class_name": pipeline_class, "_diffusers_version": DIFFUSERS_VERSION}
     image_size = None
@@ -286,7 +306,8 @@ def _write_diffusers_pipeline(name: str, load: Callable[[str], object], folder: 
         else:
             component.save_pretrained(str(target))
             index[part] = ["transformers", type(component).__name__]
-    scheduler = _PRIOR_SCHEDULER if name == "prior" else _DECODER_SCHEDULER
+    scheduler = _PRIOR_SCHEDULER if name == "prior" else (decoder_scheduler or _DECODER_SCHEDULER)
+    scheduler = {k: v for k, v in scheduler.items() if k == "_class_name" or not k.startswith("_")}  # no bookkeeping
     (folder / "scheduler").mkdir()
     _json(folder / "scheduler" / "scheduler_config.json", {**scheduler, "_diffusers_version": DIFFUSERS_VERSION})
     index["scheduler"] = ["diffusers", scheduler["_class_name"]]
@@ -302,6 +323,18 @@ def _write_diffusers_pipeline(name: str, load: Callable[[str], object], folder: 
     _json(folder / "model_index.json", index)
 
 
+def _model(load: Callable[[str], object], available: set[str]) -> str:
+    """The Kandinsky version of a pipeline's components: 2.2 with a ControlNet UNet or UNets that read no text,
+    else 2.1 (without UNets, a prior is written as 2.1's ``KandinskyPriorPipeline``: the same components as
+    ``KandinskyV22PriorPipeline``'s)."""
+    if CONTROLNET in available:
+        return "2.2"
+    for name in ("unet", "unet_inpaint"):
+        if name in available:
+            return "2.1" if getattr(load(name).config, "has_text", True) else "2.2"
+    return "2.1"
+
+
 def export_pipeline(components: Mapping[str, Callable[[], object]], folder: str | os.PathLike, *, layout: str,
                     dtype: torch.dtype | str | None = "default", overwrite: bool = False, lora: str = "fuse",
                     provenance: Mapping | None = None) -> Path:
@@ -309,27 +342,33 @@ def export_pipeline(components: Mapping[str, Callable[[], object]], folder: str 
 
     ``components`` maps the pipeline's component names (``prior``, ``unet``, ``mclip``, ``clip_tokenizer``, ...)
     to zero-argument loaders, called when the component is written (a lazily loaded pipeline never holds
-    every model at once). The diffusers layout writes ``prior/`` when the prior is there, ``decoder/`` with
-    the UNet, ``inpaint/`` with the inpainting UNet; each needs the rest of its pipeline (a ``ValueError``
-    names what is missing). ``dtype``, ``lora``, ``provenance``: as in :func:`export_component`.
+    every model at once); ``"scheduler"`` (Kandinsky 2.2) gives the decoder's diffusers scheduler config. The
+    diffusers layout writes ``prior/`` when the prior is there, ``decoder/`` with the UNet, ``inpaint/`` with the
+    inpainting UNet, and for Kandinsky 2.2 (told by its UNets' configs) ``controlnet/`` with the ControlNet UNet;
+    each needs the rest of its pipeline (a ``ValueError`` names what is missing). A 2.2 pipeline has no original
+    layout (``ValueError``). ``dtype``, ``lora``, ``provenance``: as in :func:`export_component`.
     """
     dtype = _check(layout, _default_dtype(layout, dtype), lora)
-    available = set(components)
+    available = set(components) - {SCHEDULER}
 
     def load(name: str):
         if name not in available:
             raise ValueError(f"components: no {name!r}")
         return components[name]()
 
+    model = _model(load, available)
+    if layout == "original" and model == "2.2":
+        raise ValueError(ORIGINAL_22)
+    pipelines = DIFFUSERS_PIPELINES if model == "2.1" else DIFFUSERS_PIPELINES_22
     if layout == "diffusers":
-        folders = [name for name, (_, parts) in DIFFUSERS_PIPELINES.items() if next(iter(parts.values())) in available]
+        folders = [name for name, (_, parts) in pipelines.items() if next(iter(parts.values())) in available]
         for name in folders:
-            missing = sorted(set(DIFFUSERS_PIPELINES[name][1].values()) - available)
+            missing = sorted(set(pipelines[name][1].values()) - available)
             if missing:
                 raise ValueError(f"components: the diffusers {name}/ pipeline also needs {missing}")
         if not folders:
-            raise ValueError(f"components: nothing to write in the diffusers layout (needs prior, unet or "
-                             f"unet_inpaint), got {sorted(available)}")
+            raise ValueError(f"components: nothing to write in the diffusers layout (needs prior, unet, "
+                             f"unet_inpaint or unet_controlnet), got {sorted(available)}")
     else:
         written = [name for name in (*ORIGINAL_FILES, "mclip") if name in available]
         if not written:
@@ -339,9 +378,10 @@ def export_pipeline(components: Mapping[str, Callable[[], object]], folder: str 
     def write(temporary: Path) -> None:
         if layout == "diffusers":
             everything = []
+            scheduler = components[SCHEDULER]() if model == "2.2" and SCHEDULER in components else None
             for name in folders:
-                _write_diffusers_pipeline(name, load, temporary / name, dtype, lora)
-                parts = list(DIFFUSERS_PIPELINES[name][1].values())
+                _write_diffusers_pipeline(name, load, temporary / name, dtype, lora, pipelines, scheduler)
+                parts = list(pipelines[name][1].values())
                 _provenance(temporary / name, layout, dtype, parts, lora, provenance)  # each is a repository
                 everything += [part for part in parts if part not in everything]
             _provenance(temporary, layout, dtype, everything, lora, provenance)

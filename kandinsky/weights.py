@@ -5,10 +5,12 @@ Our layout is one folder per component (what ``kandinsky.hub`` caches and ``Kand
 writes)::
 
     prior/ unet/ unet_inpaint/ movq/   config.json {"format": "kandinsky21", "component", "config", "source"}
-                                       + model.safetensors (our state dict)
-    mclip/                             M-CLIP config.json + model.safetensors
+    unet_controlnet/                   + model.safetensors (our state dict); unet_controlnet: Kandinsky 2.2's
+                                       ControlNet UNet (a "unet" model whose conditioning is "image_hint")
+    mclip/                             M-CLIP config.json + model.safetensors (Kandinsky 2.1)
     clip_text/ clip_vision/            transformers CLIP towers (save_pretrained)
     clip_tokenizer/ mclip_tokenizer/   tokenizers (save_pretrained)
+    scheduler/                         optional (Kandinsky 2.2): the decoder's diffusers scheduler_config.json
     base.json                          optional: where the components missing here come from
 
 Example::
@@ -46,7 +48,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kandinsky.convert import COMPONENTS as CONVERTED
-from kandinsky.convert import from_diffusers, from_original, official_original_config
+from kandinsky.convert import check_model, from_diffusers, from_original, model_component, official_original_config
 from kandinsky.convert.core import Source, build_strict
 from kandinsky.models import config_class, config_from_dict, config_to_dict, model_class
 from kandinsky.text_encoders import MultilingualCLIP
@@ -61,7 +63,9 @@ CHANNELS_LAST_KEY = "channels_last"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # how each component of the pipeline is stored in our layout
 KINDS = {**{name: "converted" for name in CONVERTED}, "mclip": "mclip", "clip_text": "transformers",
-         "clip_vision": "transformers", "clip_tokenizer": "tokenizer", "mclip_tokenizer": "tokenizer"}
+         "clip_vision": "transformers", "clip_tokenizer": "tokenizer", "mclip_tokenizer": "tokenizer",
+         "scheduler": "scheduler"}
+SCHEDULER_FILE = "scheduler_config.json"  # the "scheduler" component: a diffusers scheduler config, as diffusers names it
 EXPORT_FILE = "kandinsky21_export.json"  # the provenance record of every export of kandinsky.layouts
 STALE_SECONDS = 300  # a temporary folder untouched this long belongs to a writer that was killed
 _PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".th", ".bin")
@@ -223,6 +227,8 @@ def replaceable(folder: str | os.PathLike, component: str | None = None) -> bool
     kind = KINDS.get(component)
     if kind == "tokenizer":
         return (folder / "tokenizer_config.json").is_file()
+    if kind == "scheduler":
+        return (folder / SCHEDULER_FILE).is_file() and {p.name for p in folder.iterdir()} == {SCHEDULER_FILE}
     if kind in ("mclip", "transformers"):
         try:
             config = json.loads((folder / CONFIG_FILE).read_text())
@@ -326,6 +332,7 @@ def save_converted(module: nn.Module, component: str, folder: str | os.PathLike,
     training checkpoint share one format. Physical layouts (channels-last kernels, pre-transformed weights)
     are never stored: :func:`kandinsky.ops.optimize` applies them after :func:`load_converted`.
     """
+    check_model(component, module.config)  # a unet_controlnet folder holds a ControlNet UNet, nothing else
     meta = {"format": FORMAT, "component": component, "config": config_to_dict(module.config), "source": source_info}
 
     def write(temporary: Path) -> None:
@@ -399,7 +406,7 @@ def load_converted(folder: str | os.PathLike, *, device: str | torch.device = "c
         raise WeightsFileError(f"{model_path}: bad {CHANNELS_LAST_KEY!r} metadata ({type(error).__name__}: {error})") from None
     source = Source(state, FORMAT)
     converted = source.rename([(r"(.*)", r"\1")])
-    cls = model_class(stored)
+    cls = model_class(model_component(stored))
     try:
         return build_strict(stored, lambda: cls(config), converted, source, dtype)
     except (ValueError, RuntimeError, TypeError, ZeroDivisionError) as error:  # also a config no model can have
@@ -437,14 +444,16 @@ def _converted_config(path: Path):
         raise WeightsFileError(f"{path}: \"component\" must be one of {list(CONVERTED)}, got {component!r}")
     if not isinstance(values, dict):
         raise WeightsFileError(f"{path}: \"config\" must be a JSON object, got {type(values).__name__}")
-    for field in dataclasses.fields(config_class(component)):
+    for field in dataclasses.fields(config_class(model_component(component))):
         if field.name in values and not _same_type(values[field.name], field.default):
             raise WeightsFileError(f"{path}: config.{field.name} must be of the type of {field.default!r}, "
                                    f"got {values[field.name]!r}")
     try:
-        return component, config_from_dict(component, values)
+        config = config_from_dict(model_component(component), values)
+        check_model(component, config)
     except (TypeError, ValueError) as error:
         raise WeightsFileError(f"{path}: {error}") from None
+    return component, config
 
 
 def _same_type(value, default) -> bool:
@@ -477,11 +486,17 @@ def _kind(name: str) -> str:
 
 def save_component(name: str, component, folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write the pipeline component ``name`` (a key of :data:`KINDS`) into ``folder`` in our layout, with
-    :func:`atomic_folder`; :func:`load_component` reads it back."""
+    :func:`atomic_folder`; :func:`load_component` reads it back. ``"scheduler"`` is a diffusers scheduler config
+    (a dict with its ``_class_name``), written as diffusers writes it: ``scheduler_config.json``."""
     kind = _kind(name)
     if kind == "converted":
         return save_converted(component, name, folder, overwrite=overwrite)
-    if kind == "mclip":
+    if kind == "scheduler":
+        config = _scheduler_config(component, "component")
+
+        def write(temporary: Path) -> None:
+            (temporary / SCHEDULER_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    elif kind == "mclip":
         def write(temporary: Path) -> None:
             (temporary / CONFIG_FILE).write_text(json.dumps(component.to_config(), indent=2) + "\n")
             save_file(_file_tensors(component.state_dict()), str(temporary / MODEL_FILE))
@@ -495,14 +510,22 @@ def load_component(name: str, folder: str | os.PathLike, *, dtype: torch.dtype |
     """The pipeline component ``name`` from ``folder``, in eval mode, memory-mapped where the format allows.
 
     Reads our layout, and also the foreign folders of the same formats: an M-CLIP ``text_encoder/`` folder
-    (``model.safetensors`` or ``pytorch_model.bin``), transformers CLIP folders and tokenizer folders.
-    ``dtype`` casts the floating-point weights (default: as stored); tokenizers ignore it. A folder that does
+    (``model.safetensors`` or ``pytorch_model.bin``), transformers CLIP folders, tokenizer folders and diffusers
+    ``scheduler/`` folders (``"scheduler"``: the config dict of ``scheduler_config.json``). ``dtype`` casts the floating-point weights (default: as stored); tokenizers ignore it. A folder that does
     not hold component ``name`` (another component, missing weights, a truncated or code-carrying file) is a
     :class:`WeightsFileError` naming it.
     """
     kind, folder = _kind(name), Path(folder)
     if kind == "converted":
         return load_converted(folder, dtype=dtype, component=name)
+    if kind == "scheduler":
+        path = folder / SCHEDULER_FILE
+        if not path.is_file():
+            raise WeightsFileError(f"{folder} holds no scheduler (needs {SCHEDULER_FILE})")
+        try:
+            return _scheduler_config(_read_json(path), str(path))
+        except ValueError as error:
+            raise WeightsFileError(str(error)) from None
     if kind == "tokenizer":
         from transformers import AutoTokenizer
 
@@ -512,6 +535,18 @@ def load_component(name: str, folder: str | os.PathLike, *, dtype: torch.dtype |
             raise WeightsFileError(f"no usable tokenizer in {folder}: {type(error).__name__}: {error}") from None
     model = _load_mclip(folder) if kind == "mclip" else _load_transformers(name, folder)
     return (model if dtype is None else model.to(dtype)).eval()
+
+
+def _scheduler_config(config, what: str) -> dict:
+    """A diffusers scheduler config as a plain JSON-ready dict (a copy); ``ValueError`` naming
+    ``what`` if it is not a mapping with a ``_class_name`` string."""
+    if not isinstance(config, Mapping) or not isinstance(config.get("_class_name"), str):
+        raise ValueError(f"{what}: expected a diffusers scheduler config (a JSON object with a \"_class_name\"), "
+                         f"got {type(config).__name__}")
+    try:
+        return json.loads(json.dumps(dict(config)))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{what}: not JSON-serialisable: {error}") from None
 
 
 def _load_mclip(folder: Path) -> MultilingualCLIP:

@@ -194,3 +194,29 @@ def test_images_record_their_adapters(tmp_path):
     settings = json.loads(image.info["settings"])
     assert settings["adapters"] == [pipe.components.adapters[0].describe()]
     assert settings["adapters"][0]["scale"] == 0.25 and settings["weights"] == {"source": "tiny:0"}
+
+
+def test_a_full_22_store_saves_and_reloads_bit_for_bit(tmp_path):
+    """Kandinsky 2.2: prior, CLIP towers, the three UNets (ControlNet included), MoVQ and the decoder's scheduler
+    config; from_pretrained tells the version from the folder (no M-CLIP), and the reloaded (lazy) store saves again
+    over the folder it reads from."""
+    from kandinsky import tiny
+    from kandinsky.hub import Lazy, resolve
+
+    scheduler = {"_class_name": "DDPMScheduler", "variance_type": "fixed_small", "steps_offset": 1}
+    store = Components(**tiny.components_22(0), scheduler=scheduler)
+    store.save_pretrained(tmp_path / "k22")
+    reloaded = Components.from_pretrained(tmp_path / "k22")
+    assert reloaded.names() == store.names() and "mclip" not in reloaded.names()
+    assert reloaded.scheduler_config() == scheduler and set(resolve("tiny", model="2.2")) == set(store.names())
+    for name in ("prior", "unet_controlnet", "movq", "clip_vision"):
+        ours, theirs = store.module(name).state_dict(), reloaded.module(name).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    Components.from_pretrained(tmp_path / "k22").save_pretrained(tmp_path / "k22", overwrite=True)
+    again = Components.from_pretrained(tmp_path / "k22")
+    assert torch.equal(again.module("unet_controlnet").conv_in.weight, store.module("unet_controlnet").conv_in.weight)
+    assert again.scheduler_config() == scheduler
+    lazy = Components(scheduler=Lazy(lambda: None))
+    assert lazy.scheduler_config() is None and lazy.names() == []
+    with pytest.raises(ValueError, match="scheduler: expected a diffusers scheduler config"):
+        Components(scheduler={"steps_offset": 1})

@@ -382,3 +382,144 @@ def test_save_pretrained_overwrite_refuses_folders_it_did_not_write_before_writi
         pipe.save_pretrained(tmp_path / "ours", overwrite=True)
     assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == ["unet"]  # nothing written before the refusal
     assert (tmp_path / "ours" / "unet" / "notes.txt").read_text() == "precious"
+
+
+# --- Kandinsky 2.2: kandinsky-2-2-decoder, -prior, -decoder-inpaint, -controlnet-depth ------------------------------
+
+from kandinsky.pipeline import Kandinsky22  # noqa: E402
+
+DECODER_22, PRIOR_22, INPAINT_22, CONTROLNET_22 = (f"kandinsky-community/kandinsky-2-2-{name}" for name in
+                                                   ("decoder", "prior", "decoder-inpaint", "controlnet-depth"))
+# kandinsky-2-2-decoder's scheduler/scheduler_config.json (as far as we know it): DDPM, the posterior variance
+OFFICIAL_22_DECODER_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.00085,
+                                     beta_end=0.012, clip_sample=False, steps_offset=1, timestep_spacing="leading",
+                                     prediction_type="epsilon", variance_type="fixed_small", thresholding=False)
+ARGS_22 = dict(height=64, width=64, num_inference_steps=2, prior_num_inference_steps=2, output_type="np")
+
+
+def pipelines_22() -> dict:
+    """diffusers' four 2.2 pipelines on tiny random components (test_k22's), as the hub repositories hold them."""
+    import diffusers
+    from transformers import CLIPImageProcessorPil
+
+    from kandinsky import tiny
+    from test_k22 import WIDTH, diffusers_movq, diffusers_prior, diffusers_unet
+
+    tokenizer = tiny.clip_tokenizer()
+    prior = diffusers.KandinskyV22PriorPipeline(
+        prior=diffusers_prior(), tokenizer=tokenizer,
+        text_encoder=tiny.clip_text_model(1, len(tokenizer), projection_dim=WIDTH, width=WIDTH),
+        image_encoder=tiny.clip_vision_model(2, projection_dim=WIDTH, width=WIDTH),
+        scheduler=diffusers.UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample",
+                                            num_train_timesteps=1000, clip_sample=True, clip_sample_range=10.0),
+        image_processor=CLIPImageProcessorPil(crop_size=224, size=224, resample=3))
+    decoder = dict(scheduler=diffusers.DDPMScheduler(**OFFICIAL_22_DECODER_SCHEDULER), movq=diffusers_movq())
+    pipes = dict(prior=prior, decoder=diffusers.KandinskyV22Pipeline(unet=diffusers_unet(6), **decoder),
+                 inpaint=diffusers.KandinskyV22InpaintPipeline(unet=diffusers_unet(7, in_channels=9), **decoder),
+                 controlnet=diffusers.KandinskyV22ControlnetPipeline(
+                     unet=diffusers_unet(8, in_channels=8, addition_embed_type="image_hint"), **decoder))
+    for pipe in pipes.values():
+        pipe.set_progress_bar_config(disable=True)
+    return pipes
+
+
+def same_sampling(a, b) -> bool:
+    fields = ("sampler", "spacing", "offset", "options", "prev_stride")
+    return all(getattr(a, f) == getattr(b, f) for f in fields) and torch.equal(a.schedule.betas, b.schedule.betas)
+
+
+@pytest.fixture(scope="module")
+def fake_hub_22(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hub22")
+    pipes = pipelines_22()
+    for name, repo in (("prior", PRIOR_22), ("decoder", DECODER_22), ("inpaint", INPAINT_22),
+                       ("controlnet", CONTROLNET_22)):
+        pipes[name].save_pretrained(root / repo)
+    return root, pipes
+
+
+def test_22_hub_repositories_load_lazily_and_sample_with_the_decoder_scheduler(fake_hub_22, tmp_path, monkeypatch):
+    root, pipes = fake_hub_22
+    fake = FakeSnapshots(root, tmp_path / "snapshots")
+    monkeypatch.setattr(hub, "snapshot_download", fake)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = Kandinsky22.from_pretrained(DECODER_22, cache_dir=tmp_path / "cache", progress=False)
+    assert [(repo, patterns) for repo, _, patterns in fake.calls] == [(DECODER_22, ("scheduler/scheduler_config.json",))]
+    sampling = pipe.decoder_sampling  # kandinsky-2-2-decoder's DDPMScheduler, not our default DDIM
+    assert (sampling.sampler, sampling.offset, sampling.options["variance"]) == ("ddpm", 1, "fixed_small")
+    assert pipe.components.names() == ["clip_text", "clip_vision", "prior", "unet", "unet_inpaint", "movq",
+                                       "unet_controlnet", "clip_tokenizer"]
+    expected = Kandinsky22.from_diffusers(pipes["prior"], pipes["decoder"], progress=False)
+    images = pipe.text2img("a cat", generator=seed(1), **ARGS_22)
+    assert np.array_equal(images, expected.text2img("a cat", generator=seed(1), **ARGS_22))  # the same float32 weights
+    assert {repo for repo, _, _ in fake.calls} == {DECODER_22, PRIOR_22}  # text2img needs no inpaint/ControlNet UNet
+    assert "text_encoder/model.safetensors" in fake.files(PRIOR_22) and "tokenizer/tokenizer.json" in fake.files(PRIOR_22)
+    parts = resolve(DECODER_22, cache_dir=tmp_path / "cache")
+    assert "mclip" not in parts and parts["unet_controlnet"].load().config.conditioning == "image_hint"
+    assert parts["unet_inpaint"].load().config.in_channels == 9
+    assert {repo for repo, _, _ in fake.calls} == {DECODER_22, PRIOR_22, INPAINT_22, CONTROLNET_22}
+    cache = tmp_path / "cache" / "kandinsky-community--kandinsky-2-2-decoder@main"
+    assert {p.name for p in cache.iterdir() if not p.name.startswith(".")} == set(hub.COMPONENTS_22)
+    # converted once: the hub unreachable, the same pipeline again
+    monkeypatch.setattr(hub, "snapshot_download", FakeSnapshots(root, tmp_path / "unused", fail=True))
+    again = Kandinsky22.from_pretrained(DECODER_22, cache_dir=tmp_path / "cache", progress=False)
+    assert same_sampling(again.decoder_sampling, sampling)
+    assert np.array_equal(again.text2img("a cat", generator=seed(1), **ARGS_22), images)
+
+
+def test_22_errors_name_the_2_2_repositories(tmp_path, monkeypatch):
+    monkeypatch.setattr(hub, "snapshot_download", FakeSnapshots(tmp_path, tmp_path / "s", fail=True))
+    with pytest.raises(WeightsNotFoundError, match="scheduler_config.json") as error:
+        Kandinsky22.from_pretrained(DECODER_22, cache_dir=tmp_path / "cache", progress=False)
+    assert f"`hf download {DECODER_22}`" in str(error.value)
+    parts = resolve(DECODER_22, cache_dir=tmp_path / "cache")
+    with pytest.raises(WeightsNotFoundError) as error:
+        parts["prior"].load()
+    assert all(f"`hf download {repo}`" in str(error.value) for repo in (DECODER_22, PRIOR_22, INPAINT_22, CONTROLNET_22))
+    assert "ControlNet UNet, for controlnet only" in str(error.value) and "M-CLIP" not in str(error.value)
+    with pytest.raises(ValueError, match="Kandinsky 2.2 has no original layout"):
+        resolve(DECODER_22, layout="original")
+    with pytest.raises(ValueError, match="controlnet_source: Kandinsky 2.1 has no ControlNet"):
+        resolve(DECODER, controlnet_source="x/y")
+    assert hub.detect_model(DECODER_22) == "2.2" and hub.detect_model(DECODER) == "2.1"
+
+
+def test_22_local_diffusers_folders_and_the_cli(fake_hub_22, tmp_path, monkeypatch, capsys):
+    """A local decoder folder finds its siblings by the hub's names, or takes them as options; ``kandinsky convert
+    pipeline`` writes our layout with the decoder's scheduler, which loads back to the same pipeline."""
+    from kandinsky.cli import main
+
+    root, pipes = fake_hub_22
+    monkeypatch.setattr(hub, "snapshot_download", FakeSnapshots(root, tmp_path / "s", fail=True))  # no hub
+    local = root / DECODER_22
+    assert hub.detect_model(local) == "2.2" and hub.detect_model(root / PRIOR_22) == "2.2"
+    shutil.copytree(local, tmp_path / "mine")
+    alone = resolve(tmp_path / "mine", cache_dir=tmp_path / "cache")  # 2.2 from the UNet's config, not the name
+    assert alone["scheduler"].load()["variance_type"] == "fixed_small" and "mclip" not in alone
+    with pytest.raises(WeightsNotFoundError, match="controlnet_source="):
+        alone["unet_controlnet"].load()
+    given = resolve(tmp_path / "mine", cache_dir=tmp_path / "cache", prior_source=str(root / PRIOR_22),
+                    controlnet_source=str(root / CONTROLNET_22))
+    assert given["unet_controlnet"].load().config.conditioning == "image_hint"
+    assert given["clip_text"].load().config.projection_dim == pipes["prior"].text_encoder.config.projection_dim
+    out = convert_all(tmp_path / "mine", tmp_path / "some", components=["movq", "scheduler"])
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["movq", "scheduler"]
+    with pytest.raises(ValueError, match=r"unknown \['mclip'\] for Kandinsky 2.2"):
+        convert_all(tmp_path / "mine", tmp_path / "more", components=["mclip"])
+    assert main(["convert", "pipeline", str(local), str(tmp_path / "ours"), "--cache-dir", str(tmp_path / "c")]) == 0
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == sorted(hub.COMPONENTS_22)
+    assert hub.detect_model(tmp_path / "ours") == "2.2"
+    from_ours = Kandinsky22.from_pretrained(tmp_path / "ours", progress=False)
+    from_folder = Kandinsky22.from_pretrained(local, cache_dir=tmp_path / "cache", progress=False)
+    assert same_sampling(from_ours.decoder_sampling, from_folder.decoder_sampling)
+    assert from_ours.decoder_sampling.sampler == "ddpm"
+    hint = torch.rand(1, 3, 64, 64, generator=seed(3))
+    assert np.array_equal(from_ours.controlnet("a cat", hint, generator=seed(2), **ARGS_22),
+                          from_folder.controlnet("a cat", hint, generator=seed(2), **ARGS_22))
+    # and back out: the scheduler travels into the diffusers export
+    assert main(["convert", "pipeline", str(tmp_path / "ours"), str(tmp_path / "d"), "--to", "diffusers"]) == 0
+    written = json.loads((tmp_path / "d" / "decoder" / "scheduler" / "scheduler_config.json").read_text())
+    assert written["_class_name"] == "DDPMScheduler" and written["variance_type"] == "fixed_small"
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["controlnet", "decoder", "inpaint",
+                                                                  "kandinsky21_export.json", "prior"]
+    capsys.readouterr()

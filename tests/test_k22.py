@@ -373,7 +373,7 @@ def test_controlnet_hint_is_resized_and_broadcast(tiny_22):
                                                  "negative_image_embeds": embeds[:1]})
 
 
-def test_missing_unets_and_hub_loading_are_one_line_errors():
+def test_missing_unets_and_the_original_layout_are_one_line_errors(tmp_path):
     parts = tiny.components_22(1)
     parts.pop("unet_controlnet")
     pipe = Kandinsky22(**parts, progress=False)
@@ -381,25 +381,36 @@ def test_missing_unets_and_hub_loading_are_one_line_errors():
     with pytest.raises(ValueError, match="these components have no 'unet_controlnet'"):
         pipe.controlnet("a", hint_tensor(), image_embeds=embeds, negative_image_embeds=embeds, height=SIZE,
                         width=SIZE, num_inference_steps=1)
-    with pytest.raises(NotImplementedError, match="from_diffusers"):
-        Kandinsky22.from_pretrained("kandinsky-community/kandinsky-2-2-decoder")
-    with pytest.raises(ValueError, match=r"\['unet_controlnet'\]: our weight files do not hold this component"):
-        Kandinsky22(**tiny.components_22(1)).save_pretrained("never-written")
+    with pytest.raises(ValueError, match="Kandinsky 2.2 has no original layout .* use layout='diffusers'") as error:
+        Kandinsky22(**tiny.components_22(1)).save_pretrained(tmp_path / "never-written", layout="original")
+    assert "\n" not in str(error.value) and not (tmp_path / "never-written").exists()
+    with pytest.raises(ValueError, match="model: Kandinsky22 loads Kandinsky 2.2 weights"):
+        Kandinsky22.from_pretrained(tmp_path, model="2.1")
 
 
 def test_saved_store_loads_back(tmp_path):
-    """A 2.2 store (without the ControlNet UNet, which our weight files do not hold yet) saved in our layout loads
-    back with from_pretrained and makes the same images."""
-    parts = tiny.components_22(2)
-    parts.pop("unet_controlnet")
-    pipe = Kandinsky22(**parts, progress=False)
+    """A full 2.2 store (the three UNets, and the decoder's scheduler config when it has one) saved in our layout loads
+    back with from_pretrained, bit for bit, and samples as the scheduler config says (without one: our default)."""
+    from kandinsky.components import Components
+    from test_convert_scheduler import OFFICIAL_22_DECODER
+
+    pipe = Kandinsky22.from_config("tiny", seed=2, progress=False)
     pipe.save_pretrained(tmp_path / "k22")
     again = Kandinsky22.from_pretrained(tmp_path / "k22", progress=False)
+    assert again.components.names() == pipe.components.names()
+    for name in ("clip_text", "clip_vision", "prior", "unet", "unet_inpaint", "unet_controlnet", "movq"):
+        ours, theirs = pipe.module(name).state_dict(), again.module(name).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
     args = dict(height=SIZE, width=SIZE, num_inference_steps=2, prior_num_inference_steps=2, output_type="pt")
     assert torch.equal(pipe.text2img("a cat", generator=seed(60), **args),
                        again.text2img("a cat", generator=seed(60), **args))
-    assert again.module("unet").config.conditioning == "image"
+    assert again.decoder_sampling.sampler == "ddim" and again.components.scheduler_config() is None
     assert Kandinsky22.from_pretrained("tiny:3").components.source == {"source": "tiny:3", "model": "2.2"}
+    scheduler = {"_class_name": "DDPMScheduler", **OFFICIAL_22_DECODER}
+    Kandinsky22(Components(**tiny.components_22(2), scheduler=scheduler)).save_pretrained(tmp_path / "ddpm")
+    ddpm = Kandinsky22.from_pretrained(tmp_path / "ddpm", progress=False)
+    assert ddpm.components.scheduler_config() == scheduler
+    assert (ddpm.decoder_sampling.sampler, ddpm.decoder_sampling.options["variance"]) == ("ddpm", "fixed_small")
 
 
 def test_public_name():

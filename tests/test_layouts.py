@@ -311,3 +311,74 @@ def test_an_original_export_is_what_the_original_code_loads(component, tmp_path)
         assert torch.equal(mean.flatten(), stats[0].flatten()) and torch.equal(std.flatten(), stats[1].flatten())
     recorded = json.loads((folder / "kandinsky21_export.json").read_text())["original_configs"][component]
     assert from_original(component, recorded, written, **({"clip_stats": stats} if stats else {})).config == ours.config
+
+
+# --- Kandinsky 2.2: prior/ decoder/ inpaint/ controlnet/ as kandinsky-2-2-prior, -decoder, -decoder-inpaint,
+# -controlnet-depth ---------------------------------------------------------------------------------------------
+
+PIPELINES_22 = {"prior": "KandinskyV22PriorPipeline", "decoder": "KandinskyV22Pipeline",
+                "inpaint": "KandinskyV22InpaintPipeline", "controlnet": "KandinskyV22ControlnetPipeline"}
+
+
+@pytest.fixture(scope="module")
+def tiny_22():
+    from kandinsky.pipeline import Kandinsky22
+
+    return Kandinsky22.from_config("tiny", seed=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def exported_22(tiny_22, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("export22") / "k22-diffusers"
+    tiny_22.save_pretrained(folder, layout="diffusers")
+    return folder
+
+
+def test_diffusers_22_pipelines_load_the_export_and_draw_our_images(exported_22, tiny_22, caplog):
+    """The decoders' scheduler is the DDIM configuration our pipeline samples with (a store without a scheduler
+    config of its own). Same seeds, float32: the prior within 3e-5 (test_k22.py's bound), the decoders' images in
+    [0, 1] (two steps from given embeddings) within 2e-4, test_k22.py's two-step bound (measured beside each)."""
+    from kandinsky import tiny
+
+    pipes = {}
+    for name, cls in PIPELINES_22.items():
+        pipes[name], records = load_quietly(getattr(diffusers, cls), exported_22 / name, caplog)
+        words = ("missing", "unexpected", "not used", "newly initialized", "not initialized")
+        assert not [r for r in records if any(w in r.lower() for w in words)], (name, records)
+    assert type(pipes["decoder"].scheduler).__name__ == "DDIMScheduler"
+    theirs = pipes["prior"]("the cat", num_inference_steps=2, generator=seed(1)).image_embeds
+    embeds, _ = tiny_22.prior("the cat", num_inference_steps=2, generator=seed(1))
+    assert float((embeds - theirs).abs().max()) < 3e-5  # measured 5.8e-6 (|embeds| up to 8.2)
+    embeds = torch.randn(1, tiny.WIDTH_22, generator=seed(2))
+    negative = torch.randn(1, tiny.WIDTH_22, generator=seed(3))
+    hint = torch.rand(1, 3, 64, 64, generator=seed(4))
+    image, mask = random_image(5, 64), np.zeros((64, 64), dtype=np.float32)
+    mask[:32] = 1
+    args = dict(height=64, width=64, num_inference_steps=2, output_type="np")
+    cases = {
+        "decoder": (pipes["decoder"](embeds, negative, generator=seed(6), **args).images,
+                    tiny_22.decode("", embeds, negative, generator=seed(6), **args)),
+        "controlnet": (pipes["controlnet"](embeds, negative, hint, generator=seed(6), **args).images,
+                       tiny_22.controlnet("", hint, image_embeds=embeds, negative_image_embeds=negative,
+                                          generator=seed(6), **args)),
+        "inpaint": (pipes["inpaint"](embeds, image, mask, negative, generator=seed(6), **args).images,
+                    tiny_22.inpaint("", image, mask, image_embeds=embeds, negative_image_embeds=negative,
+                                    generator=seed(6), **args)),
+    }
+    for name, (theirs, ours) in cases.items():
+        assert np.abs(ours - theirs).max() < 2e-4, name  # measured 2.6e-6 decoder, 4.2e-6 controlnet, 9.1e-6 inpaint
+
+
+def test_our_pipeline_reads_the_22_export_back_bit_identical(exported_22, tiny_22, tmp_path):
+    from kandinsky.hub import detect_model
+    from kandinsky.pipeline import Kandinsky22
+
+    assert detect_model(exported_22) == "2.2"
+    back = Kandinsky22.from_pretrained(exported_22, cache_dir=tmp_path, progress=False)  # the folder of pipelines
+    assert back.components.names() == tiny_22.components.names()
+    for name in ("prior", "unet", "unet_inpaint", "unet_controlnet", "movq", "clip_text", "clip_vision"):
+        assert_same_state(back.module(name), tiny_22.module(name))
+    assert back.decoder_sampling.sampler == "ddim"  # the exported DDIM config: our default's timesteps
+    assert back.decoder_sampling.timesteps("ddim", 7).tolist() == tiny_22.decoder_sampling.timesteps("ddim", 7).tolist()
+    with pytest.raises(ValueError, match="use layout='diffusers'"):
+        tiny_22.save_pretrained(tmp_path / "original", layout="original")

@@ -646,3 +646,58 @@ def test_a_folder_holding_another_component_is_refused(tiny, tmp_path):
         load_component("mclip", clip_text)
     with pytest.raises(WeightsFileError, match="does not hold a CLIP vision tower"):
         load_component("clip_vision", clip_text)
+
+
+# --- Kandinsky 2.2: the ControlNet UNet and the decoder's scheduler config as components --------------------------
+
+
+def test_the_controlnet_unet_is_a_component_of_its_own(tmp_path):
+    """``unet_controlnet`` folders hold a ControlNet UNet (conditioning "image_hint") and nothing else, bit for bit;
+    it converts from a diffusers folder as such; it has no original layout."""
+    from kandinsky import tiny
+    from kandinsky.convert import from_original
+
+    controlnet = randomize_(UNet(tiny.UNET_22_CONTROLNET), 0).eval()
+    folder = save_component("unet_controlnet", controlnet, tmp_path / "unet_controlnet")
+    loaded = load_component("unet_controlnet", folder)
+    assert loaded.config == tiny.UNET_22_CONTROLNET and loaded.state_dict().keys() == controlnet.state_dict().keys()
+    assert all(torch.equal(v, controlnet.state_dict()[k]) for k, v in loaded.state_dict().items())
+    assert json.loads((folder / "config.json").read_text())["component"] == "unet_controlnet"
+    with pytest.raises(WeightsFileError, match="holds a 'unet_controlnet' component, not the 'unet' expected"):
+        load_component("unet", folder)
+    plain = UNet(tiny.UNET_22).eval()  # its weights do not matter: refused by its config
+    with pytest.raises(ValueError, match="'unet_controlnet' is Kandinsky 2.2's ControlNet UNet .* 'image'"):
+        save_component("unet_controlnet", plain, tmp_path / "wrong")
+    assert not (tmp_path / "wrong").exists()
+    diffusers = pytest.importorskip("diffusers")
+    from kandinsky.convert import from_diffusers, to_diffusers
+
+    config, state = to_diffusers("unet", controlnet)
+    reference = diffusers.UNet2DConditionModel(**config)
+    reference.load_state_dict(state)
+    reference.save_pretrained(tmp_path / "diffusers")
+    out = convert_files("unet_controlnet", tmp_path / "diffusers", tmp_path / "converted")
+    assert all(torch.equal(v, controlnet.state_dict()[k]) for k, v in load_converted(out).state_dict().items())
+    with pytest.raises(ValueError, match="conditioning 'image'"):
+        from_diffusers("unet_controlnet", *to_diffusers("unet", plain))
+    with pytest.raises(ValueError, match="'unet_controlnet' has no original layout"):
+        from_original("unet_controlnet", {}, {})
+
+
+def test_the_scheduler_config_is_a_component(tmp_path):
+    config = {"_class_name": "DDPMScheduler", "variance_type": "fixed_small", "steps_offset": 1,
+              "trained_betas": None}
+    folder = save_component("scheduler", config, tmp_path / "scheduler")
+    assert _leftovers(folder) == ["scheduler_config.json"] and load_component("scheduler", folder) == config
+    with pytest.raises(FileExistsError):
+        save_component("scheduler", config, folder)
+    save_component("scheduler", {**config, "steps_offset": 0}, folder, overwrite=True)  # ours: replaceable
+    assert load_component("scheduler", folder)["steps_offset"] == 0
+    with pytest.raises(ValueError, match="expected a diffusers scheduler config"):
+        save_component("scheduler", {"steps_offset": 1}, tmp_path / "bad")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WeightsFileError, match="holds no scheduler"):
+        load_component("scheduler", tmp_path / "empty")
+    (tmp_path / "empty" / "scheduler_config.json").write_text("[1]")
+    with pytest.raises(WeightsFileError, match="expected a JSON object"):
+        load_component("scheduler", tmp_path / "empty")

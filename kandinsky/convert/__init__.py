@@ -6,8 +6,8 @@ Two layouts are read and written:
   ``decoder_fp16.ckpt``, ``inpainting_fp16.ckpt``) with the original constructor arguments as config;
 * ``diffusers``: the kandinsky-community repositories (``config.json`` + state dict per component), Kandinsky 2.1's
   and 2.2's: ``from_diffusers("unet", ...)`` reads every UNet variant (2.1, 2.2, 2.2 ControlNet; ``"unet_inpaint"``
-  for 9 input channels) and tells them apart by the config (see :mod:`kandinsky.convert.unet`). Kandinsky 2.2 has
-  no original layout.
+  for 9 input channels; ``"unet_controlnet"`` for the ControlNet UNet alone) and tells them apart by the config (see
+  :mod:`kandinsky.convert.unet`). Kandinsky 2.2 has no original layout.
 
 Example::
 
@@ -33,10 +33,13 @@ from torch import nn
 
 from kandinsky.convert.core import Source, build_strict
 
-COMPONENTS = ("movq", "prior", "unet", "unet_inpaint")
+COMPONENTS = ("movq", "prior", "unet", "unet_inpaint", "unet_controlnet")
 LAYOUTS = ("original", "diffusers")
 # component -> module under kandinsky/convert/ that implements `original(...)` and `diffusers(...)`
-_CONVERTERS = {"movq": "movq", "prior": "prior", "unet": "unet", "unet_inpaint": "unet"}
+_CONVERTERS = {"movq": "movq", "prior": "prior", "unet": "unet", "unet_inpaint": "unet", "unet_controlnet": "unet"}
+# components that are another component's model under a name of their own: Kandinsky 2.2's ControlNet UNet is a
+# "unet" (the unet converter and model class) whose config must have conditioning "image_hint"
+_MODEL_OF = {"unet_controlnet": "unet"}
 
 
 def _converter(component: str):
@@ -45,9 +48,28 @@ def _converter(component: str):
     return importlib.import_module(f"kandinsky.convert.{_CONVERTERS[component]}")
 
 
+def model_component(component: str) -> str:
+    """The component whose model class and config class ``component`` uses (:func:`kandinsky.models.model_class`):
+    ``"unet"`` for ``"unet_controlnet"``, else ``component`` itself."""
+    _converter(component)
+    return _MODEL_OF.get(component, component)
+
+
+def check_model(component: str, config) -> None:
+    """Refuse a config that is not ``component``'s: a ``unet_controlnet`` must read a hint (conditioning
+    ``"image_hint"``). ``ValueError`` naming both."""
+    if component == "unet_controlnet" and getattr(config, "conditioning", None) != "image_hint":
+        raise ValueError(f"component 'unet_controlnet' is Kandinsky 2.2's ControlNet UNet (conditioning 'image_hint'), "
+                         f"got a UNet with conditioning {getattr(config, 'conditioning', None)!r}")
+
+
 def official_original_config(component: str) -> dict:
     """The original constructor arguments of the official ``component`` checkpoint (CONFIG_2_1)."""
-    return dict(_converter(component).OFFICIAL_ORIGINAL_CONFIGS[component])
+    configs = _converter(component).OFFICIAL_ORIGINAL_CONFIGS
+    if component not in configs:
+        raise ValueError(f"component {component!r} has no original layout (Kandinsky 2.2: ai-forever's own code loads "
+                         "the kandinsky-community diffusers repositories); expected one of " + str(list(configs)))
+    return dict(configs[component])
 
 
 def _convert(layout: str, component: str, config: Mapping, state_dict: Mapping[str, torch.Tensor],
@@ -56,10 +78,13 @@ def _convert(layout: str, component: str, config: Mapping, state_dict: Mapping[s
 
     if not isinstance(config, Mapping):
         raise ValueError(f"config must be a dict of the {layout} hyperparameters, got {type(config).__name__}")
+    if layout == "original" and component == "unet_controlnet":
+        official_original_config(component)  # raises: Kandinsky 2.2 has no original layout
     source = Source(state_dict, layout)
     convert = getattr(_converter(component), layout)
-    our_config, converted = convert(component, dict(config), source, **extra)
-    cls = model_class(component)
+    our_config, converted = convert(model_component(component), dict(config), source, **extra)
+    check_model(component, our_config)
+    cls = model_class(model_component(component))
     return build_strict(component, lambda: cls(our_config), converted, source, dtype)
 
 
@@ -95,8 +120,8 @@ def foreign_config(component: str, config, layout: str) -> dict:
     converter = _converter(component)
     if _check_layout(layout) == "diffusers":
         return converter.to_diffusers_config(config)
-    if component in ("unet", "unet_inpaint"):
-        return converter.to_original_config(component, config)
+    if component in ("unet", "unet_inpaint", "unet_controlnet"):
+        return converter.to_original_config(model_component(component), config)
     return converter.to_original_config(config)
 
 

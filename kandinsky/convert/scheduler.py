@@ -96,10 +96,12 @@ def _ddim(config: dict) -> Sampling:
 
 def _ddpm(config: dict) -> Sampling:
     values = _values(config, _DDPM_DEFAULTS, "DDPMScheduler")
-    if values["variance_type"] != "learned_range":
+    if values["variance_type"] not in ("learned_range", "fixed_small"):
         _refuse("DDPMScheduler", "variance_type", values["variance_type"],
-                "our DDPM takes the variance the UNet predicts (learned_range, the Kandinsky config)")
-    options = {"prediction": _prediction(values, "DDPMScheduler"), "thresholding": values["thresholding"],
+                "expected learned_range (the UNet's predicted variance: kandinsky-2-1's ddpm_scheduler) or "
+                "fixed_small (the posterior variance: kandinsky-2-2-decoder)")
+    options = {"prediction": _prediction(values, "DDPMScheduler"), "variance": values["variance_type"],
+               "thresholding": values["thresholding"],
                "dynamic_thresholding_ratio": values["dynamic_thresholding_ratio"],
                "sample_max_value": values["sample_max_value"]}
     if values["clip_sample"] and not values["thresholding"]:

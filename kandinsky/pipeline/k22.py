@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
@@ -63,27 +62,38 @@ class Kandinsky22(Kandinsky21):
     # ---- construction ---------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, source: str | os.PathLike, *, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, offload: str | None = None, progress: bool = True,
-                        **options) -> Kandinsky22:
-        """A local folder in our layout (what :meth:`save_pretrained` writes; its components load memory-mapped on
-        first use) or ``"tiny"`` / ``"tiny:SEED"`` (:meth:`from_config`). The 2.2 hub repositories
-        (``kandinsky-community/kandinsky-2-2-*``) are not read yet: build diffusers' ``KandinskyV22PriorPipeline``
-        and decoder pipelines from them and pass those to :meth:`from_diffusers`. ``options``: as
-        :meth:`kandinsky.components.Components.from_pretrained`."""
-        from kandinsky.hub import detect_layout, tiny_seed
+    def from_pretrained(cls, source: str | os.PathLike = "kandinsky-community/kandinsky-2-2-decoder", *,
+                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                        offload: str | None = None, progress: bool = True, **options) -> Kandinsky22:
+        """Kandinsky 2.2 weights from the hub, a local folder or ``"tiny"`` / ``"tiny:SEED"`` (:meth:`from_config`),
+        each component converted once into the cache and loaded memory-mapped when a task first needs it
+        (:func:`kandinsky.hub.resolve` with ``model="2.2"``).
+
+        ``source``: the decoder repository ``kandinsky-community/kandinsky-2-2-decoder`` (the default; its siblings
+        ``-2-2-prior``, ``-2-2-decoder-inpaint`` and ``-2-2-controlnet-depth`` give the prior and CLIP ViT-bigG
+        towers, the inpainting UNet and the ControlNet UNet), a local folder in diffusers' layout (its siblings
+        named the same way beside it, or a ``save_pretrained(..., layout="diffusers")`` export) or in ours (what
+        :meth:`save_pretrained` writes). ``options``: ``prior_source``, ``inpaint_source``, ``controlnet_source``
+        (other repositories or folders for those), ``clip_source``, ``revision``, ``cache_dir``, as
+        :meth:`kandinsky.components.Components.from_pretrained` takes them.
+
+        The decoder samples as the source's decoder scheduler config says (``scheduler/scheduler_config.json``:
+        kandinsky-2-2-decoder's ``DDPMScheduler``, :func:`kandinsky.convert.scheduler.sampling_from_diffusers`);
+        without one, with Kandinsky's default (DDIM). That small file is read here, when the pipeline is built
+        (downloaded once into the cache); the models are read when a task needs them."""
+        from kandinsky.convert.scheduler import sampling_from_diffusers
+        from kandinsky.hub import tiny_seed
 
         seed = tiny_seed(source)
         if seed is not None:
             return cls.from_config("tiny", seed=seed, device=device, dtype=dtype, offload=offload, progress=progress)
-        folder = Path(source).expanduser()
-        if not folder.is_dir() or detect_layout(folder) != "ours":
-            raise NotImplementedError(f"Kandinsky22.from_pretrained({str(source)!r}): only folders in our layout (what "
-                                      "save_pretrained writes) and 'tiny' are read; for the 2.2 hub repositories build "
-                                      "diffusers' KandinskyV22PriorPipeline and KandinskyV22Pipeline and pass them to "
-                                      "Kandinsky22.from_diffusers")
-        return cls(Components.from_pretrained(folder, device=device, dtype=dtype, offload=offload, **options),
-                   progress=progress)
+        if options.get("model", MODEL) != MODEL:
+            raise ValueError(f"model: Kandinsky22 loads Kandinsky 2.2 weights, got model={options['model']!r}")
+        components = Components.from_pretrained(source, device=device, dtype=dtype, offload=offload,
+                                                **{**options, "model": MODEL})
+        config = components.scheduler_config()
+        return cls(components, progress=progress,
+                   decoder_sampling=None if config is None else sampling_from_diffusers(config))
 
     @classmethod
     def from_config(cls, name: str = "tiny", *, seed: int = 0, device: str | torch.device = "cpu",

@@ -37,6 +37,7 @@ __all__ = [
     "unclip_float32_step",
     "unclip_float32_scalars",
     "ARITHMETICS",
+    "DDPM_VARIANCES",
     "ddim_step",
     "dpmpp_2m_step",
     "euler_ancestral_step",
@@ -51,6 +52,8 @@ X0Fn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SAMPLERS = ("p_sampler", "ddim", "plms", "unclip", "ddpm", "dpmpp_2m", "euler_a")
 # unclip's `arithmetic` option: diffusers' UnCLIPScheduler (float32) or the original prior sampler (float64)
 ARITHMETICS = ("float32", "float64")
+# ddpm's `variance` option: diffusers' DDPMScheduler variance_type values it reproduces
+DDPM_VARIANCES = ("learned_range", "fixed_small")
 
 # Each sampler's default timestep selection = its reference's: (spacing, offset).
 DEFAULT_SPACING = {
@@ -414,7 +417,7 @@ _OPTIONS = {
     "ddim": _COMMON | {"eta", "set_alpha_to_one", "prev_stride"},
     "plms": _COMMON | {"set_alpha_to_one"},
     "unclip": _COMMON | {"clip_sample_range", "x0_fn", "arithmetic"},
-    "ddpm": _COMMON | {"thresholding", "dynamic_thresholding_ratio", "sample_max_value", "x0_fn"},
+    "ddpm": _COMMON | {"thresholding", "dynamic_thresholding_ratio", "sample_max_value", "x0_fn", "variance"},
     "dpmpp_2m": _COMMON,
     "euler_a": _COMMON,
 }
@@ -450,7 +453,9 @@ def sample(
     - unclip: `clip_sample_range` (default 10.0; None disables), `x0_fn`, `arithmetic`: "float32" (default,
       diffusers' UnCLIPScheduler: float32 table and scalars, see `unclip_float32_step`) or "float64" (the original
       prior's numpy float64 scalars).
-    - ddpm: `thresholding` (default True), `dynamic_thresholding_ratio` (0.995), `sample_max_value` (2.0), `x0_fn`.
+    - ddpm: `thresholding` (default True), `dynamic_thresholding_ratio` (0.995), `sample_max_value` (2.0), `x0_fn`,
+      `variance`: "learned_range" (default: the model's variance channels when its output has them) or "fixed_small"
+      (diffusers' DDPMScheduler variance_type: variance channels dropped, the posterior variance).
     """
     _check_name(name)
     unknown = set(options) - _OPTIONS[name]
@@ -564,7 +569,12 @@ def _p_sampler(denoise, x, schedule, timesteps, steps, prediction, noise_fn, cal
 
 
 def _ddpm(denoise, x, schedule, timesteps, steps, prediction, noise_fn, callback, *, thresholding=True,
-          dynamic_thresholding_ratio=0.995, sample_max_value=2.0, x0_fn=None):
+          dynamic_thresholding_ratio=0.995, sample_max_value=2.0, x0_fn=None, variance="learned_range"):
+    if variance not in DDPM_VARIANCES:
+        raise ValueError(f"variance: expected one of {list(DDPM_VARIANCES)}, got {variance!r}")
+    if variance == "fixed_small":  # the posterior variance whatever the model predicts: drop its variance channels
+        model = denoise
+        denoise = lambda x_in, t: split_output(model(x_in, t), x_in)[0]  # noqa: E731
     process = None
     if thresholding:
         process = lambda x0: dynamic_threshold(x0, dynamic_thresholding_ratio, max_value=sample_max_value)  # noqa: E731
