@@ -323,6 +323,21 @@ MUTATIONS = (
     Mutation("unet_scale_without_one", "kandinsky/models/unet.py",
              "self.norm2(h), 1 + scale)", "self.norm2(h), scale)",
              ("tests/test_unet.py::test_original_fixture_forward[unet]",)),
+    # ---- Kandinsky 2.2 weights: siblings, the decoder's scheduler config, DDPM fixed_small
+    Mutation("ddpm_fixed_small_ignored", "kandinsky/schedulers/samplers.py",
+             'if variance == "fixed_small":', 'if variance == "fixed_small_never":',
+             (SCHEDULER_CONFIGS + "test_ddpm_fixed_small_steps_as_diffusers",)),
+    Mutation("k22_inpaint_sibling_misnamed", "kandinsky/hub.py",
+             '"inpaint": base + "-inpaint", "controlnet"', '"inpaint": stem + "-inpaint", "controlnet"',
+             ("tests/test_hub.py::test_22_hub_repositories_load_lazily_and_sample_with_the_decoder_scheduler",)),
+    Mutation("k22_scheduler_config_ignored", "kandinsky/pipeline/k22.py",
+             "decoder_sampling=None if config is None else sampling_from_diffusers(config))",
+             "decoder_sampling=None)",
+             ("tests/test_k22.py::test_saved_store_loads_back",)),
+    Mutation("k22_export_scheduler_dropped", "kandinsky/layouts.py",
+             'scheduler = components[SCHEDULER]() if model == "2.2" and SCHEDULER in components else None',
+             "scheduler = None",
+             ("tests/test_hub.py::test_22_local_diffusers_folders_and_the_cli",)),
 )
 
 GUARD_SOURCE = f'''"""pytest plugin of scripts/mutation_check.py: stop unless kandinsky is imported from the copy."""
