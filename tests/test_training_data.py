@@ -17,10 +17,14 @@ from kandinsky.components import Components
 from kandinsky.images import load_image
 from kandinsky.training.data import (
     FEATURES,
+    BatchPlan,
     CachedFeatures,
+    DrawSettings,
     EncodedFeatures,
     Encoders,
+    LoaderSettings,
     Record,
+    StepBatches,
     batch_records,
     build_cache,
     cache_description,
@@ -31,6 +35,7 @@ from kandinsky.training.data import (
     inpaint_mask,
     read_records,
     remove_damaged,
+    step_loader,
     training_pixels,
     with_dropout,
 )
@@ -156,10 +161,18 @@ def tiny_components():
     return Components.from_config("tiny")
 
 
-@pytest.mark.parametrize("task", ["decoder", "prior"])
-def test_cache_holds_what_the_encoders_compute(tmp_path, tiny_components, task):
+@pytest.fixture(scope="module")
+def tiny_components_22():
+    from kandinsky import tiny
+
+    return Components(**tiny.components_22(0))
+
+
+@pytest.mark.parametrize("task", ["decoder", "prior", "decoder_22"])
+def test_cache_holds_what_the_encoders_compute(tmp_path, request, task):
     records = read_records(write_jsonl_data(tmp_path / "data"))
-    encoders = Encoders(tiny_components, task, RESOLUTION)
+    components = request.getfixturevalue("tiny_components_22" if task == "decoder_22" else "tiny_components")
+    encoders = Encoders(components, task, RESOLUTION)
     description = cache_description(task, records, RESOLUTION, {"source": "tiny"})
     folder = tmp_path / "cache"
     # two processes' shares (shard size 3: shards 0 and 1), the second process first; the index comes last
@@ -174,10 +187,18 @@ def test_cache_holds_what_the_encoders_compute(tmp_path, tiny_components, task):
     for key in got:
         # the cache encoded 3 + 1 images per batch, this 3: float32 rounding of other batch shapes (measured 0)
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
-    if task == "decoder":
+    if task != "prior":
         assert got["latents"].shape == (3, 4, RESOLUTION // 8, RESOLUTION // 8)
+        assert encoded.sample_shape == cached.sample_shape == (4, RESOLUTION // 8, RESOLUTION // 8)
     else:
         assert got["text_mask"].dtype == torch.bool
+        assert encoded.sample_shape == cached.sample_shape == got["image_embeds"].shape[1:]
+    if task == "decoder_22":  # no text; a dropped image is the zero image's embedding, 2.2's default negative
+        from kandinsky.text_encoders import zero_image_embeds
+
+        assert set(encoded.null) == {"image_embeds"}
+        torch.testing.assert_close(encoded.null["image_embeds"], zero_image_embeds(components.module("clip_vision")))
+        assert got["image_embeds"].shape == (3, components.module("clip_vision").config.projection_dim)
     for key in encoded.null:
         torch.testing.assert_close(cached.null[key], encoded.null[key])
     # complete and matching: reused without encoders; other data: refused
@@ -351,3 +372,48 @@ def test_training_timesteps_cover_0_to_999_and_never_1000(many_draws):
     assert timesteps.min() == 0 and timesteps.max() == 999
     counts = np.bincount(timesteps // 100, minlength=10)
     assert len(counts) == 10 and all(_within_binomial(c, DRAWS, 0.1) for c in counts)
+
+
+# ---------------------------------------------------------------------------------------------- the data loader (issue 28)
+
+
+class _IndexReader:
+    """Stands for the cached features: each record's index as a (1, 2, 3) latent, and one that cannot be read."""
+
+    unreadable = 7
+
+    def read(self, indices):
+        if self.unreadable in indices:
+            raise ValueError(f"data: record {self.unreadable}: cannot read image")
+        return {"latents": torch.tensor(indices, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 1, 2, 3).clone()}
+
+
+def test_step_batches_give_each_process_its_share_in_any_worker():
+    """Micro-batch i of a process is step i // grad_accum's share of the global batch (batch_records: the data
+    order, draw_sample: the draws keyed by the position in the global batch), the same through a DataLoader
+    with 2 workers; the shares of 2 processes x 2 micro-batches are the global batch's quarters; a data error
+    is an item, for the training process to raise."""
+    draws = DrawSettings(seed=3, text_dropout=0.5, image_dropout=0.5, inpainting=True)
+    whole = StepBatches(_IndexReader(), BatchPlan(3, 8, 1, 6), draws, (1, 2, 3))
+    for rank in range(2):
+        plan = BatchPlan(3, 8, 2, 6, rank=rank, world_size=2)
+        shares = StepBatches(_IndexReader(), plan, draws, (1, 2, 3))
+        for step in range(3):
+            full = whole[step]
+            for micro in range(2):
+                part = shares[step * 2 + micro]
+                rows = slice(rank * 4 + micro * 2, rank * 4 + micro * 2 + 2)
+                for key in ("latents", "timesteps", "noise", "text_dropped", "image_dropped", "inpaint_mask"):
+                    assert torch.equal(part[key], full[key][rows]), (rank, step, micro, key)
+    assert [int(v) for v in whole[0]["latents"][:, 0, 0, 0]] == batch_records(3, 0, 8, 6)
+    first = draw_sample(3, 1, 5, (1, 2, 3), text_dropout=0.5, image_dropout=0.5, mask_size=(2, 3))
+    assert torch.equal(whole[1]["noise"][5], first.noise) and int(whole[1]["timesteps"][5]) == first.timestep
+    # a DataLoader with workers: the same items, in order, from the step asked for
+    loaded = list(step_loader(whole, 1, 4, LoaderSettings(workers=2, prefetch=1)))
+    assert [item["step"] for item in loaded] == [1, 2, 3]
+    for item, index in zip(loaded, range(1, 4)):
+        direct = whole[index]
+        assert "error" not in direct and all(torch.equal(item[k], direct[k]) for k in direct if k != "step"), index
+    failing = next(i for i in range(20) if 7 in batch_records(3, i, 8, 8))
+    item = StepBatches(_IndexReader(), BatchPlan(3, 8, 1, 8), draws, (1, 2, 3))[failing]
+    assert item == {"error": "data: record 7: cannot read image", "step": failing}

@@ -240,6 +240,52 @@ def test_min_snr_weighting(original_fixture):
     torch.testing.assert_close(weighted["loss"], plain["mse"] * weights, rtol=1e-4, atol=0)
 
 
+# ---- Kandinsky 2.2 ------------------------------------------------------------------------------------------------
+
+def test_k22_decoder_loss_is_diffusers_epsilon_mse_on_the_noise_channels():
+    """The 2.2 decoder's loss (objective eps, the image embedding alone), against diffusers' 2.2 decoder example
+    built by hand: DDPMScheduler(linear 0.00085..0.012, 1000 steps).add_noise, the UNet output's first 4
+    channels, F.mse_loss; Min-SNR weights min(snr, gamma) / snr with snr = ab / (1 - ab) from the betas in float64.
+    The variance channels get no gradient."""
+    from diffusers import DDPMScheduler
+
+    from kandinsky import tiny
+
+    unet = tiny.randomize_(UNet(tiny.UNET_22), seed=3)
+    generator = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(4, 4, 8, 8, generator=generator), torch.randn(4, 4, 8, 8, generator=generator)
+    image_embeds = torch.randn(4, tiny.WIDTH_22, generator=generator)
+    t = torch.tensor([0, 17, 500, 999])  # snr 1175, 58, 0.19, 0.0016
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.00085, beta_end=0.012)
+    noisy = scheduler.add_noise(x0, noise, t)
+    predicted = unet(noisy, t, image_embeds=image_embeds)[:, :4]
+    expected = torch.nn.functional.mse_loss(predicted, noise, reduction="none").mean(dim=(1, 2, 3))
+    expected.sum().backward()
+    expected_grads = {name: p.grad.clone() for name, p in unet.named_parameters()}
+    unet.zero_grad()
+
+    ours = decoder_loss(unet, x0, t, noise, image_embeds=image_embeds, objective="eps")
+    assert set(ours) == {"loss", "mse"}
+    # diffusers' float32 schedule against our float64 one indexed then cast: measured 8.9e-8 relative
+    torch.testing.assert_close(ours["loss"], expected.detach(), rtol=1e-5, atol=0)
+    ours["loss"].sum().backward()
+    for name, param in unet.named_parameters():
+        # float32 rounding of the two computations: measured at most 1.3e-6 apart
+        torch.testing.assert_close(param.grad, expected_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert not unet.conv_out.weight.grad[4:].any() and unet.conv_out.weight.grad[:4].abs().max() > 0
+
+    gamma = 5.0
+    weighted = decoder_loss(unet, x0, t, noise, image_embeds=image_embeds, objective="eps", snr_gamma=gamma)
+    alphas_cumprod = np.cumprod(1 - np.linspace(0.00085, 0.012, 1000, dtype=np.float64))
+    snr = torch.from_numpy(alphas_cumprod / (1 - alphas_cumprod))[t]
+    torch.testing.assert_close(weighted["loss"].double(), ours["mse"].detach().double() * snr.clamp(max=gamma) / snr,
+                               rtol=1e-6, atol=0)
+    assert torch.equal(weighted["loss"][2:], ours["mse"][2:]) and (weighted["loss"][:2] < 0.1 * ours["mse"][:2]).all()
+    with pytest.raises(ValueError, match="text_embeds: this UNet .*'image'.* takes no such input"):
+        decoder_loss(unet, x0, t, noise, image_embeds=image_embeds, text_embeds=torch.randn(4, 32), objective="eps")
+
+
 # ---- prior ------------------------------------------------------------------------------------------------------
 
 def test_prior_loss_and_gradients_match_original(original_fixture):

@@ -13,6 +13,10 @@ configs) and behaviour checked against independent expectations (issue 25: close
 input for a hand-made mask, which conditioning each dropout replaces, LoRA's alpha / rank, DDP's no_sync during
 accumulation, 1 x 4 against 2 x 2 accumulation).
 
+Kandinsky 2.2 (issue 26): its decoder from the command line (``--weights tiny --model 2.2``) loading in Kandinsky22,
+a LoRA run's adapter over its base, DDP against one process (in the shared torchrun), the model's detection. The
+data loader (issue 28): 0 and 2 workers train alike, ``--profile-steps`` and the idle fraction.
+
 Tolerances: Adam divides each gradient by its running RMS, so float rounding in a gradient element near zero
 can move that weight by up to the learning rate. Weights are compared without the parameters whose gradient is
 zero analytically (the attention *key* biases; convolution biases that a one-channel-per-group GroupNorm
@@ -43,9 +47,9 @@ from kandinsky.cli import main
 from kandinsky.components import Components
 from kandinsky.lora import read_lora
 from kandinsky.models.unet import UNet
-from kandinsky.pipeline import Kandinsky21
+from kandinsky.pipeline import Kandinsky21, Kandinsky22
 from kandinsky.training import data, loop
-from kandinsky.training.config import TrainConfig
+from kandinsky.training.config import TrainConfig, model_in_weights
 from kandinsky.training.data import (
     CachedFeatures,
     batch_records,
@@ -57,7 +61,15 @@ from kandinsky.training.data import (
 from kandinsky.training.loop import EMA, freeze, learning_rate
 from kandinsky.training.losses import decoder_schedule
 from kandinsky.weights import load_converted, write_base
-from tiny_training import EMBED_DIM, RESOLUTION, corrupt_png_stream, write_jsonl_data, write_tiny_base
+from tiny_training import (
+    EMBED_DIM,
+    EMBED_DIM_22,
+    RESOLUTION,
+    corrupt_png_stream,
+    write_jsonl_data,
+    write_tiny_base,
+    write_tiny_base_22,
+)
 
 STEPS = 3
 LR = 1e-3
@@ -96,27 +108,32 @@ def torchrun(*args: str) -> None:
 def root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("training")
     write_tiny_base(root / "base")
+    write_tiny_base_22(root / "base22")
     write_jsonl_data(root / "data")
     return root
 
 
 @pytest.fixture(scope="module")
 def runs(root) -> Path:
-    """One process (which builds the caches) and two processes of the same decoder and prior trainings."""
+    """One process (which builds the caches) and two processes of the same decoder and prior trainings; the 2.2
+    decoder's too (detected from its UNet's config), in the same torchrun as FSDP."""
     decoder = ["--weights", root / "base", "--data", root / "data", "--cache", root / "cache", *DECODER]
     prior = ["--weights", root / "base", "--data", root / "data", "--cache", root / "prior_cache", *PRIOR]
+    k22 = ["--weights", root / "base22", "--data", root / "data", "--cache", root / "cache22", *DECODER]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as torchrun's processes (and the tests, see conftest.py): the same float rounding
     try:
         train("decoder", *decoder, "--grad-accum", "2", "--output", root / "single")
         train("prior", *prior, "--grad-accum", "2", "--output", root / "prior_single")
+        train("decoder", *k22, "--grad-accum", "2", "--output", root / "k22_single")
     finally:
         torch.set_num_threads(threads)
     torchrun("-m", "kandinsky", "train", "decoder", *decoder, "--output", root / "ddp")
     driver = root / "driver.py"
     driver.write_text(DRIVER)
     torchrun(driver, "train", "decoder", *decoder, "--strategy", "fsdp", "--output", root / "fsdp", "--next",
-             "train", "prior", *prior, "--output", root / "prior_ddp")
+             "train", "prior", *prior, "--output", root / "prior_ddp", "--next",
+             "train", "decoder", *k22, "--num-workers", 1, "--output", root / "k22_ddp")  # (2 cores: 0 by default)
     return root
 
 
@@ -192,6 +209,15 @@ def test_prior_two_processes_train_like_one(runs):
     assert_same_logs(runs / "prior_single", runs / "prior_ddp", rtol=1e-6)
     for name in ("trainable", "ema"):
         assert max_weight_difference(runs / "prior_single", runs / "prior_ddp", name) <= 1e-6  # measured 0
+
+
+def test_k22_decoder_two_processes_train_like_one(runs):
+    """Kandinsky 2.2's decoder under DDP (2 processes, gloo) against 1 process x 2 micro-batches."""
+    assert json.loads((runs / "k22_ddp" / "train_config.json").read_text())["model"] == "2.2"  # detected
+    assert_same_logs(runs / "k22_single", runs / "k22_ddp", rtol=1e-6)
+    assert "vb" not in log(runs / "k22_single")[0]  # 2.2: the eps objective
+    for name in ("trainable", "ema"):
+        assert max_weight_difference(runs / "k22_single", runs / "k22_ddp", name) <= 1e-6  # measured 0
 
 
 # ------------------------------------------------------------------------------------------------- resume
@@ -274,6 +300,47 @@ def test_lora_round_trip_restores_the_base_exactly(runs):
     assert not (runs / "lora_on_lora").exists()
 
 
+def test_k22_decoder_from_tiny_trains_from_the_command_line_loads_in_kandinsky22_and_generates(root):
+    """``--weights tiny --model 2.2``: the tiny 2.2 base is written into the output (``tiny`` names 2.1's), so that
+    ``Kandinsky22.from_pretrained(OUT)`` takes the trained UNet from the run and the rest from that base."""
+    out = root / "k22_tiny"
+    train("decoder", "--weights", "tiny", "--model", "2.2", "--data", root / "data", "--steps", 2, "--batch-size", 2,
+          "--resolution", RESOLUTION, "--lr", LR, "--no-progress", "--output", out)
+    lines = log(out)
+    assert [r["step"] for r in lines] == [1, 2] and all(np.isfinite([r["loss"], r["mse"]]).all() for r in lines)
+    assert "vb" not in lines[0]  # 2.2: the eps objective (diffusers' 2.2 decoder example)
+    assert json.loads((out / "base.json").read_text()) == {"source": "base"}
+    pipe = Kandinsky22.from_pretrained(str(out), progress=False)
+    trained = load_converted(out / "unet").state_dict()
+    unet = pipe.module("unet").state_dict()
+    assert all(torch.equal(unet[k], trained[k]) for k in trained)
+    reference = Kandinsky22.from_config("tiny", progress=False)
+    assert not same(trained, reference.module("unet").state_dict())
+    assert same(pipe.module("movq").state_dict(), reference.module("movq").state_dict())
+    image = pipe.text2img("a red cat", num_inference_steps=2, prior_num_inference_steps=2, height=RESOLUTION,
+                          width=RESOLUTION, generator=torch.Generator().manual_seed(0), output_type="pt")
+    assert image.shape == (1, 3, RESOLUTION, RESOLUTION) and torch.isfinite(image).all()
+
+
+def test_k22_lora_loads_over_its_base_as_2_1s_does(root):
+    out = root / "k22_lora"
+    train("decoder", "--weights", root / "base22", "--data", root / "data", "--steps", 2, "--batch-size", 4,
+          "--resolution", RESOLUTION, "--lora-rank", 4, "--lr", 1e-2, "--no-progress", "--output", out)
+    assert not (out / "unet").exists() and read_lora(out)[1]["component"] == "unet"
+    embeds = torch.randn(1, EMBED_DIM_22, generator=torch.Generator().manual_seed(1))
+
+    def decode(pipe: Kandinsky22) -> torch.Tensor:
+        return pipe.decode("a red cat", embeds, torch.zeros_like(embeds), num_inference_steps=3, height=RESOLUTION,
+                           width=RESOLUTION, generator=torch.Generator().manual_seed(0), output_type="pt")
+
+    base = decode(Kandinsky22.from_pretrained(str(root / "base22"), progress=False))
+    pipe = Kandinsky22.from_pretrained(str(root / "base22"), progress=False).load_lora(out / "lora.safetensors")
+    adapted = decode(pipe)
+    assert (adapted - base).abs().max() > 1e-3
+    assert torch.equal(decode(Kandinsky22.from_pretrained(str(out), progress=False)), adapted)  # base.json + adapter
+    assert torch.equal(decode(pipe.unload_lora()), base)
+
+
 def test_tiny_decoder_overfits_four_images(root):
     out = root / "overfit"
     train("decoder", "--weights", root / "base", "--data", root / "data", "--cache", root / "overfit_cache",
@@ -343,11 +410,27 @@ def test_learning_rate_warmup():
     (["decoder", "--lora-rank", "4", "--freeze", "resblocks"], "use either --freeze or --lora-rank"),
     (["decoder", "--resolution", "100"], "--resolution: expected a multiple of 64"),
     (["decoder", "--ema", "1.5"], "--ema: expected a decay in (0, 1)"),
+    (["decoder", "--model", "2.2", "--objective", "original"], "--objective original: Kandinsky 2.2 has no original"),
+    (["inpaint", "--model", "2.2", "--text-dropout", "0.2"], "--text-dropout: the Kandinsky 2.2 decoder reads no text"),
+    (["decoder", "--num-workers", "0", "--prefetch-factor", "2"], "--prefetch-factor: only with data-loader workers"),
+    (["decoder", "--num-workers", "-1"], "--num-workers: expected an integer >= 0, got -1"),
+    (["decoder", "--profile-steps", "-2"], "--profile-steps: expected an integer >= 0, got -2"),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, capsys, args, message):
     code = main(["train", *args, "--weights", str(tmp_path), "--data", str(tmp_path), "--output", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("kandinsky: error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_model_is_detected_from_the_weights_and_a_contradicting_model_refused(root, tmp_path, capsys):
+    assert model_in_weights("tiny") is None and model_in_weights("kandinsky-community/kandinsky-2-1") is None
+    assert model_in_weights("kandinsky-community/kandinsky-2-2-decoder")[0] == "2.2"
+    assert model_in_weights(str(root / "base"))[0] == "2.1" and model_in_weights(str(root / "base22"))[0] == "2.2"
+    run_output = write_base(tmp_path / "lora_run", root / "base22").parent  # no UNet of its own: its base's
+    assert model_in_weights(str(run_output))[0] == "2.2"
+    code, err = run(capsys, *quick(root, None, "--model", "2.2"), "--output", tmp_path / "o")
+    assert code == 2 and "--model 2.2: --weights" in error_line(err) and "holds Kandinsky 2.1 weights" in err
     assert not (tmp_path / "o").exists()
 
 
@@ -731,6 +814,45 @@ def test_lora_alpha_scales_the_adapter_by_alpha_over_rank_in_training_and_loadin
         torch.testing.assert_close(trained.get_submodule(name)(x), expected, rtol=1e-5, atol=1e-5)
 
 
+# ---- the data loader and the profile (issue 28)
+
+
+def test_data_loader_workers_leave_the_run_unchanged(root, tmp_path):
+    """Without a cache (images decoded, masks drawn in the workers), 0 and 2 workers: the same losses and weights."""
+    args = ["inpaint", *quick(root, None, "--steps", 2)[1:]]
+    for workers in (0, 2):
+        train(*args, "--num-workers", workers, "--output", tmp_path / f"workers{workers}")
+    assert [{k: r[k] for k in ("loss", "mse", "vb")} for r in log(tmp_path / "workers0")] == \
+        [{k: r[k] for k in ("loss", "mse", "vb")} for r in log(tmp_path / "workers2")]
+    assert same(checkpoint(tmp_path / "workers0", "trainable", 2), checkpoint(tmp_path / "workers2", "trainable", 2))
+
+
+def test_profile_steps_report_the_idle_fraction(root, cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = run(capsys, *quick(root, cache, "--steps", 2, "--profile-steps", 1), "--output", out)
+    assert code == 0
+    summary = json.loads((out / "profile" / "summary.json").read_text())
+    assert (summary["steps"], summary["first_step"], summary["last_step"]) == (1, 2, 2)
+    assert 0 <= summary["idle_fraction"] < 1 and summary["data_wait_s"] + summary["inputs_s"] < summary["wall_s"]
+    assert (out / "profile" / "trace.json").stat().st_size > 0
+    (line,) = [line for line in err.splitlines() if line.startswith("kandinsky: profile: step 2 took ")]
+    assert f"(idle fraction {100 * summary['idle_fraction']:.2f}%)" in line
+    assert all(r["data_s"] >= 0 for r in log(out))
+
+
+def test_idle_fraction_is_the_data_wait_over_the_step_time():
+    from kandinsky.training.profiling import DATA_WAIT, INPUTS, STEP, summarize
+
+    events = [(STEP, 0.0, 1.0, False), (STEP, 1.0, 2.0, False), (DATA_WAIT, 0.0, 0.1, False),
+              (DATA_WAIT, 1.0, 1.3, False), (INPUTS, 0.1, 0.2, False), ("aten::mm", 0.3, 0.9, False),
+              ("kernel", 0.5, 0.9, True), ("kernel", 0.8, 1.2, True), ("kernel", 1.5, 3.0, True)]
+    summary = summarize(events, 2)
+    assert summary["wall_s"] == 2.0 and summary["idle_fraction"] == pytest.approx(0.2)
+    assert summary["inputs_fraction"] == pytest.approx(0.05)
+    assert summary["device_busy_fraction"] == pytest.approx((0.7 + 0.5) / 2)  # the kernels' union inside the steps
+    assert "device_busy_fraction" not in summarize(events[:-3], 2)
+
+
 # ---- several processes: gradient synchronisation, 1 x 4 against 2 x 2 accumulation, a corrupt image mid-run
 
 SPY_DRIVER = """
@@ -786,7 +908,7 @@ dist.destroy_process_group()
 def accumulation(root, cache):
     """Global batch 4 of micro-batches of 1: 1 process x 4 accumulation steps, and (one torchrun) 2 processes x 2
     under DDP with its synchronisation recorded; then, in the same processes, a run on data whose last image
-    passes the header check but cannot be decoded."""
+    passes the header check but cannot be decoded (by a data-loader worker)."""
     common = quick(root, cache, "--steps", 2, "--batch-size", 4, "--save-every", 1, "--keep-checkpoints", 2)
     with one_thread():
         train(*common, "--grad-accum", 4, "--output", root / "accumulated")
@@ -798,7 +920,8 @@ def accumulation(root, cache):
     driver.write_text(SPY_DRIVER)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", driver, report,
                "train", *common, "--grad-accum", 2, "--output", root / "distributed", "--next",
-               "train", *quick(root, None, "--batch-size", 4, "--data", corrupt), "--output", root / "corrupt_run"]
+               "train", *quick(root, None, "--batch-size", 4, "--data", corrupt), "--num-workers", 1,  # read there
+               "--output", root / "corrupt_run"]
     done = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((report / f"rank{r}.json").read_text()) for r in range(2)]

@@ -14,12 +14,23 @@ from kandinsky.components import Components
 
 RESOLUTION = 64  # px; the tiny MoVQ halves it three times
 EMBED_DIM = tiny.PROJECTION  # CLIP image embeddings of the tiny pipeline
+EMBED_DIM_22 = tiny.WIDTH_22  # those of the tiny Kandinsky 2.2
 CAPTIONS = ("a red cat", "the blue sea", "a green tree", "the cat and the sea")
 
 
 def write_tiny_base(folder: Path, seed: int = 0) -> Path:
     """The tiny components saved in our layout at ``folder``."""
     Components.from_config("tiny", seed=seed).save_pretrained(folder)
+    return folder
+
+
+def write_tiny_base_22(folder: Path, seed: int = 0) -> Path:
+    """The tiny Kandinsky 2.2 components (:func:`kandinsky.tiny.components_22`) saved in our layout at ``folder``
+    (those our weight files hold)."""
+    from kandinsky.weights import KINDS
+
+    parts = {name: module for name, module in tiny.components_22(seed).items() if name in KINDS}
+    Components(**parts).save_pretrained(folder)
     return folder
 
 

@@ -13,6 +13,9 @@ Layout::
     checkpoints/step-NNNNNNN/   trainable.safetensors, ema.safetensors, optimizer.pt, state.json
                                 (the newest --keep-checkpoints are kept)
     cache/                      --cache without a folder: the frozen encoders' outputs
+    base/                       --weights tiny --model 2.2 only: the tiny random 2.2 weights, which base.json
+                                names (``tiny`` itself is 2.1's)
+    profile/                    --profile-steps: summary.json and the profiler's trace (trace.json)
 
 Every folder is written to a temporary name and renamed (:func:`kandinsky.weights.atomic_folder`), every small
 JSON file to a temporary file and replaced (:func:`write_text`), so a run killed while saving leaves the previous
@@ -48,6 +51,7 @@ TRAINABLE_FILE = "trainable.safetensors"
 EMA_FILE = "ema.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
+TINY_BASE = "base"  # the tiny 2.2 weights of a --weights tiny --model 2.2 run, inside OUT
 DAMAGED_PREFIX = "damaged-"  # a damaged checkpoint set aside by a resumed run (no longer a step-NNNNNNN folder)
 
 
@@ -305,8 +309,41 @@ def start_outputs(config: TrainConfig, step: int) -> None:
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / CONFIG_FILE, json.dumps(config.as_json(), indent=2) + "\n")  # first: it marks the folder
-    write_base(out, config.source, **config.base_options)
+    if config.tiny_22:
+        write_tiny_22_base(out / TINY_BASE, config.weights)
+        write_base(out, TINY_BASE)  # relative: the folder stays loadable wherever it is moved
+    else:
+        write_base(out, config.source, **config.base_options)
     truncate_log(out / LOG_FILE, step)
+
+
+def tiny_22_parts(weights: str) -> dict:
+    """The modules of the tiny random Kandinsky 2.2 of ``weights`` (``tiny`` or ``tiny:SEED``) that our weight
+    files hold (:func:`kandinsky.tiny.components_22`; the ControlNet UNet where it cannot be saved yet)."""
+    from kandinsky import tiny
+    from kandinsky.weights import KINDS
+
+    seed = int(weights.partition(":")[2] or 0)
+    return {name: module for name, module in tiny.components_22(seed).items() if name in KINDS}
+
+
+def write_tiny_22_base(folder: Path, weights: str) -> None:
+    """The tiny 2.2 weights of ``weights`` in our layout at ``folder`` (once: the same seed writes the same
+    weights), atomically."""
+    from transformers.utils import logging as transformers_logging
+
+    from kandinsky.components import Components
+    from kandinsky.weights import atomic_folder
+
+    if (folder / "unet" / "config.json").is_file():
+        return
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # (the CLIP towers' "Writing model shards")
+    try:
+        atomic_folder(folder, lambda target: Components(**tiny_22_parts(weights)).save_pretrained(target))
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
 
 
 def append_log(out: str | os.PathLike, entry: dict) -> None:

@@ -8,10 +8,12 @@ import os
 import sys
 
 from kandinsky import distributed
+from kandinsky.settings import MODELS
 from kandinsky.training.config import (
     DEFAULT_IMAGE_DROPOUT,
     DEFAULT_LORA_LR,
     DEFAULT_LR,
+    DEFAULT_PREFETCH_FACTOR,
     FREEZE,
     OPTIMIZERS,
     PRECISIONS,
@@ -25,14 +27,18 @@ from kandinsky.training.losses import OBJECTIVES
 
 def build_parser(prog: str = "kandinsky train") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=prog, description="Fine-tune the prior, the decoder UNet or the inpainting UNet (full or LoRA), on one "
-        "process or many: torchrun --nproc_per_node=N -m kandinsky train ...; see docs/training.md.")
+        prog=prog, description="Fine-tune the prior, the decoder UNet or the inpainting UNet of Kandinsky 2.1 or 2.2 "
+        "(full or LoRA), on one process or many: torchrun --nproc_per_node=N -m kandinsky train ...; see "
+        "docs/training.md.")
     parser.add_argument("task", choices=list(TASKS), help="what to train: prior, decoder (UNet) or inpaint (UNet)")
     parser.add_argument("--weights", required=True, help="the base: a hub repository id or a folder (diffusers, "
                         "original or our layout, or a previous run's output)")
     parser.add_argument("--data", required=True, help="a folder (metadata.jsonl or same-stem .txt captions) or a CSV "
                         "file (image_name, caption)")
     parser.add_argument("--output", required=True, help="output folder: trained weights, checkpoints, log")
+    parser.add_argument("--model", default=None, choices=MODELS,
+                        help="the Kandinsky version of --weights (default: detected from its UNet's config; tiny is "
+                        "2.1 unless --model 2.2; a hub repository is 2.2 when its name has 2-2)")
     run = parser.add_argument_group("optimisation")
     run.add_argument("--steps", type=int, default=1000, help="optimizer steps in total (default 1000)")
     run.add_argument("--batch-size", type=int, default=1, help="GLOBAL batch per optimizer step, split across "
@@ -46,8 +52,9 @@ def build_parser(prog: str = "kandinsky train") -> argparse.ArgumentParser:
     run.add_argument("--lr-warmup", type=int, default=0, help="steps of linear learning-rate warmup (default 0)")
     run.add_argument("--max-grad-norm", type=float, default=None, help="clip the gradient norm (default: no clipping)")
     run.add_argument("--seed", type=int, default=0, help="seed of the data order, timesteps, noise, dropout, masks")
-    run.add_argument("--objective", choices=OBJECTIVES, default="original",
-                     help="decoders: original (MSE + variational bound, as the original) or eps (MSE only)")
+    run.add_argument("--objective", choices=OBJECTIVES, default=None,
+                     help="decoders: original (MSE + variational bound, as the original; the 2.1 default) or eps "
+                     "(MSE only; 2.2's only objective, as diffusers' 2.2 decoder example)")
     run.add_argument("--snr-gamma", type=float, default=None, help="Min-SNR weighting gamma (with --objective eps)")
     run.add_argument("--ema", type=float, default=None, metavar="DECAY",
                      help="keep an exponential moving average of the weights (e.g. 0.9999); exported instead of them")
@@ -67,9 +74,15 @@ def build_parser(prog: str = "kandinsky train") -> argparse.ArgumentParser:
                       help="encode every image once with the frozen encoders into safetensors shards (default DIR: "
                       "OUT/cache), then train from them")
     data.add_argument("--text-dropout", type=float, default=None,
-                      help="probability of an empty caption (default 0.5 decoders, 0.1 prior)")
+                      help="probability of an empty caption (default 0.5 decoders, 0.1 prior; the 2.2 decoder reads "
+                      "no text)")
     data.add_argument("--image-dropout", type=float, default=DEFAULT_IMAGE_DROPOUT,
                       help="decoders: probability of the zero-image CLIP embedding (default 0.1)")
+    data.add_argument("--num-workers", type=int, default=None, metavar="N",
+                      help="data-loader worker processes per training process, preparing the next micro-batches "
+                      "while a step computes (default: min(4, its cores - 1); 0: read in the training process)")
+    data.add_argument("--prefetch-factor", type=int, default=None, metavar="N",
+                      help=f"micro-batches each worker prepares ahead (default {DEFAULT_PREFETCH_FACTOR})")
     data.add_argument("--allow-outside-paths", action="store_true",
                       help="accept image paths outside the data folder (absolute paths, '..', symbolic links out "
                       "of it); by default such rows are refused")
@@ -96,6 +109,9 @@ def build_parser(prog: str = "kandinsky train") -> argparse.ArgumentParser:
     weights.add_argument("--cache-dir", default=None, help="converted-weights cache (default: $KANDINSKY21_CACHE "
                          "or ~/.cache/kandinsky21)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--profile-steps", type=int, default=0, metavar="N",
+                        help="profile N steps after the first with torch.profiler: prints the fraction of the step "
+                        "time spent waiting for data, writes OUT/profile/ (summary.json, trace.json)")
     return parser
 
 

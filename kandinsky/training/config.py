@@ -4,11 +4,15 @@ defaults and their validation (:class:`ConfigError`, found before any work is do
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from kandinsky import distributed
+from kandinsky.settings import MODELS
 from kandinsky.training.losses import OBJECTIVES
 
 # task -> the component it trains
@@ -21,10 +25,14 @@ DEFAULT_LORA_LR = 1e-4
 # the original datasets' conditioning dropout
 DEFAULT_TEXT_DROPOUT = {"prior": 0.1, "decoder": 0.5, "inpaint": 0.5}
 DEFAULT_IMAGE_DROPOUT = 0.1
+# the decoder objective of each model: 2.1's original trainer (mse + variational bound), diffusers' 2.2 example (mse)
+DEFAULT_OBJECTIVE = {"2.1": "original", "2.2": "eps"}
+DEFAULT_PREFETCH_FACTOR = 2  # micro-batches each data-loader worker prepares ahead (torch's default)
+TINY = re.compile(r"^tiny(?::(\d+))?$")  # = kandinsky.hub.TINY: the tiny random weights
 # settings a resumed run must share with the run it continues (the others may change, e.g. --steps), compared
 # resolved (TrainConfig.resume_settings: a default given explicitly is the default); the base weights (--weights,
 # --revision) are compared as well, resolved too (TrainConfig.base)
-RESUME_FIXED = ("task", "batch_size", "seed", "optimizer", "weight_decay", "lr", "lr_warmup", "objective",
+RESUME_FIXED = ("task", "model", "batch_size", "seed", "optimizer", "weight_decay", "lr", "lr_warmup", "objective",
                 "snr_gamma", "lora_rank", "lora_alpha", "freeze", "ema", "resolution", "text_dropout",
                 "image_dropout")
 # the float options: each must be a finite number (inf and nan are refused before any work)
@@ -34,6 +42,66 @@ FLOAT_OPTIONS = ("lr", "weight_decay", "max_grad_norm", "snr_gamma", "lora_alpha
 
 class ConfigError(ValueError):
     """A setting that cannot work, found before any work is done (exit code 2)."""
+
+
+def default_num_workers() -> int:
+    """Data-loader workers per process when ``--num-workers`` is not given: the cores this process may use (its
+    share of them when ``torchrun`` starts several processes on the machine) less one for the training process
+    itself, at most 4, at least 0 (the main process reads the data)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(0, min(4, cores // local - 1))
+
+
+def model_in_weights(weights: str) -> tuple[str, str] | None:
+    """The Kandinsky version that a ``--weights`` value shows without loading anything, and the evidence, e.g.
+    ``("2.2", "k22/unet/config.json has conditioning 'image'")``; None where it shows none (``tiny``, a hub id
+    without ``2-2``, a folder without a UNet config: the run then trains 2.1 unless ``--model 2.2``).
+
+    A local folder is read as :func:`kandinsky.cli.detect_model` reads it (a UNet's ``config.json``: our
+    ``conditioning``, diffusers' ``addition_embed_type``), following its ``base.json`` to the base (a LoRA run's
+    output holds no UNet of its own); a hub repository is 2.2 when its name has ``2-2``."""
+    text = str(weights)
+    if TINY.match(text):
+        return None
+    folder, seen = Path(text).expanduser(), set()
+    while folder.is_dir() and folder.resolve() not in seen:
+        seen.add(folder.resolve())
+        for name in ("unet", "unet_inpaint", "unet_controlnet", "decoder/unet"):
+            found = _unet_model(folder / name / "config.json")
+            if found is not None:
+                return found
+        try:
+            base = json.loads((folder / "base.json").read_text(encoding="utf-8"))
+            source = Path(base["source"]).expanduser()
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            return None
+        if not source.is_absolute() and not (folder / source).exists():
+            return model_in_weights(str(source))  # a hub id
+        folder = source if source.is_absolute() else folder / source
+    if Path(text).expanduser().exists():
+        return None
+    return ("2.2", f"the hub repository name {text!r} has '2-2'") if "2-2" in text else None
+
+
+def _unet_model(path: Path) -> tuple[str, str] | None:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    inner = config.get("config") if isinstance(config.get("config"), dict) else {}
+    conditioning = config.get("conditioning", inner.get("conditioning"))
+    if conditioning is not None:
+        return ("2.1" if conditioning == "text_image" else "2.2"), f"{path} has conditioning {conditioning!r}"
+    kind = config.get("addition_embed_type")
+    if kind is not None:
+        return ("2.2" if kind in ("image", "image_hint") else "2.1"), f"{path} has addition_embed_type {kind!r}"
+    return None
 
 
 @dataclass
@@ -53,7 +121,8 @@ class TrainConfig:
     lr_warmup: int = 0
     max_grad_norm: float | None = None
     seed: int = 0
-    objective: str = "original"
+    model: str | None = None  # "2.1" or "2.2"; None: detected by train() (model_in_weights; else 2.1)
+    objective: str | None = None  # None: DEFAULT_OBJECTIVE[model]
     snr_gamma: float | None = None
     lora_rank: int | None = None
     lora_alpha: float | None = None
@@ -74,6 +143,9 @@ class TrainConfig:
     cache_dir: str | None = None
     device: str | None = None
     progress: bool = True
+    num_workers: int | None = None  # data-loader workers per process; None: default_num_workers()
+    prefetch_factor: int | None = None  # None: DEFAULT_PREFETCH_FACTOR with workers
+    profile_steps: int = 0  # profile this many steps (after one warm-up step) with torch.profiler
     allow_outside_paths: bool = False  # data paths may leave the data folder (absolute paths, ../, links)
     skip_nonfinite_steps: bool = False  # skip the optimizer step of a non-finite loss instead of stopping
 
@@ -82,9 +154,36 @@ class TrainConfig:
         return TASKS[self.task]
 
     @property
+    def resolved_model(self) -> str:
+        """``model``; a config recorded before Kandinsky 2.2 could be trained has none: 2.1."""
+        return self.model if self.model is not None else "2.1"
+
+    @property
+    def decoder(self) -> bool:
+        """Whether a decoder UNet is trained (``decoder``, ``inpaint``), not the prior."""
+        return self.task != "prior"
+
+    @property
     def feature_task(self) -> str:
-        """What the frozen encoders compute for this task (:data:`kandinsky.training.data.FEATURES`)."""
-        return "prior" if self.task == "prior" else "decoder"
+        """What the frozen encoders compute for this task (:data:`kandinsky.training.data.FEATURES`): the prior's
+        features, 2.1's decoder features (image and M-CLIP text) or 2.2's (image only)."""
+        if not self.decoder:
+            return "prior"
+        return "decoder_22" if self.resolved_model == "2.2" else "decoder"
+
+    @property
+    def resolved_objective(self) -> str:
+        return DEFAULT_OBJECTIVE[self.resolved_model] if self.objective is None else self.objective
+
+    @property
+    def resolved_num_workers(self) -> int:
+        return default_num_workers() if self.num_workers is None else self.num_workers
+
+    @property
+    def tiny_22(self) -> bool:
+        """Training from the tiny random 2.2 weights (``--weights tiny[:SEED] --model 2.2``), which no
+        ``base.json`` can name: the run writes them into its output folder (``TINY_BASE``) as the base."""
+        return self.resolved_model == "2.2" and TINY.match(str(self.weights)) is not None
 
     @property
     def resolved_lr(self) -> float:
@@ -94,6 +193,8 @@ class TrainConfig:
 
     @property
     def resolved_text_dropout(self) -> float:
+        if self.feature_task == "decoder_22":
+            return 0.0  # the 2.2 decoder reads no text
         return DEFAULT_TEXT_DROPOUT[self.task] if self.text_dropout is None else self.text_dropout
 
     @property
@@ -141,7 +242,8 @@ class TrainConfig:
         learning rate, ``--lora-alpha`` equal to the rank is the default alpha."""
         values = self.as_json()
         values.update(lr=self.resolved_lr, text_dropout=self.resolved_text_dropout,
-                      lora_alpha=self.resolved_lora_alpha)
+                      lora_alpha=self.resolved_lora_alpha, model=self.resolved_model,
+                      objective=self.resolved_objective if self.decoder else None)
         return {k: values[k] for k in RESUME_FIXED}
 
     def check(self, world_size: int = 1) -> None:
@@ -170,16 +272,26 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')}: expected a finite number, got {value!r}")
 
         choice("task", self.task, TASKS)
+        if self.model is not None:
+            choice("model", self.model, MODELS)
         for name in ("steps", "batch_size", "grad_accum", "keep_checkpoints", "resolution"):
             positive(name.replace("_", "-"), getattr(self, name))
-        for name in ("lr_warmup", "save_every", "seed"):
+        for name in ("lr_warmup", "save_every", "seed", "profile_steps"):
             positive(name.replace("_", "-"), getattr(self, name), allow_zero=True)
+        if self.num_workers is not None:
+            positive("num-workers", self.num_workers, allow_zero=True)
+        if self.prefetch_factor is not None:
+            positive("prefetch-factor", self.prefetch_factor)
+            if self.resolved_num_workers == 0:
+                raise ConfigError(f"--prefetch-factor: only with data-loader workers (--num-workers >= 1), got "
+                                  f"--num-workers {self.resolved_num_workers}")
         if self.stop_after is not None:
             positive("stop-after", self.stop_after)
         if self.lora_rank is not None:
             positive("lora-rank", self.lora_rank)
         choice("optimizer", self.optimizer, OPTIMIZERS)
-        choice("objective", self.objective, OBJECTIVES)
+        if self.objective is not None:
+            choice("objective", self.objective, OBJECTIVES)
         choice("mixed-precision", self.mixed_precision, PRECISIONS)
         choice("strategy", self.strategy, distributed.STRATEGIES)
         for part in self.freeze:
@@ -204,10 +316,17 @@ class TrainConfig:
             if self.freeze:
                 raise ConfigError("--freeze: the original's resblocks/attention freezing applies to the decoder UNets, "
                                   "not the prior")
-            if self.objective != "original" or self.snr_gamma is not None:
+            if self.objective not in (None, "original") or self.snr_gamma is not None:
                 raise ConfigError("--objective/--snr-gamma: the prior has one objective (x0 MSE); these are for "
                                   "decoder and inpaint")
-        if self.snr_gamma is not None and self.objective != "eps":
+        if self.feature_task == "decoder_22":
+            if self.objective == "original":
+                raise ConfigError("--objective original: Kandinsky 2.2 has no original trainer's objective; its "
+                                  "decoder trains with --objective eps (diffusers' 2.2 decoder example)")
+            if self.text_dropout is not None:
+                raise ConfigError(f"--text-dropout: the Kandinsky 2.2 decoder reads no text (got {self.text_dropout}); "
+                                  "use --image-dropout")
+        if self.snr_gamma is not None and self.resolved_objective != "eps":
             raise ConfigError("--snr-gamma: Min-SNR weighting needs --objective eps")
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             raise ConfigError(f"--snr-gamma: expected a positive number (5 is usual), got {self.snr_gamma}")

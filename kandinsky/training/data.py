@@ -20,6 +20,11 @@ conditioning is dropped, its inpainting mask) comes from a generator keyed by ``
 being the sample's position in the global batch; the data order is a permutation per epoch keyed by
 ``(seed, epoch)``. So the draws do not depend on how the global batch is split across processes, nor on
 whether a run was interrupted and resumed.
+
+Loading: :class:`StepBatches` is the micro-batches of one process as a map-style dataset (the cached rows or
+the images read and preprocessed, and the draws), read through a :class:`torch.utils.data.DataLoader`
+(:func:`step_loader`) whose workers prepare the next micro-batches while the training process computes; whatever
+the number of workers, each micro-batch is the same.
 """
 
 from __future__ import annotations
@@ -47,11 +52,15 @@ if TYPE_CHECKING:
 CACHE_FORMAT = "kandinsky21-train-cache"
 CACHE_INDEX = "index.json"
 NULL_FILE = "null.safetensors"
-# what each task's frozen encoders produce per sample (the cache stores exactly these)
+# what each task's frozen encoders produce per sample (the cache stores exactly these): Kandinsky 2.1's decoders
+# (image and M-CLIP text), 2.2's (image only), the prior (both versions)
 FEATURES = {
     "decoder": ("latents", "image_embeds", "text_embeds", "text_hidden_states"),
+    "decoder_22": ("latents", "image_embeds"),
     "prior": ("image_embeds", "text_embeds", "text_hidden_states", "text_mask"),
 }
+# the feature whose per-sample shape the noise takes (the latents of a decoder, the image embedding of the prior)
+NOISE_LIKE = {"decoder": "latents", "decoder_22": "latents", "prior": "image_embeds"}
 # spawn-key prefixes of the two random streams (different lengths as well, so they never coincide)
 _SAMPLE_STREAM, _ORDER_STREAM = 0, 1
 
@@ -371,16 +380,41 @@ def _inside(x: np.ndarray, y: np.ndarray, height: int, width: int) -> np.ndarray
 # ------------------------------------------------------------------------------------------------- encoders
 
 
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the frozen encoders' inputs are made of, on the host (light and picklable: it runs in the data-loader
+    workers): the images read (:func:`kandinsky.images.load_image`), the CLIP pixels (``clip_size``), for the
+    decoders the cropped MoVQ pixels (``resolution``), the captions of the tasks that read text."""
+
+    task: str
+    resolution: int
+    clip_size: int
+
+    def read(self, records: Sequence[Record]) -> dict:
+        """``{"clip_pixels": (B, 3, S, S)[, "pixels": (B, 3, R, R)][, "captions": [str]]}``, float32."""
+        from kandinsky.text_encoders import preprocess_clip_images
+
+        images = [load_image(r.image) for r in records]  # 16-bit scaled, alpha on white; errors name the file
+        out: dict = {"clip_pixels": preprocess_clip_images(images, size=self.clip_size)}
+        if self.task != "prior":
+            out["pixels"] = torch.stack([training_pixels(image, self.resolution) for image in images])
+        if self.task != "decoder_22":
+            out["captions"] = [r.caption for r in records]
+        return out
+
+
 class Encoders:
     """The frozen encoders of one task, run without gradients on the modules of a
     :class:`~kandinsky.components.Components` (on its device and dtype). Per sample (float32 on the CPU):
 
-    * ``"decoder"``: ``latents`` (4, R/8, R/8) MoVQ encoding of the cropped image, ``image_embeds`` (768,) CLIP
-      image embedding, ``text_embeds`` (768,) and ``text_hidden_states`` (77, 1024) from M-CLIP;
-    * ``"prior"``: ``image_embeds`` (768,) raw CLIP image embedding, ``text_embeds`` (768,),
-      ``text_hidden_states`` (77, 768) and ``text_mask`` (77,) bool from the CLIP text tower.
+    * ``"decoder"`` (Kandinsky 2.1): ``latents`` (4, R/8, R/8) MoVQ encoding of the cropped image,
+      ``image_embeds`` (768,) CLIP image embedding, ``text_embeds`` (768,) and ``text_hidden_states`` (77, 1024)
+      from M-CLIP;
+    * ``"decoder_22"`` (Kandinsky 2.2): ``latents`` and ``image_embeds`` (1280,: CLIP ViT-bigG) only;
+    * ``"prior"``: ``image_embeds`` raw CLIP image embedding, ``text_embeds``, ``text_hidden_states`` (77, width)
+      and ``text_mask`` (77,) bool from the CLIP text tower.
 
-    The modules are loaded on first use.
+    The modules are loaded on first use. :meth:`encode` is :meth:`run` of what :attr:`preprocessing` reads.
     """
 
     def __init__(self, components: Components, task: str, resolution: int):
@@ -388,30 +422,47 @@ class Encoders:
             raise ValueError(f"task: expected one of {list(FEATURES)}, got {task!r}")
         self.components, self.task, self.resolution = components, task, resolution
 
+    @property
+    def preprocessing(self) -> Preprocessing:
+        size = self.components.module("clip_vision").config.image_size
+        return Preprocessing(self.task, self.resolution, size)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The per-sample shape of the feature the noise is drawn like (:data:`NOISE_LIKE`)."""
+        if self.task == "prior":
+            return (self.components.module("clip_vision").config.projection_dim,)
+        movq = self.components.module("movq").config
+        side = self.resolution // movq.downsample_factor
+        return (movq.embed_dim, side, side)
+
     @torch.no_grad()
     def encode(self, records: Sequence[Record]) -> dict[str, torch.Tensor]:
-        from kandinsky.text_encoders import encode_clip_images
+        return {key: _to_cpu(value) for key, value in self.run(self.preprocessing.read(records)).items()}
 
+    @torch.no_grad()
+    def run(self, prepared: dict) -> dict[str, torch.Tensor]:
+        """The features of :meth:`Preprocessing.read`'s output, on the encoders' device: float32 (the mask bool)."""
         components = self.components
-        images = [load_image(r.image) for r in records]  # 16-bit scaled, alpha on white; errors name the file
-        captions = [r.caption for r in records]
-        out = {"image_embeds": encode_clip_images(components.module("clip_vision"), images)}
-        if self.task == "decoder":
-            movq = components.module("movq")
-            pixels = torch.stack([training_pixels(image, self.resolution) for image in images])
-            out["latents"] = movq.encode(pixels.to(components.device, components.dtype))
-        out.update(self._text(captions))
-        return {key: _to_cpu(value) for key, value in out.items()}
+        device, dtype = components.device, components.dtype
+        vision = components.module("clip_vision")
+        out = {"image_embeds": vision(prepared["clip_pixels"].to(device, dtype, non_blocking=True)).image_embeds}
+        if self.task != "prior":
+            pixels = prepared["pixels"].to(device, dtype, non_blocking=True)
+            out["latents"] = components.module("movq").encode(pixels)
+        if self.task != "decoder_22":
+            out.update(self._text(list(prepared["captions"])))
+        return {key: value if value.dtype == torch.bool else value.float() for key, value in out.items()}
 
     @torch.no_grad()
     def null(self) -> dict[str, torch.Tensor]:
-        """What dropped conditioning becomes, one row each: the empty caption's text features and (decoder) the
+        """What dropped conditioning becomes, one row each: the empty caption's text features and (decoders) the
         CLIP embedding of the all-zeros normalised image (the original datasets' dropped ``clip_image``, also
-        the pipeline's default negative image embedding)."""
+        the pipelines' default negative image embedding, 2.1's and 2.2's)."""
         from kandinsky.text_encoders import zero_image_embeds
 
-        out = self._text([""])
-        if self.task == "decoder":
+        out = self._text([""]) if self.task != "decoder_22" else {}
+        if self.task != "prior":
             out["image_embeds"] = zero_image_embeds(self.components.module("clip_vision"), 1)
         return {key: _to_cpu(value) for key, value in out.items()}
 
@@ -433,11 +484,15 @@ def _to_cpu(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class EncodedFeatures:
-    """Features computed by the encoders when a batch asks for them (no cache)."""
+    """Features computed by the encoders when a batch asks for them (no cache): the images are read and
+    preprocessed by :meth:`reader` (in the data-loader workers), the encoders run in the training process
+    (:meth:`complete`, on its device)."""
 
     def __init__(self, records: Sequence[Record], encoders: Encoders):
         self.records, self.encoders = list(records), encoders
         self.null = encoders.null()
+        self.sample_shape = encoders.sample_shape
+        self._reader = RecordReader(self.records, encoders.preprocessing)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -445,12 +500,31 @@ class EncodedFeatures:
     def features(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         return self.encoders.encode([self.records[i] for i in indices])
 
+    def reader(self) -> RecordReader:
+        """What the data-loader workers run: record indices -> the encoders' inputs."""
+        return self._reader
+
+    def complete(self, host: dict) -> dict[str, torch.Tensor]:
+        """The features of what :meth:`reader` read, on the encoders' device."""
+        return self.encoders.run(host)
+
+
+@dataclass(frozen=True)
+class RecordReader:
+    """Record indices -> :meth:`Preprocessing.read` of those records (picklable, for the workers)."""
+
+    records: Sequence[Record]
+    preprocessing: Preprocessing
+
+    def read(self, indices: Sequence[int]) -> dict:
+        return self.preprocessing.read([self.records[i] for i in indices])
+
 
 class CachedFeatures:
-    """Features read from a cache folder written by :func:`build_cache` (memory-mapped safetensors shards)."""
+    """Features read from a cache folder written by :func:`build_cache` (memory-mapped safetensors shards). Light
+    and picklable (each process opens the shards itself): the data-loader workers read the rows."""
 
     def __init__(self, folder: str | os.PathLike):
-        from safetensors import safe_open
         from safetensors.torch import load_file
 
         self.folder = Path(folder)
@@ -459,8 +533,24 @@ class CachedFeatures:
             raise ValueError(f"cache: {self.folder} has no {CACHE_INDEX}: it was not built completely")
         self.count, self.shard_size, self.task = index["count"], index["shard_size"], index["task"]
         self.null = load_file(str(self.folder / NULL_FILE))
-        self._open = functools.lru_cache(maxsize=8)(
-            lambda shard: safe_open(str(self.folder / _shard_name(shard)), framework="pt"))
+        self._files: dict = {}
+        self._pid = os.getpid()
+        shape = tuple(self._open(0).get_slice(NOISE_LIKE[self.task]).get_shape())
+        self.sample_shape = shape[1:]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_files": {}}  # open files stay with the process that opened them
+
+    def _open(self, shard: int):
+        from safetensors import safe_open
+
+        if self._pid != os.getpid():  # a forked worker: its own handles
+            self._files, self._pid = {}, os.getpid()
+        if shard not in self._files:
+            if len(self._files) >= 8:
+                self._files.pop(next(iter(self._files)))
+            self._files[shard] = safe_open(str(self.folder / _shard_name(shard)), framework="pt")
+        return self._files[shard]
 
     def __len__(self) -> int:
         return self.count
@@ -479,6 +569,15 @@ class CachedFeatures:
                                  f"the cache folder to rebuild it") from None
         return {key: torch.cat(values) for key, values in rows.items()}
 
+    def reader(self) -> CachedFeatures:
+        return self
+
+    def read(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        return self.features(indices)
+
+    def complete(self, host: dict) -> dict[str, torch.Tensor]:
+        return {key: host[key] for key in FEATURES[self.task]}
+
 
 def _shard_name(shard: int) -> str:
     return f"shard-{shard:05d}.safetensors"
@@ -493,7 +592,7 @@ def records_digest(records: Sequence[Record]) -> str:
 def cache_description(task: str, records: Sequence[Record], resolution: int, weights: dict) -> dict:
     """What a cache depends on: a cache is reused only when all of this is equal."""
     return {"format": CACHE_FORMAT, "version": 1, "task": task, "count": len(records),
-            "resolution": resolution if task == "decoder" else None, "weights": weights,
+            "resolution": resolution if task != "prior" else None, "weights": weights,
             "records_sha256": records_digest(records)}
 
 
@@ -643,3 +742,105 @@ def with_dropout(features: dict[str, torch.Tensor], null: dict[str, torch.Tensor
         drop = drop.to(value.device).view(-1, *([1] * (value.ndim - 1)))
         out[key] = torch.where(drop, null[key].to(value.device, value.dtype), value)
     return out
+
+
+def describe(error: BaseException) -> str:
+    """An error as one line: an OSError as ``FILE: reason`` (never a bare ``[Errno N]``)."""
+    if isinstance(error, OSError) and error.filename is not None:
+        target = f" -> {error.filename2}" if error.filename2 is not None else ""
+        return f"{error.filename}{target}: {error.strerror or error}"
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which samples this process takes at each optimizer step: the global batch of ``step`` (``batch_size``
+    samples, :func:`batch_records`), process ``rank`` of ``world_size`` its contiguous share, split into
+    ``grad_accum`` micro-batches."""
+
+    seed: int
+    batch_size: int
+    grad_accum: int
+    count: int  # records
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def per_process(self) -> int:
+        return self.batch_size // self.world_size
+
+    def micro_batch(self, step: int, index: int) -> tuple[list[int], list[int]]:
+        """The positions in the global batch and the record indices of micro-batch ``index`` at ``step``."""
+        micro = self.per_process // self.grad_accum
+        records = batch_records(self.seed, step, self.batch_size, self.count)
+        start = self.rank * self.per_process + index * micro
+        positions = list(range(start, start + micro))
+        return positions, [records[p] for p in positions]
+
+
+@dataclass(frozen=True)
+class DrawSettings:
+    """What :func:`draw_sample` draws for each sample of a run."""
+
+    seed: int
+    text_dropout: float
+    image_dropout: float = 0.0
+    inpainting: bool = False
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """The training data as a map-style dataset of micro-batches: item ``i`` is micro-batch ``i % grad_accum``
+    of optimizer step ``i // grad_accum`` for this process (:class:`BatchPlan`), everything the host prepares
+    for it: what ``reader`` reads for its records (cached features, or the encoders' inputs), and its random
+    draws (timesteps, noise, dropout decisions, inpainting masks; keyed by (seed, step, position), so the same
+    in any worker, any process, any run).
+
+    An item is a dict of tensors (and captions); a data error (an image that cannot be decoded, a cache row
+    that cannot be read) is returned as ``{"error": one line}`` for the training process to raise, so that every
+    process stops together (``kandinsky.training.loop.agreed``)."""
+
+    def __init__(self, reader, plan: BatchPlan, draws: DrawSettings, sample_shape: Sequence[int]):
+        self.reader, self.plan, self.draws, self.sample_shape = reader, plan, draws, tuple(sample_shape)
+
+    def __getitem__(self, index: int) -> dict:
+        step, micro = divmod(index, self.plan.grad_accum)
+        positions, records = self.plan.micro_batch(step, micro)
+        try:
+            item = dict(self.reader.read(records))
+        except (ValueError, OSError) as error:
+            return {"error": describe(error), "step": step}
+        settings = self.draws
+        mask_size = tuple(self.sample_shape[-2:]) if settings.inpainting else None
+        draws = [draw_sample(settings.seed, step, p, self.sample_shape, text_dropout=settings.text_dropout,
+                             image_dropout=settings.image_dropout, mask_size=mask_size) for p in positions]
+        item.update(step=step, timesteps=torch.tensor([d.timestep for d in draws], dtype=torch.int64),
+                    noise=torch.stack([d.noise for d in draws]),
+                    text_dropped=torch.tensor([d.text_dropped for d in draws]),
+                    image_dropped=torch.tensor([d.image_dropped for d in draws]))
+        if settings.inpainting:
+            item["inpaint_mask"] = torch.from_numpy(np.stack([d.inpaint_mask for d in draws]))[:, None]  # (B,1,h,w)
+        return item
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """How the micro-batches are prepared: ``workers`` processes (0: in the training process), each
+    ``prefetch`` micro-batches ahead, copied into pinned memory with ``pin`` (training on CUDA)."""
+
+    workers: int = 0
+    prefetch: int = 2
+    pin: bool = False
+
+
+def step_loader(dataset: StepBatches, first: int, stop: int, settings: LoaderSettings,
+                seed: int = 0) -> torch.utils.data.DataLoader:
+    """A :class:`torch.utils.data.DataLoader` over the micro-batches ``first`` ... ``stop - 1`` of ``dataset`` in
+    order (each item a whole micro-batch: no collation). Its workers live as long as the loader (one pass is a
+    whole run), and its base seed comes from ``seed`` (no draw from the global generator: every random number
+    of an item is keyed)."""
+    workers = settings.workers
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=range(first, stop), num_workers=workers,
+        prefetch_factor=settings.prefetch if workers else None, persistent_workers=workers > 0,
+        pin_memory=settings.pin, generator=torch.Generator().manual_seed(seed))

@@ -7,6 +7,11 @@ the per-sample losses of :mod:`kandinsky.training.losses`. Every random draw of 
 ``(seed, step, index in the global batch)`` (:func:`kandinsky.training.data.draw_sample`), so 1 and N processes,
 and an interrupted-and-resumed run, compute the same steps.
 
+The micro-batches are prepared by a :class:`torch.utils.data.DataLoader` (``--num-workers`` worker processes,
+:class:`kandinsky.training.data.StepBatches`): the cached features or the decoded and preprocessed images, and
+the random draws, while the training process computes the previous steps; without a cache the frozen encoders
+run in the training process, on its device.
+
 The models come from one :class:`~kandinsky.components.Components` of the ``--weights`` source: the frozen
 encoders ready to run (:meth:`~kandinsky.components.Components.module`), the trained component as a fresh
 float32 copy (:meth:`~kandinsky.components.Components.plain_copy`). What the run writes into its output folder is
@@ -15,16 +20,16 @@ described in :mod:`kandinsky.training.checkpoints`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -41,26 +46,32 @@ from kandinsky.training.checkpoints import (
     latest_checkpoint,
     set_aside,
     start_outputs,
+    tiny_22_parts,
     write_checkpoint,
 )
-from kandinsky.training.config import ConfigError, TrainConfig
+from kandinsky.training.config import DEFAULT_PREFETCH_FACTOR, ConfigError, TrainConfig, model_in_weights
 from kandinsky.training.data import (
     CACHE_INDEX,
+    BatchPlan,
     CachedFeatures,
+    DrawSettings,
     EncodedFeatures,
     Encoders,
-    batch_records,
+    LoaderSettings,
+    StepBatches,
     build_cache,
     cache_description,
     cache_problems,
     check_images,
-    draw_sample,
+    describe,
     read_records,
     records_digest,
     remove_damaged,
+    step_loader,
     with_dropout,
 )
 from kandinsky.training.losses import decoder_loss, prior_loss
+from kandinsky.training.profiling import PROFILE_FOLDER, Profiler, StepTimer
 
 if TYPE_CHECKING:
     from kandinsky.components import Components
@@ -74,15 +85,6 @@ class NonFiniteLoss(ValueError):
 
 def warn(message: str) -> None:
     print(f"kandinsky: warning: {message}", file=sys.stderr)
-
-
-def describe(error: BaseException) -> str:
-    """An error as one line: an OSError as ``FILE: reason`` (never a bare ``[Errno N]``)."""
-    if isinstance(error, OSError) and error.filename is not None:
-        target = f" -> {error.filename2}" if error.filename2 is not None else ""
-        return f"{error.filename}{target}: {error.strerror or error}"
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 # ------------------------------------------------------------------------------------------------- processes
@@ -257,6 +259,7 @@ class Run:
         agreed(processes, start)
         components = agreed(processes, self._components)
         self.features = self._features(components, cache_damage)
+        self.null = {key: value.to(self.device) for key, value in self.features.null.items()}
         self.model = agreed(processes, lambda: self._trained_copy(components))
         self.wrapped = distributed.wrap(self.model, config.strategy, processes, model_blocks(self.model))
         self.trainable = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
@@ -291,12 +294,16 @@ class Run:
 
     def _cache_description(self) -> dict:
         config = self.config
-        return cache_description(config.feature_task, self.records, config.resolution, config.base)
+        weights = config.base if config.resolved_model == "2.1" else {**config.base, "model": config.resolved_model}
+        return cache_description(config.feature_task, self.records, config.resolution, weights)
 
     def _components(self) -> Components:
         from kandinsky.components import Components  # (transformers: only once a run starts)
 
         config = self.config
+        if config.tiny_22:  # (the hub's "tiny" is 2.1's)
+            return Components(**tiny_22_parts(config.weights), device=self.device,
+                              source={"source": config.weights, "model": "2.2"})
         return Components.from_pretrained(config.weights, device=self.device, revision=config.revision,
                                           cache_dir=config.cache_dir)
 
@@ -325,6 +332,7 @@ class Run:
         config = self.config
         model = components.plain_copy(config.component)
         check_model_config(model.config, config.component, config.weights)
+        check_model_version(model.config, config)
         # trainable float32 copies on the device (a lazily loaded component's tensors are memory-mapped views of
         # the weight files), contiguous (FSDP shards only those; converted files hand convolution kernels over
         # channels-last)
@@ -348,8 +356,22 @@ class Run:
 
     # ---- one step --------------------------------------------------------------------------------------------
 
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step on the global batch of ``self.step``; returns the global mean losses.
+    def loader(self, end: int) -> torch.utils.data.DataLoader:
+        """The micro-batches of this process from the current step to step ``end`` (exclusive), in order."""
+        config, processes = self.config, self.processes
+        plan = BatchPlan(config.seed, config.batch_size, config.grad_accum, len(self.records), processes.rank,
+                         processes.world_size)
+        draws = DrawSettings(config.seed, config.resolved_text_dropout,
+                             config.image_dropout if config.decoder else 0.0, inpainting=config.task == "inpaint")
+        dataset = StepBatches(self.features.reader(), plan, draws, self.features.sample_shape)
+        settings = LoaderSettings(config.resolved_num_workers, config.prefetch_factor or DEFAULT_PREFETCH_FACTOR,
+                                  pin=self.device.type == "cuda")
+        return step_loader(dataset, self.step * config.grad_accum, end * config.grad_accum, settings, config.seed)
+
+    def train_step(self, items: Iterator[dict], timer: StepTimer | None = None) -> dict[str, float]:
+        """One optimizer step on the global batch of ``self.step``, its micro-batches taken from ``items`` (the
+        iterator of :meth:`loader`); returns the global mean losses. ``timer`` records the time spent waiting
+        for the data and running the encoders.
 
         The data of every micro-batch is read first, agreed between the processes (a file that cannot be read
         stops them all here with one line). A loss (or, with ``--max-grad-norm``, a gradient norm) that is not
@@ -358,12 +380,18 @@ class Run:
         EMA update), as a gradient scaler skips an overflowing one; the step still counts."""
         config, processes = self.config, self.processes
         per_process = config.batch_size // processes.world_size
-        micro = per_process // config.grad_accum
-        records = batch_records(config.seed, self.step, config.batch_size, len(self.records))
-        mine = range(processes.rank * per_process, (processes.rank + 1) * per_process)
-        shares = [list(mine[index * micro:(index + 1) * micro]) for index in range(config.grad_accum)]
-        inputs = agreed(processes, lambda: [self._inputs(positions, [records[p] for p in positions])
-                                            for positions in shares])
+        timer = timer or StepTimer()
+
+        def read() -> list[dict]:
+            batches = []
+            for _ in range(config.grad_accum):
+                with timer.waiting():
+                    item = next(items)
+                with timer.preparing():
+                    batches.append(self._batch(item))
+            return batches
+
+        inputs = agreed(processes, read)
         totals: dict[str, torch.Tensor] = {}
         for index, micro_batch in enumerate(inputs):
             # DDP decides in the forward pass whether the backward pass will synchronise
@@ -422,27 +450,25 @@ class Run:
         stats["skipped"] = True
         self.warn(f"step {self.step + 1}: {what}; its optimizer step is skipped ({self.skipped} so far)")
 
-    def _inputs(self, positions: list[int], records: list[int]) -> dict:
-        """The model inputs of the samples at ``positions`` of the global batch: features (read or encoded),
-        conditioning dropped as drawn, timesteps, noise, inpainting masks; on the device."""
+    def _batch(self, item: dict) -> dict:
+        """The model inputs of one micro-batch of the loader (:class:`~kandinsky.training.data.StepBatches`):
+        features (read, or encoded here), conditioning dropped as drawn, timesteps, noise, inpainting masks; on
+        the device (copied without waiting: pinned memory on CUDA), the timesteps on the host."""
         config, device = self.config, self.device
-        features = self.features.features(records)
-        decoder = config.feature_task == "decoder"
-        reference = features["latents"] if decoder else features["image_embeds"]
-        inpainting = config.task == "inpaint"
-        draws = [draw_sample(config.seed, self.step, p, reference.shape[1:], text_dropout=config.resolved_text_dropout,
-                             image_dropout=config.image_dropout if decoder else 0.0,
-                             mask_size=tuple(reference.shape[-2:]) if inpainting else None) for p in positions]
-        text_dropped = torch.tensor([d.text_dropped for d in draws])
-        image_dropped = torch.tensor([d.image_dropped for d in draws]) if decoder else None
-        batch = with_dropout(features, self.features.null, text_dropped, image_dropped)
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        if "error" in item:
+            raise ValueError(item["error"])
+        if item["step"] != self.step:  # (the loader runs from the step the run is at)
+            raise RuntimeError(f"the data loader gave step {item['step'] + 1} for step {self.step + 1}")
+        features = self.features.complete(item)
+        batch = {k: v.to(device, non_blocking=True) for k, v in features.items()}
+        text_dropped = item["text_dropped"].to(device, non_blocking=True)
+        image_dropped = item["image_dropped"].to(device, non_blocking=True) if config.decoder else None
+        batch = with_dropout(batch, self.null, text_dropped, image_dropped)
         # drawn on the host: the losses check them there and copy them over without waiting for the device
-        batch["timesteps"] = torch.tensor([d.timestep for d in draws], dtype=torch.int64)
-        batch["noise"] = torch.stack([d.noise for d in draws]).to(device, non_blocking=True)
-        if inpainting:
-            mask = torch.from_numpy(np.stack([d.inpaint_mask for d in draws]))[:, None]  # (B, 1, h, w)
-            batch["inpaint_mask"] = mask.to(device, non_blocking=True)
+        batch["timesteps"] = item["timesteps"]
+        batch["noise"] = item["noise"].to(device, non_blocking=True)
+        if "inpaint_mask" in item:
+            batch["inpaint_mask"] = item["inpaint_mask"].to(device, non_blocking=True)
         return batch
 
     def _losses(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -451,7 +477,7 @@ class Run:
         timesteps, noise = batch["timesteps"], batch["noise"]
         precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
         with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
-            if config.feature_task != "decoder":
+            if not config.decoder:
                 return prior_loss(self.wrapped, batch["image_embeds"], timesteps, noise,
                                   text_embeds=batch["text_embeds"], text_hidden_states=batch["text_hidden_states"],
                                   text_mask=batch["text_mask"])
@@ -459,9 +485,10 @@ class Run:
             if "inpaint_mask" in batch:  # 1 = known latent pixel (the original trainer's convention)
                 mask = batch["inpaint_mask"]
                 extra = {"inpaint_mask": mask, "inpaint_image": batch["latents"] * mask}
-            return decoder_loss(self.wrapped, batch["latents"], timesteps, noise,
-                                text_hidden_states=batch["text_hidden_states"], text_embeds=batch["text_embeds"],
-                                image_embeds=batch["image_embeds"], objective=config.objective,
+            # (2.2's decoder reads no text: the features have none)
+            return decoder_loss(self.wrapped, batch["latents"], timesteps, noise, image_embeds=batch["image_embeds"],
+                                text_hidden_states=batch.get("text_hidden_states"),
+                                text_embeds=batch.get("text_embeds"), objective=config.resolved_objective,
                                 snr_gamma=config.snr_gamma, **extra)
 
     # ---- checkpoints and outputs -----------------------------------------------------------------------------
@@ -516,20 +543,35 @@ class Run:
         bar = tqdm(total=config.steps, initial=self.step, desc=f"train {config.task}", unit="step",
                    disable=not (config.progress and processes.main), dynamic_ncols=True)
         saved_at = self.step
-        while self.step < end:
-            start = time.perf_counter()
-            stats = self.train_step()
-            elapsed = time.perf_counter() - start
-            stats.update(samples_per_s=config.batch_size / elapsed, seconds=elapsed)
-            if processes.main:
-                append_log(self.out, {"step": self.step, **stats})
-                bar.set_postfix(loss=f"{stats['loss']:.4g}", lr=f"{stats['lr']:.3g}",
-                                samples_s=f"{stats['samples_per_s']:.3g}")
-                bar.update()
-            if config.save_every and self.step % config.save_every == 0 and self.step < end:
-                self.save()
-                saved_at = self.step
-        bar.close()
+        profiler = Profiler(config.profile_steps, self.device, self.out / PROFILE_FOLDER, self.step,
+                            warn=self.warn) if config.profile_steps and processes.main else None
+        loader = self.loader(end) if self.step < end else None
+        items = iter(loader) if loader is not None else iter(())
+        try:
+            while self.step < end:
+                timer = StepTimer()
+                with profiler.step() if profiler is not None else contextlib.nullcontext():
+                    start = time.perf_counter()
+                    stats = self.train_step(items, timer)
+                    elapsed = time.perf_counter() - start
+                stats.update(samples_per_s=config.batch_size / elapsed, seconds=elapsed, data_s=timer.waited)
+                if processes.main:
+                    append_log(self.out, {"step": self.step, **stats})
+                    bar.set_postfix(loss=f"{stats['loss']:.4g}", lr=f"{stats['lr']:.3g}",
+                                    samples_s=f"{stats['samples_per_s']:.3g}")
+                    bar.update()
+                if config.save_every and self.step % config.save_every == 0 and self.step < end:
+                    self.save()
+                    saved_at = self.step
+        except BaseException:
+            if profiler is not None:
+                profiler.abandon()  # a failed run writes no profile
+            raise
+        finally:
+            del items, loader  # the loader's workers end with it
+            bar.close()
+        if profiler is not None:
+            profiler.finish()
         if saved_at != self.step or _main_decides(processes, lambda: latest_checkpoint(self.out) is None):
             self.save()
         elif _main_decides(processes, lambda: exported_step(self.out) != self.step):
@@ -540,6 +582,20 @@ class Run:
 def _raise(error: BaseException | None) -> None:
     if error is not None:
         raise error
+
+
+def check_model_version(model_config, config: TrainConfig) -> None:
+    """Raise ConfigError when the trained UNet is not of the Kandinsky version the run trains (``--model``):
+    2.1's UNet reads text and image (``conditioning="text_image"``), 2.2's the image alone (``"image"``)."""
+    conditioning = getattr(model_config, "conditioning", None)
+    if conditioning is None:  # the prior: the same model in both versions
+        return
+    expected = {"2.1": "text_image", "2.2": "image"}[config.resolved_model]
+    if conditioning != expected:
+        other = "2.2" if conditioning == "image" else "2.1" if conditioning == "text_image" else None
+        hint = f"; pass --model {other}" if other else " (ControlNet training is not supported)"
+        raise ConfigError(f"--model {config.resolved_model}: the {config.component} of --weights {config.weights} is "
+                          f"not Kandinsky {config.resolved_model}'s (its conditioning is {conditioning!r}){hint}")
 
 
 def _check_base(config: TrainConfig) -> None:
@@ -557,7 +613,13 @@ def train(config: TrainConfig) -> Path:
     Under ``torchrun`` every process calls this; the process group is set up and torn down here."""
     processes = distributed.start(config.device)
     try:
+        found = model_in_weights(config.weights)
+        if config.model is None:
+            config = dataclasses.replace(config, model=found[0] if found is not None else "2.1")
         config.check(processes.world_size)
+        if found is not None and found[0] != config.model:
+            raise ConfigError(f"--model {config.model}: --weights {config.weights} holds Kandinsky {found[0]} weights "
+                              f"({found[1]}); pass --model {found[0]} or leave it out")
         if config.cache == "":
             config = dataclasses.replace(config, cache=str(Path(config.output) / "cache"))
         return Run(config, processes).run()

@@ -12,8 +12,13 @@ Decoder (:func:`decoder_loss`), on MoVQ latents ``x0`` with the 1000-step linear
 * ``objective="original"``: ``loss = mse + vb``, the improved-DDPM hybrid objective as the original weights it
   (its RESCALED_MSE factor T / 1000 is 1 for T = 1000). The vb term sees the noise prediction detached, so it
   trains only the variance channels.
-* ``objective="eps"``: ``loss = mse`` (diffusers' Kandinsky decoder example); with ``snr_gamma`` Min-SNR weighted
+* ``objective="eps"``: ``loss = mse`` (diffusers' Kandinsky decoder examples); with ``snr_gamma`` Min-SNR weighted
   for epsilon prediction: ``loss = min(snr_t, gamma) / snr_t * mse``, ``snr_t = ab_t / (1 - ab_t)``.
+
+Kandinsky 2.2's decoder UNet (``conditioning="image"``) is trained with the same function and
+``objective="eps"``, given the CLIP image embedding alone (no text): the noise channels of its output against
+the noise, its variance channels dropped, on the same linear schedule (diffusers' 2.2 decoder example:
+``DDPMScheduler`` linear 0.00085..0.012 over 1000 steps, ``unet(...).sample[:, :4]``, ``F.mse_loss``).
 
 Prior (:func:`prior_loss`), on CLIP image embeddings normalised with the prior's statistics, ``x0 = (e - mean) / std``,
 with the 1000-step squared-cosine schedule: ``loss = mse = mean_d (x0 - prior(x_t, t))^2`` (the prior predicts x0).
@@ -60,7 +65,8 @@ def prior_schedule() -> NoiseSchedule:
 
 
 def decoder_loss(unet: nn.Module, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, *,
-                 text_hidden_states: torch.Tensor, text_embeds: torch.Tensor, image_embeds: torch.Tensor,
+                 image_embeds: torch.Tensor, text_hidden_states: torch.Tensor | None = None,
+                 text_embeds: torch.Tensor | None = None,
                  inpaint_image: torch.Tensor | None = None, inpaint_mask: torch.Tensor | None = None,
                  objective: str = "original", snr_gamma: float | None = None) -> dict[str, torch.Tensor]:
     """Per-sample decoder losses (see the module docstring for the formulas).
@@ -71,7 +77,8 @@ def decoder_loss(unet: nn.Module, x0: torch.Tensor, timesteps: torch.Tensor, noi
         x0: (B, 4, h, w) clean MoVQ latents.
         timesteps: (B,) integer steps in 0..999 of the training schedule.
         noise: (B, 4, h, w) the Gaussian noise added to ``x0``.
-        text_hidden_states, text_embeds, image_embeds: the UNet's conditioning (see ``UNet.forward``).
+        image_embeds, text_hidden_states, text_embeds: the UNet's conditioning (see ``UNet.forward``): all three
+            for Kandinsky 2.1's UNet, ``image_embeds`` alone for 2.2's (``conditioning="image"``).
         inpaint_image: (B, 4, h, w) latents of the known region; inpainting UNet only.
         inpaint_mask: (B, 1, h, w), 1 = known latent pixel given to the model, 0 = to generate; inpainting UNet
             only. The loss itself is not masked (as in the original).
