@@ -338,6 +338,22 @@ MUTATIONS = (
              'scheduler = components[SCHEDULER]() if model == "2.2" and SCHEDULER in components else None',
              "scheduler = None",
              ("tests/test_hub.py::test_22_local_diffusers_folders_and_the_cli",)),
+    # ---- training: Kandinsky 2.2 and the data loader
+    Mutation("k22_objective_original_by_default", "kandinsky/training/config.py",
+             'DEFAULT_OBJECTIVE = {"2.1": "original", "2.2": "eps"}',
+             'DEFAULT_OBJECTIVE = {"2.1": "original", "2.2": "original"}',
+             (TRAINER + "test_k22_decoder_from_tiny_trains_from_the_command_line_loads_in_kandinsky22_and_generates",)),
+    Mutation("k22_dropped_image_not_the_zero_image", "kandinsky/training/data.py",
+             '        if self.task != "prior":\n            out["image_embeds"] = zero_image_embeds(',
+             '        if self.task == "decoder":\n            out["image_embeds"] = zero_image_embeds(',
+             (TRAINING_DATA + "test_cache_holds_what_the_encoders_compute[decoder_22]",)),
+    Mutation("loader_share_ignores_the_rank", "kandinsky/training/data.py",
+             "start = self.rank * self.per_process + index * micro", "start = index * micro",
+             (TRAINING_DATA + "test_step_batches_give_each_process_its_share_in_any_worker",)),
+    Mutation("idle_fraction_of_the_inputs", "kandinsky/training/profiling.py",
+             '"idle_fraction": totals[DATA_WAIT] / wall if wall > 0 else None,',
+             '"idle_fraction": totals[INPUTS] / wall if wall > 0 else None,',
+             (TRAINER + "test_idle_fraction_is_the_data_wait_over_the_step_time",)),
 )
 
 GUARD_SOURCE = f'''"""pytest plugin of scripts/mutation_check.py: stop unless kandinsky is imported from the copy."""
