@@ -5,6 +5,7 @@ in [0, 1])."""
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import numpy as np
@@ -152,6 +153,21 @@ def test_ddpm_fixed_small_steps_as_diffusers(steps):
     assert len(mine) == len(theirs) == steps
     for step, (a, b) in enumerate(zip(mine, theirs)):
         assert float((a - b).abs().max()) <= 2e-6 * float(b.abs().max()), step
+
+
+def test_keys_of_other_schedulers_are_ignored_as_diffusers_ignores_them():
+    """A DDPM config that carries DDIM's set_alpha_to_one (as kandinsky-community's DDPM configs do) or a PNDM key:
+    diffusers' DDPMScheduler ignores both, so the same sampling; a name no scheduler takes is still refused."""
+    plain = sampling_from_diffusers({**OFFICIAL_22_DECODER, "_class_name": "DDPMScheduler"})
+    carried = {**OFFICIAL_22_DECODER, "_class_name": "DDPMScheduler", "set_alpha_to_one": False, "skip_prk_steps": True}
+    taken = inspect.signature(diffusers.DDPMScheduler.__init__).parameters  # what from_config passes on
+    assert "set_alpha_to_one" not in taken and "skip_prk_steps" not in taken
+    mapped = sampling_from_diffusers(carried)
+    assert torch.equal(mapped.schedule.betas, plain.schedule.betas)
+    assert mapped.timesteps("ddpm", 25).tolist() == plain.timesteps("ddpm", 25).tolist()
+    assert mapped.options_for("ddpm", 25).keys() == plain.options_for("ddpm", 25).keys()
+    with pytest.raises(ValueError, match="beta_shedule"):
+        sampling_from_diffusers({**carried, "beta_shedule": "linear"})
 
 
 def test_official_configs_map_to_our_defaults():

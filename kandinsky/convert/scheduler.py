@@ -40,8 +40,16 @@ def sampling_from_diffusers(config: Mapping) -> Sampling:
     return readers[name](config)
 
 
+# keys of the other diffusers schedulers: a config copied between classes keeps them (kandinsky-community's DDPM
+# configs carry DDIM's set_alpha_to_one), and diffusers ignores those its class does not take; so do we. A name
+# no scheduler uses is refused as a probable typo.
+_OTHER_SCHEDULERS_KEYS = (set(_DDIM_DEFAULTS) | set(_DDPM_DEFAULTS) | set(_UNCLIP_DEFAULTS)
+                          | {"skip_prk_steps", "use_karras_sigmas", "interpolation_type", "timestep_type", "sigma_min",
+                             "sigma_max", "algorithm_type", "solver_order", "lower_order_final"})
+
+
 def _values(config: dict, defaults: dict, name: str) -> dict:
-    unknown = sorted(set(config) - set(defaults) - _IGNORED)
+    unknown = sorted(set(config) - set(defaults) - _IGNORED - _OTHER_SCHEDULERS_KEYS)
     if unknown:
         raise ValueError(f"{name} config: unknown keys {unknown}")
     return {**defaults, **{k: v for k, v in config.items() if k in defaults}}
