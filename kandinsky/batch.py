@@ -3,6 +3,12 @@ across processes (``kandinsky batch``; see docs/generation.md).
 
     items = read_prompt_file("prompts.jsonl", Settings(steps=50), seed=0)
     run(items, "out", lambda: Kandinsky21.from_pretrained(...), batch_size=8)
+    items = read_prompt_file("depth.jsonl", Settings(task="controlnet", model="2.2"))   # rows give a ``hint``
+    run(items, "out22", lambda: Kandinsky22.from_pretrained(...), batch_size=8)
+
+Kandinsky 2.1 and 2.2 (``Settings.model``) run the same tasks (text2img, img2img, inpaint) from the same prompt
+files; 2.2 adds ControlNet (``controlnet``: rows name a ``hint`` image; ``controlnet_img2img``: an ``image`` and a
+``hint``), and its img2img guides at 4 by default (2.1's at 7).
 
 Reproducibility: every item draws all of its noise (the prior's and the decoder's start noise and the
 stochastic samplers' per-step noise) from its own ``torch.Generator`` seeded with its seed (the ``seed``
@@ -36,7 +42,12 @@ from typing import Any
 
 from kandinsky.png import save_png
 
-TASKS = ("text2img", "img2img", "inpaint")
+TASKS = ("text2img", "img2img", "inpaint", "controlnet", "controlnet_img2img")
+CONTROLNET_TASKS = ("controlnet", "controlnet_img2img")  # Kandinsky 2.2 only
+MODELS = ("2.1", "2.2")  # = kandinsky.settings.MODELS
+# the input images each task's rows name (paths relative to the prompt file)
+INPUTS = {"text2img": (), "img2img": ("image",), "inpaint": ("image", "mask"), "controlnet": ("hint",),
+          "controlnet_img2img": ("image", "hint")}
 PROMPT_SUFFIXES = (".txt", ".jsonl", ".csv")
 MANIFEST = "manifest.jsonl"
 PARTS = "manifest.parts"
@@ -51,7 +62,9 @@ class PromptFileError(ValueError):
 @dataclass(frozen=True)
 class Settings:
     """How an image is made. The run gives them all; a prompt-file row may override any but ``task``,
-    ``crop`` and ``mask_convention``. ``guidance=None`` is the task's default (img2img 7, else 4)."""
+    ``crop``, ``mask_convention`` and ``model``. ``guidance=None`` is the task's default for the model (2.1's
+    img2img 7, else 4: :func:`kandinsky.settings.default_guidance`). ``model``: the Kandinsky version the images
+    are made with ("2.1" or "2.2"; the ControlNet tasks need "2.2")."""
 
     task: str = "text2img"
     steps: int = 100
@@ -65,10 +78,13 @@ class Settings:
     negative_prompt: str | None = None
     crop: bool = False
     mask_convention: str = "repaint"  # inpaint only
+    model: str = "2.1"
 
     def __post_init__(self):
         if self.guidance is None:
-            object.__setattr__(self, "guidance", 7.0 if self.task == "img2img" else 4.0)
+            from kandinsky.settings import default_guidance
+
+            object.__setattr__(self, "guidance", default_guidance(self.task, self.model))
 
     def task_settings(self):
         """The task's settings dataclass (:mod:`kandinsky.settings`): validated by the same code as the Python API
@@ -87,6 +103,10 @@ class Settings:
         """These settings, or a ValueError naming the first bad field."""
         if self.task not in TASKS:
             raise ValueError(f"task: expected one of {list(TASKS)}, got {self.task!r}")
+        if self.model not in MODELS:
+            raise ValueError(f"model: expected one of {list(MODELS)}, got {self.model!r}")
+        if self.task in CONTROLNET_TASKS and self.model != "2.2":
+            raise ValueError(f"task: {self.task} needs Kandinsky 2.2 (model '2.2'), got model {self.model!r}")
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
             raise ValueError(f"negative_prompt: expected a string, got {self.negative_prompt!r}")
         self.task_settings()
@@ -101,7 +121,7 @@ COLUMN = {field: column for column, field in FIELDS.items()}
 # a row may set these (types as in a JSON file; CSV cells are converted)
 ROW_SETTINGS = {"steps": int, "guidance": float, "prior_steps": int, "prior_guidance": float, "height": int,
                 "width": int, "sampler": str, "strength": float, "negative_prompt": str}
-COLUMNS = ("prompt", "id", "seed", "image", "mask", *ROW_SETTINGS)
+COLUMNS = ("prompt", "id", "seed", "image", "mask", "hint", *ROW_SETTINGS)
 
 
 @dataclass(frozen=True)
@@ -117,6 +137,8 @@ class Item:
     image: Path | None = None
     mask: Path | None = None
     image_size: tuple[int, int] | None = None  # (width, height) of ``image``: a batch needs one size
+    hint: Path | None = None  # ControlNet (Kandinsky 2.2): resized to the image size
+    hint_size: tuple[int, int] | None = None  # (width, height) of ``hint``: a batch needs one size
 
     @property
     def id(self) -> str:
@@ -126,27 +148,29 @@ class Item:
         """Items with equal keys can share a pipeline call (a negative prompt's text may differ, not its presence:
         without one the prior's negative embedding is the zero image's)."""
         return (dataclasses.replace(self.settings, negative_prompt=None), self.settings.negative_prompt is None,
-                self.image_size)
+                self.image_size, self.hint_size)
 
 
 # ------------------------------------------------------------------------------------------- prompt files
 
 
-def read_prompt_file(path: str | os.PathLike, settings: Settings = Settings(), seed: int = 0, *,
+def read_prompt_file(path: str | os.PathLike, settings: Settings | None = None, seed: int = 0, *,
                      allow_outside: bool = False) -> list[Item]:
     """The items of a prompt file, every row checked (a :class:`PromptFileError` names the file and line of the
     first bad one) and every input image opened, before any work starts.
 
     ``.txt``: one prompt a line. ``.jsonl``: one JSON object a line with ``prompt`` and optionally ``id`` (the PNG's
-    name, else the zero-padded index), ``seed`` (else ``seed`` + index), ``image`` / ``mask`` (img2img / inpaint;
-    relative to the file's folder) and the per-item settings ``steps``, ``guidance``, ``prior_steps``,
-    ``prior_guidance``, ``height``, ``width``, ``sampler``, ``strength``, ``negative_prompt``. ``.csv``: the same
-    columns, with a header row; an empty cell is a missing value. Blank lines are skipped in ``.txt`` and ``.jsonl``;
-    a byte-order mark (as spreadsheets save UTF-8) is ignored. ``image`` / ``mask`` paths must stay inside the
-    prompt file's folder (symbolic links resolved) unless ``allow_outside``.
+    name, else the zero-padded index), ``seed`` (else ``seed`` + index), ``image`` / ``mask`` / ``hint`` (img2img and
+    controlnet_img2img / inpaint / the ControlNet tasks; relative to the file's folder) and the per-item settings
+    ``steps``, ``guidance``, ``prior_steps``, ``prior_guidance``, ``height``, ``width``, ``sampler``, ``strength``,
+    ``negative_prompt``. ``.csv``: the same columns, with a header row; an empty cell is a missing value. Blank lines
+    are skipped in ``.txt`` and ``.jsonl``; a byte-order mark (as spreadsheets save UTF-8) is ignored. ``image`` /
+    ``mask`` / ``hint`` paths must stay inside the prompt file's folder (symbolic links resolved) unless
+    ``allow_outside``.
     """
     path = Path(path)
-    settings.check()
+    # the default is built here, not at import: Settings() reads kandinsky.settings, which imports torch
+    settings = (settings if settings is not None else Settings()).check()
     if path.suffix.lower() not in PROMPT_SUFFIXES:
         raise PromptFileError(f"{path}: expected a {', '.join(PROMPT_SUFFIXES)} prompt file, got {path.suffix!r}")
     try:
@@ -242,8 +266,9 @@ def _item(path: Path, line: int, row: dict, index: int, settings: Settings, base
     file = f"{index:0{INDEX_DIGITS}d}.png"
     if "id" in row:
         file = f"{_check_id(where, row['id'])}.png"
-    image, mask, size = _inputs(path, where, row, settings.task, allow_outside)
-    return Item(index, line, file, prompt, seed, item_settings, image, mask, size)
+    files, sizes = _inputs(path, where, row, settings.task, allow_outside)
+    return Item(index, line, file, prompt, seed, item_settings, files.get("image"), files.get("mask"),
+                sizes.get("image"), hint=files.get("hint"), hint_size=sizes.get("hint"))
 
 
 def _kind_name(kind: type) -> str:
@@ -259,17 +284,17 @@ def _check_id(where: str, value: Any) -> str:
 
 
 def _inputs(path: Path, where: str, row: dict, task: str,
-            allow_outside: bool) -> tuple[Path | None, Path | None, tuple[int, int] | None]:
-    """The row's input image and mask, opened to check them: (image, mask, image size)."""
-    needed = {"text2img": (), "img2img": ("image",), "inpaint": ("image", "mask")}[task]
-    for name in ("image", "mask"):
+            allow_outside: bool) -> tuple[dict[str, Path], dict[str, tuple[int, int]]]:
+    """The row's input images (``image``, ``mask``, ``hint``: those ``task`` reads), opened to check them, and their
+    sizes: (files by name, (width, height) by name)."""
+    needed = INPUTS[task]
+    for name in ("image", "mask", "hint"):
         if name in row and name not in needed:
-            raise PromptFileError(f"{where}: {name}: only used with --task "
-                                  f"{'img2img or inpaint' if name == 'image' else 'inpaint'} (this run: {task})")
+            users = [t for t, names in INPUTS.items() if name in names]
+            users = " or ".join(users) if len(users) < 3 else f"{', '.join(users[:-1])} or {users[-1]}"
+            raise PromptFileError(f"{where}: {name}: only used with --task {users} (this run: {task})")
         if name in needed and name not in row:
             raise PromptFileError(f"{where}: missing {name!r} (--task {task} needs {' and '.join(needed)})")
-    if not needed:
-        return None, None, None
     sizes, files = {}, {}
     for name in needed:
         value = row[name]
@@ -281,9 +306,9 @@ def _inputs(path: Path, where: str, row: dict, task: str,
             raise PromptFileError(f"{where}: {name}: {value!r} leaves the prompt file's folder {path.parent} "
                                   "(--allow-outside-paths to accept it)")
         sizes[name], files[name] = _image_size(where, name, file), file
-    if task == "inpaint" and sizes["mask"] != sizes["image"]:
+    if "mask" in sizes and sizes["mask"] != sizes["image"]:
         raise PromptFileError(f"{where}: mask: expected the image's size {sizes['image']}, got {sizes['mask']}")
-    return files["image"], files.get("mask"), sizes["image"]
+    return files, sizes
 
 
 def _image_size(where: str, name: str, file: Path) -> tuple[int, int]:
@@ -318,8 +343,8 @@ def batches(items: Sequence[Item], batch_size: int) -> list[list[Item]]:
 
 def generate(pipe, items: Sequence[Item], output_type: str = "pil"):
     """The images of ``items`` (one batch: :meth:`Item.batch_key` equal) from one call of ``pipe`` (a
-    :class:`~kandinsky.pipeline.Kandinsky21`), each item's noise from its own generator; ``output_type`` as the
-    pipeline's."""
+    :class:`~kandinsky.pipeline.Kandinsky21`, or a :class:`~kandinsky.pipeline.Kandinsky22` for 2.2's settings),
+    each item's noise from its own generator; ``output_type`` as the pipeline's."""
     import torch
 
     from kandinsky.images import load_image
@@ -337,9 +362,14 @@ def generate(pipe, items: Sequence[Item], output_type: str = "pil"):
 
     if settings.task == "text2img":
         return pipe.text2img(prompts, negatives, **common)
+    if settings.task == "controlnet":
+        return pipe.controlnet(prompts, [load_image(item.hint, "RGB") for item in items], negatives, **common)
     images = [load_image(item.image, "RGB") for item in items]
     if settings.task == "img2img":
         return pipe.img2img(prompts, images, negative_prompt=negatives, **common)
+    if settings.task == "controlnet_img2img":
+        hints = [load_image(item.hint, "RGB") for item in items]
+        return pipe.controlnet_img2img(prompts, images, hints, negative_prompt=negatives, **common)
     masks = [load_image(item.mask, "L") for item in items]
     return pipe.inpaint(prompts, images, masks, negatives, **common)
 
@@ -352,7 +382,8 @@ def item_settings(item: Item, image_settings: dict, run_info: dict) -> dict:
     (``image_settings``, :mod:`kandinsky.png`'s schema) and, under ``"batch"``, the item's place in the run."""
     place = {"id": item.id, "index": item.index, "line": item.line,
              "image": None if item.image is None else str(item.image),
-             "mask": None if item.mask is None else str(item.mask)}
+             "mask": None if item.mask is None else str(item.mask),
+             **({} if item.hint is None else {"hint": str(item.hint)})}
     return {**image_settings, "batch": {**run_info, **place}}
 
 
@@ -375,10 +406,12 @@ def finished(item: Item, folder: Path) -> bool:
     except json.JSONDecodeError:
         recorded = {}
     recorded = recorded if isinstance(recorded, dict) else {}
+    weights = recorded.get("weights") if isinstance(recorded.get("weights"), dict) else {}
     expected = {"prompt": item.prompt, "seed": str(item.seed), "negative_prompt": item.settings.negative_prompt,
-                **item.settings.task_settings().recorded()}
+                "model": item.settings.model, **item.settings.task_settings().recorded()}
     found = {"prompt": text.get("prompt"), "seed": text.get("seed"), "negative_prompt": text.get("negative_prompt"),
-             **{k: recorded.get(k) for k in expected if k not in ("prompt", "seed", "negative_prompt")}}
+             "model": weights.get("model", "2.1"),  # what the pipeline records (2.1's images record none)
+             **{k: recorded.get(k) for k in expected if k not in ("prompt", "seed", "negative_prompt", "model")}}
     different = [k for k in expected if found[k] != expected[k]]
     if different:
         key = different[0]

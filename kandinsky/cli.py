@@ -9,7 +9,9 @@
     kandinsky convert movq movq_final.ckpt weights/movq
     kandinsky convert pipeline kandinsky-community/kandinsky-2-1 k21-original --to original
     kandinsky export unet --format onnx --output unet.onnx --weights weights/
+    kandinsky export unet_controlnet --output controlnet.onnx --weights k22/                 (Kandinsky 2.2)
     kandinsky batch prompts.jsonl -o out/ --batch-size 8      (also under torchrun --nproc_per_node=N -m kandinsky)
+    kandinsky batch depth.jsonl -o out/ --task controlnet --weights k22/     (2.2; rows give a hint image)
     kandinsky eval --generated out/ --reference coco30k/reference
 
 Images are PNGs carrying the prompt, seed and settings in their text metadata, written atomically (a
@@ -39,9 +41,9 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 # = kandinsky.schedulers.SAMPLERS without "unclip", kandinsky.convert.COMPONENTS, kandinsky.export.FORMATS and
 # TARGETS, kandinsky.validation.MAX_IMAGE_SIDE: spelled out so that --help does not import torch (a test compares)
 SAMPLERS = ("p_sampler", "ddim", "plms", "ddpm", "dpmpp_2m", "euler_a")
-CONVERTED = ("movq", "prior", "unet", "unet_inpaint")
+CONVERTED = ("movq", "prior", "unet", "unet_inpaint", "unet_controlnet")
 EXPORT_FORMATS = ("pt2", "onnx")
-EXPORT_TARGETS = ("movq_decode", "movq_encode", "prior", "unet", "unet_inpaint")
+EXPORT_TARGETS = ("movq_decode", "movq_encode", "prior", "unet", "unet_inpaint", "unet_controlnet")
 MAX_IMAGE_SIDE = 4096
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
 DEFAULT_WEIGHTS = "kandinsky-community/kandinsky-2-1"  # = kandinsky.hub.DEFAULT_SOURCE, without importing
@@ -358,20 +360,23 @@ def _batch_parser(commands) -> None:
     batch = commands.add_parser(
         "batch", help="one image per line of a prompt file (batched, resumable, torchrun)",
         description="Generate one PNG per item of a prompt file (.txt: a prompt a line; .jsonl / .csv: prompt, id, "
-                    "seed, negative_prompt, image, mask and per-item settings) and OUTPUT/manifest.jsonl. A rerun "
-                    "skips the finished images. Under `torchrun --nproc_per_node=N -m kandinsky batch ...` the "
-                    "processes share the items.")
+                    "seed, negative_prompt, image, mask, hint and per-item settings) and OUTPUT/manifest.jsonl. A "
+                    "rerun skips the finished images. Under `torchrun --nproc_per_node=N -m kandinsky batch ...` the "
+                    "processes share the items. Kandinsky 2.1 or 2.2 (--model); 2.2 adds the ControlNet tasks.")
     batch.add_argument("prompts", help="prompt file: .txt, .jsonl or .csv")
     batch.add_argument("-o", "--output", required=True, help="output folder (created if needed)")
     batch.add_argument("--task", default="text2img", choices=TASKS,
-                       help="text2img (default), or img2img / inpaint with image (and mask) paths in the file")
+                       help="text2img (default), or img2img / inpaint with image (and mask) paths in the file; "
+                            "Kandinsky 2.2: controlnet (hint paths) / controlnet_img2img (image and hint paths)")
     batch.add_argument("--batch-size", type=int, default=4, help="prompts per pipeline call (default: 4)")
-    batch.add_argument("--strength", type=float, default=0.3, help="img2img: how much to change (default: 0.3)")
+    batch.add_argument("--strength", type=float, default=0.3,
+                       help="img2img, controlnet_img2img: how much to change (default: 0.3)")
     batch.add_argument("--legacy-mask", action="store_true",
                        help="inpaint: black = repaint (the original's convention)")
     batch.add_argument("--allow-outside-paths", action="store_true",
-                       help="accept image / mask paths outside the prompt file's folder (absolute or with ..)")
-    sampling = _model_options(batch, steps=100, guidance=None)
+                       help="accept image / mask / hint paths outside the prompt file's folder (absolute or with ..)")
+    sampling = _model_options(batch, steps=100, guidance=None, guidance_help="7 for img2img with 2.1 weights, else 4",
+                              model=True)
     sampling.add_argument("--seed", type=_seed, default=0,
                           help="item i without a seed of its own uses SEED + i (default: 0)")
 
@@ -382,10 +387,14 @@ def _batch(args) -> int:
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
+    model = _model(args)
+    if args.task in batch.CONTROLNET_TASKS and model != "2.2":
+        raise UsageError(f"--task {args.task}: needs Kandinsky 2.2 weights; {args.weights} are 2.1 "
+                         "(--model 2.2 if they are 2.2, e.g. with tiny)")
     settings = batch.Settings(task=args.task, steps=args.steps, guidance=args.guidance, prior_steps=args.prior_steps,
                               prior_guidance=args.prior_guidance, height=args.height, width=args.width,
                               sampler=args.sampler, strength=args.strength, negative_prompt=args.negative_prompt,
-                              crop=args.crop, mask_convention="legacy" if args.legacy_mask else "repaint")
+                              crop=args.crop, mask_convention="legacy" if args.legacy_mask else "repaint", model=model)
     # every row checked before any work
     items = batch.read_prompt_file(args.prompts, settings, seed=args.seed, allow_outside=args.allow_outside_paths)
     processes = start(args.device)
@@ -623,12 +632,16 @@ def _export_parser(commands) -> None:
     export = commands.add_parser("export", help="torch.export (.pt2) or ONNX export of one model",
                                  description="Export one model as a torch.export program (.pt2) or an ONNX graph "
                                  "(+ FILE.data, the weights), with a dynamic batch and latent size.")
-    export.add_argument("target", choices=EXPORT_TARGETS, help="the model and method to export")
+    export.add_argument("target", choices=EXPORT_TARGETS,
+                        help="the model and method to export (unet_controlnet: Kandinsky 2.2's ControlNet UNet)")
     export.add_argument("--format", default=None, choices=EXPORT_FORMATS, help="default: from the --output suffix")
     export.add_argument("-o", "--output", required=True, help="output file (.pt2 or .onnx)")
     export.add_argument("--weights", default=DEFAULT_WEIGHTS,
                         help="hub repository, pipeline folder (any layout) or one converted component folder "
                              f"(default: {DEFAULT_WEIGHTS})")
+    export.add_argument("--model", default=None, choices=MODELS,
+                        help="the Kandinsky version of --weights (default: detected; tiny[:SEED] is 2.1 unless "
+                             "--model 2.2); a 2.2 UNet's inputs have no text (and the ControlNet's a hint)")
     export.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) to pin")
     export.add_argument("--cache-dir", default=None, help="converted-weights cache")
     export.add_argument("--dtype", default="float32", choices=[d for d in DTYPES if d != "auto"],
@@ -693,11 +706,30 @@ def _export(args) -> int:
             raise CommandError(f"--weights: {args.weights} holds a {stored}; {args.target} needs a {component}")
         components = Components(**{component: Lazy(lambda: load_converted(args.weights))})
     else:
-        components = Components.from_pretrained(args.weights, revision=args.revision, cache_dir=args.cache_dir)
+        if component == "unet_controlnet" and _model(args) != "2.2":
+            raise UsageError(f"unet_controlnet: Kandinsky 2.2's ControlNet UNet; {args.weights} are 2.1 weights "
+                             "(--model 2.2 if they are 2.2, e.g. with tiny)")
+        components = _store(args)
     _load_adapters(components, args.lora)
     model = components.plain_copy(component).to(getattr(torch, args.dtype))  # adapters fused
     print(export(args.target, model, output, format=format, overwrite=args.overwrite))
     return 0
+
+
+def _store(args):
+    """The components of ``--weights`` for the model ``--model`` names or :func:`detect_model` finds, loaded lazily
+    (Kandinsky 2.2's as :class:`~kandinsky.pipeline.Kandinsky22` reads them)."""
+    from kandinsky.components import Components
+
+    if _model(args) != "2.2":
+        return Components.from_pretrained(args.weights, revision=args.revision, cache_dir=args.cache_dir)
+    from kandinsky.pipeline import Kandinsky22
+
+    extra = {} if TINY.match(str(args.weights)) else dict(revision=args.revision, cache_dir=args.cache_dir)
+    try:
+        return Kandinsky22.from_pretrained(args.weights, progress=False, **extra).components
+    except NotImplementedError as error:
+        raise CommandError(f"--weights: {error}") from None
 
 
 def _outputs(output: str, count: int) -> list[Path]:

@@ -8,7 +8,12 @@ Targets (their inputs, in this order, are the ONNX input names):
 * ``prior``: ``x`` (B, 768), ``timesteps`` (B,) int64, ``text_embeds`` (B, 768), ``text_hidden_states``
   (B, 77, 768), ``text_mask`` (B, 77) bool -> the predicted clean embedding (B, 768);
 * ``unet`` / ``unet_inpaint``: ``x`` (B, 4 or 9, h, w), h and w multiples of 8 from 16, ``timesteps`` (B,) int64,
-  ``text_hidden_states`` (B, 77, 1024), ``text_embeds`` (B, 768), ``image_embeds`` (B, 768) -> (B, 8, h, w).
+  ``text_hidden_states`` (B, 77, 1024), ``text_embeds`` (B, 768), ``image_embeds`` (B, 768) -> (B, 8, h, w);
+  Kandinsky 2.2's (``conditioning="image"``) read no text: ``x``, ``timesteps``, ``image_embeds`` (B, 1280);
+* ``unet_controlnet`` (Kandinsky 2.2's ControlNet UNet, ``conditioning="image_hint"``): ``x`` (B, 4, h, w),
+  ``timesteps``, ``image_embeds`` (B, 1280), ``hint`` (B, 3, 8h, 8w) in [0, 1] -> (B, 8, h, w).
+
+A UNet's inputs follow its config's conditioning: :func:`input_names` gives them for a model.
 
 Example::
 
@@ -16,6 +21,7 @@ Example::
     program = export_program("unet", unet)          # torch.export.ExportedProgram
     save_program(program, "unet.pt2")                # torch.export.load("unet.pt2").module()(*inputs)
     save_onnx("movq_decode", movq, "movq.onnx")      # + movq.onnx.data (the weights, external data)
+    save_onnx("unet_controlnet", controlnet_unet, "controlnet.onnx")   # Kandinsky 2.2
 
 The plain modules are exported: a model given after :func:`kandinsky.ops.optimize` has its fast modules
 swapped back first (in place, :func:`kandinsky.ops.plain`); their state is the same. Outputs match eager
@@ -29,7 +35,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +77,8 @@ class PriorCall(nn.Module):
 
 
 class UNetCall(nn.Module):
+    """Kandinsky 2.1's UNet: text and image conditioning."""
+
     def __init__(self, unet: nn.Module):
         super().__init__()
         self.unet = unet
@@ -80,20 +88,55 @@ class UNetCall(nn.Module):
                          image_embeds=image_embeds)
 
 
+class ImageUNetCall(nn.Module):
+    """Kandinsky 2.2's UNet: the image embedding only."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, timesteps, image_embeds) -> torch.Tensor:
+        return self.unet(x, timesteps, image_embeds=image_embeds)
+
+
+class HintUNetCall(nn.Module):
+    """Kandinsky 2.2's ControlNet UNet: the image embedding and the hint image."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, timesteps, image_embeds, hint) -> torch.Tensor:
+        return self.unet(x, timesteps, image_embeds=image_embeds, hint=hint)
+
+
+# a UNet's call by its config's conditioning: (wrapper, input names)
+UNET_CALLS = {
+    "text_image": (UNetCall, ("x", "timesteps", "text_hidden_states", "text_embeds", "image_embeds")),
+    "image": (ImageUNetCall, ("x", "timesteps", "image_embeds")),
+    "image_hint": (HintUNetCall, ("x", "timesteps", "image_embeds", "hint")),
+}
+
+
+def _unet_call(unet: nn.Module) -> nn.Module:
+    return UNET_CALLS[unet.config.conditioning][0](unet)
+
+
 @dataclass(frozen=True)
 class Target:
     component: str  # the pipeline component the model is
     wrapper: Callable[[nn.Module], nn.Module]
-    inputs: tuple[str, ...]
+    inputs: tuple[str, ...] | Mapping[str, tuple[str, ...]]  # a UNet's: by its conditioning (input_names)
 
 
+_UNET_INPUTS = {conditioning: names for conditioning, (_, names) in UNET_CALLS.items()}
 TARGETS = {
     "movq_decode": Target("movq", MoVQDecode, ("latents",)),
     "movq_encode": Target("movq", MoVQEncode, ("images",)),
     "prior": Target("prior", PriorCall, ("x", "timesteps", "text_embeds", "text_hidden_states", "text_mask")),
-    "unet": Target("unet", UNetCall, ("x", "timesteps", "text_hidden_states", "text_embeds", "image_embeds")),
-    "unet_inpaint": Target("unet_inpaint", UNetCall,
-                           ("x", "timesteps", "text_hidden_states", "text_embeds", "image_embeds")),
+    "unet": Target("unet", _unet_call, _UNET_INPUTS),
+    "unet_inpaint": Target("unet_inpaint", _unet_call, _UNET_INPUTS),
+    "unet_controlnet": Target("unet_controlnet", _unet_call, _UNET_INPUTS),  # Kandinsky 2.2
 }
 TEXT_TOKENS = 77  # both text encoders' context length
 
@@ -102,6 +145,13 @@ def _target(target: str) -> Target:
     if target not in TARGETS:
         raise ValueError(f"target: expected one of {list(TARGETS)}, got {target!r}")
     return TARGETS[target]
+
+
+def input_names(target: str, config) -> tuple[str, ...]:
+    """The inputs of ``target`` for a model of ``config``, in order (the ONNX graph's input names): a UNet's
+    follow its conditioning (2.1: text and image; 2.2: image; ControlNet: image and hint)."""
+    inputs = _target(target).inputs
+    return inputs[config.conditioning] if isinstance(inputs, Mapping) else inputs
 
 
 def sample_inputs(target: str, config, batch: int = 2, height: int | None = None, width: int | None = None,
@@ -132,9 +182,14 @@ def sample_inputs(target: str, config, batch: int = 2, height: int | None = None
                 randn(batch, config.text_ctx, config.text_width), torch.arange(config.text_ctx)[None] < valid[:, None])
     multiple = config.size_multiple
     height, width = height or 2 * multiple, width or 3 * multiple
-    return (randn(batch, config.in_channels, height, width), timesteps(),
-            randn(batch, TEXT_TOKENS, config.text_hidden_dim), randn(batch, config.text_embed_dim),
-            randn(batch, config.image_embed_dim))
+    x, t = randn(batch, config.x_channels, height, width), timesteps()
+    if config.has_text:
+        return (x, t, randn(batch, TEXT_TOKENS, config.text_hidden_dim), randn(batch, config.text_embed_dim),
+                randn(batch, config.image_embed_dim))
+    if config.has_hint:  # a depth map in [0, 1] at the image size
+        return (x, t, randn(batch, config.image_embed_dim),
+                torch.rand(batch, 3, 8 * height, 8 * width, generator=generator))
+    return (x, t, randn(batch, config.image_embed_dim))
 
 
 def dynamic_shapes(target: str, config) -> tuple[dict[int, Dim], ...]:
@@ -150,12 +205,22 @@ def dynamic_shapes(target: str, config) -> tuple[dict[int, Dim], ...]:
     height, width = Dim("height", min=2), Dim("width", min=2)
     spatial = {0: batch, 2: height * multiple if multiple > 1 else height,
                3: width * multiple if multiple > 1 else width}
-    return (spatial,) + tuple({0: batch} for _ in spec.inputs[1:])
+    names = input_names(target, config)
+    # the ControlNet's hint is the image: 8 pixels per latent pixel
+    return (spatial,) + tuple({0: batch, 2: height * (8 * multiple), 3: width * (8 * multiple)} if name == "hint"
+                              else {0: batch} for name in names[1:])
 
 
 def _wrapped(target: str, model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise ValueError(f"model: expected our {_target(target).component} model, got {type(model).__name__}")
+    if target.startswith("unet"):  # the ControlNet target and the ControlNet UNet go together
+        conditioning = getattr(model.config, "conditioning", None)
+        if (conditioning == "image_hint") != (target == "unet_controlnet"):
+            wanted = ("a ControlNet UNet (conditioning image_hint)" if target == "unet_controlnet" else
+                      "a UNet without a hint (conditioning text_image or image)")
+            raise ValueError(f"model: the {target} target takes {wanted}, got a UNet with conditioning "
+                             f"{conditioning!r}")
     return _target(target).wrapper(ops.plain(model)).eval()
 
 
@@ -213,7 +278,8 @@ def save_onnx(target: str, model: nn.Module, path: str | os.PathLike, *, overwri
         with torch.no_grad():
             torch.onnx.export(wrapped, example, str(staged), dynamo=True, external_data=True,
                               dynamic_shapes=dynamic_shapes(target, model.config),
-                              input_names=list(_target(target).inputs), output_names=["output"], verbose=False)
+                              input_names=list(input_names(target, model.config)), output_names=["output"],
+                              verbose=False)
         staged.rename(temporary)
 
     written = _write_files(path, write, overwrite)

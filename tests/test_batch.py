@@ -413,3 +413,82 @@ def test_the_manifest_follows_an_edited_prompt_file(weights, tmp_path, capsys):
     records = manifest(out)
     assert [(r["file"], r["index"], r["line"], r["prompt"]) for r in records] == [
         ("fish.png", 0, 2, "red fish"), ("sky.png", 1, 3, "blue sky"), ("cat.png", 2, 4, "the cat")]
+
+
+# ------------------------------------------------------------------------------------------- Kandinsky 2.2
+
+TINY_22 = ["--weights", "tiny", "--model", "2.2", *FAST]
+
+
+def test_22_tasks_and_controlnet_rows_match_the_pipeline(tmp_path, capsys):
+    """--model 2.2 on the tiny 2.2 pipeline: ControlNet rows name a hint (hints of two sizes: two batches), an
+    item is the API's image for its seed, the PNGs record model 2.2; controlnet_img2img and 2.2's img2img
+    (guidance 4 by default, 2.1's 7)."""
+    from kandinsky.pipeline import Kandinsky22
+
+    random_image(1, 40).save(tmp_path / "h1.png")
+    random_image(2, 48).save(tmp_path / "h2.png")
+    random_image(3, 40).save(tmp_path / "a.png")
+    rows = [{"prompt": "a robot", "hint": "h1.png", "seed": 3}, {"prompt": "a cat", "hint": "h2.png"},
+            {"prompt": "a dog", "hint": "h1.png", "image": "a.png"}]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    (tmp_path / "ci.jsonl").write_text(json.dumps(rows[2]) + "\n")
+    (tmp_path / "i.csv").write_text("prompt,image,seed\na frog,a.png,4\n")
+    out = {name: tmp_path / name for name in ("controlnet", "controlnet_img2img", "img2img")}
+    for task, prompts in (("controlnet", "c.jsonl"), ("controlnet_img2img", "ci.jsonl"), ("img2img", "i.csv")):
+        code, _, stderr = run(capsys, "batch", tmp_path / prompts, "-o", out[task], "--task", task, "--batch-size", 4,
+                              *TINY_22)
+        assert code == 0, stderr
+    records = manifest(out["controlnet"])
+    assert [r["batch_size"] for r in records] == [1, 1]  # hints of two sizes cannot share a call
+    pipe = Kandinsky22.from_config("tiny", seed=0, progress=False)
+    size = dict(height=SIZE, width=SIZE, num_inference_steps=2, prior_num_inference_steps=2)
+    with Image.open(tmp_path / "h1.png") as hint, Image.open(tmp_path / "a.png") as image:
+        hint, image = hint.convert("RGB"), image.convert("RGB")
+        expected = {"controlnet": pipe.controlnet("a robot", hint, generator=torch.Generator().manual_seed(3), **size),
+                    "controlnet_img2img": pipe.controlnet_img2img("a dog", image, hint,
+                                                                  generator=torch.Generator().manual_seed(0), **size),
+                    "img2img": pipe.img2img("a frog", image, generator=torch.Generator().manual_seed(4), **size)}
+    for task, folder in out.items():
+        assert np.array_equal(pixels(folder)["000000.png"], np.asarray(expected[task][0])), task
+        settings = manifest(folder)[0]["settings"]
+        assert settings["task"] == task and settings["weights"] == {"source": "tiny:0", "model": "2.2"}, task
+        assert settings["guidance_scale"] == 4.0, task
+    assert manifest(out["controlnet"])[0]["settings"]["batch"]["hint"] == str(tmp_path / "h1.png")
+    # a rerun with the other model is refused, nothing loaded
+    code, _, stderr = run(capsys, "batch", tmp_path / "i.csv", "-o", out["img2img"], "--task", "img2img",
+                          "--weights", "tiny", *FAST)
+    assert code == 1 and "000000.png was made from another item or settings (model: '2.2' there, '2.1' now)" in stderr
+
+
+ERRORS_22 = [
+    (["--task", "controlnet", "--weights", "tiny"], [{"prompt": "a", "hint": "h.png"}],
+     "--task controlnet: needs Kandinsky 2.2 weights; tiny are 2.1"),
+    (["--task", "controlnet", *TINY_22], [{"prompt": "a", "image": "h.png"}],
+     "p.jsonl:1: image: only used with --task img2img, inpaint or controlnet_img2img (this run: controlnet)"),
+    (["--task", "controlnet_img2img", *TINY_22], [{"prompt": "a", "image": "h.png"}],
+     "p.jsonl:1: missing 'hint' (--task controlnet_img2img needs image and hint)"),
+    (TINY_22, [{"prompt": "a", "hint": "h.png"}],
+     "p.jsonl:1: hint: only used with --task controlnet or controlnet_img2img (this run: text2img)"),
+    (["--task", "controlnet", *TINY_22], [{"prompt": "a", "hint": "gone.png"}], "p.jsonl:1: hint: no such file"),
+]
+
+
+def test_22_argument_and_row_errors_are_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    import kandinsky.cli as cli
+
+    monkeypatch.setattr(cli, "_pipeline", lambda args: pytest.fail("a model was loaded"))
+    random_image(1, 8).save(tmp_path / "h.png")
+    for argv, rows, needle in ERRORS_22:
+        (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        code, stdout, stderr = run(capsys, "batch", tmp_path / "p.jsonl", "-o", tmp_path / "out", *argv)
+        assert needle in stderr and len(stderr.strip().splitlines()) == 1 and not stdout, (needle, stderr)
+        assert code == (2 if needle.startswith("--task") else 1), needle
+
+    # the settings behind the command: 2.2's img2img guides at 4 by default, the ControlNet tasks need 2.2
+    assert batch.Settings(task="img2img").guidance == 7.0 and batch.Settings(task="img2img", model="2.2").guidance == 4
+    assert batch.Settings(task="controlnet_img2img", model="2.2").task_settings().strength == 0.3
+    with pytest.raises(ValueError, match=r"task: controlnet needs Kandinsky 2.2 \(model '2.2'\), got model '2.1'"):
+        batch.Settings(task="controlnet").check()
+    with pytest.raises(ValueError, match=r"model: expected one of \['2.1', '2.2'\], got '3'"):
+        batch.Settings(model="3").check()

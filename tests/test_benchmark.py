@@ -190,3 +190,30 @@ def test_profile_tells_the_winograd_convolution_from_attention():
     assert categories["3x3 conv: Winograd GEMM (bmm)"] > 0 and categories["3x3 conv: Winograd transforms"] > 0
     assert categories["3x3 conv: direct"] == categories["3x3 conv: GEMM path"] == 0
     assert categories["attention"] > 0
+
+
+def test_unet_benchmark_of_the_22_unets_at_tiny_configs(tmp_path, monkeypatch, capsys):
+    """``kandinsky bench unet --model 2.2 [--controlnet]``: ours vs diffusers on one set of weights (the tiny 2.2
+    configs here), written under a name that says the model; the options it needs are checked first."""
+    from kandinsky.benchmark import unet
+
+    monkeypatch.setattr(unet, "CONFIG", "tiny")
+    for extra, name, case in (([], "unet-22-*.json", "Kandinsky 2.2, 2x4x8x8"),
+                              (["--controlnet"], "unet-22-controlnet-*.json", "Kandinsky 2.2 ControlNet, 2x4x8x8")):
+        assert main(["unet", "--model", "2.2", *extra, "--sizes", "8", "--repeats", "1", "--no-memory",
+                     "--results", str(tmp_path)]) == 0
+        (json_file,) = tmp_path.glob(name)
+        data = json.loads(json_file.read_text())
+        assert [r["case"] for r in data["results"]] == [f"{case} float32"]
+        json_file.unlink()
+    capsys.readouterr()
+    for argv, needle in ((["unet", "--controlnet"], "--controlnet: only for the unet component with --model 2.2"),
+                         (["movq", "--model", "2.2"], "--model 2.2: expected components among ['prior', 'unet']"),
+                         (["prior", "--sizes", "64"], "--sizes: latent sides, multiples of 8, for the unet")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert needle in capsys.readouterr().err, argv
+    assert unet.unet_config("2.2-controlnet", "full").conditioning == "image_hint"
+    from kandinsky.benchmark import prior
+
+    assert prior.prior_config("2.2").clip_dim == 1280 and prior.prior_config("2.1").clip_dim == 768

@@ -1,12 +1,14 @@
 """Compiled exports (kandinsky.export): torch.export programs and ONNX graphs against eager.
 
 Default tier: small configs, every target, checked at two input shapes other than the traced one (batch
-and latent size are dynamic), the ONNX graphs with onnxruntime. Slow tier: the official configurations
+and latent size are dynamic), the ONNX graphs with onnxruntime; Kandinsky 2.2's UNets (no text; the ControlNet
+UNet with its hint) at a one-level config, the cheapest to export. Slow tier: the official configurations
 with random weights, float32, within 1e-4 relative.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 import torch
 
 from kandinsky.cli import main
-from kandinsky.export import TARGETS, export_program, sample_inputs, save_onnx, save_program
+from kandinsky.export import TARGETS, export_program, input_names, sample_inputs, save_onnx, save_program
 from kandinsky.models.movq import MoVQ, MoVQConfig
 from kandinsky.models.prior import Prior, PriorConfig
 from kandinsky.models.unet import UNet, UNetConfig
@@ -29,7 +31,13 @@ SMALL = {
     "unet": UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
                        head_channels=8, context_dim=24, text_hidden_dim=32, text_embed_dim=24, image_embed_dim=24),
 }
-CLASSES = {"movq": MoVQ, "prior": Prior, "unet": UNet, "unet_inpaint": UNet}
+CLASSES = {"movq": MoVQ, "prior": Prior, "unet": UNet, "unet_inpaint": UNet, "unet_controlnet": UNet}
+TARGETS_21 = [target for target in TARGETS if target != "unet_controlnet"]
+# Kandinsky 2.2's UNets at one level (attention, no resampling): the cheapest graphs to export with these layers
+SMALL_22 = UNetConfig(model_channels=32, channel_mult=(1,), num_res_blocks=1, attention_levels=(0,), head_channels=8,
+                      context_dim=24, image_embed_dim=40, num_image_tokens=4, conditioning="image")
+CONTROLNET_22 = dataclasses.replace(SMALL_22, in_channels=8, conditioning="image_hint")
+OFFICIAL_22 = UNetConfig(conditioning="image", image_embed_dim=1280, num_image_tokens=32)
 
 
 def model(target: str, official: bool = False) -> torch.nn.Module:
@@ -37,6 +45,8 @@ def model(target: str, official: bool = False) -> torch.nn.Module:
     if component == "unet_inpaint":
         base = UNetConfig() if official else SMALL["unet"]
         config = UNetConfig(**{**base.__dict__, "in_channels": 9})
+    elif component == "unet_controlnet":
+        config = dataclasses.replace(OFFICIAL_22 if official else SMALL_22, in_channels=8, conditioning="image_hint")
     else:
         config = type(SMALL[component])() if official else SMALL[component]
     return randomize_(CLASSES[component](config), 0).eval()
@@ -55,7 +65,7 @@ def relative(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return float((ours.double() - reference.double()).abs().max() / reference.double().abs().max())
 
 
-@pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.parametrize("target", TARGETS_21)
 def test_program_matches_eager(target, tmp_path):
     module = model(target)
     wrapped = TARGETS[target].wrapper(module).eval()
@@ -68,20 +78,21 @@ def test_program_matches_eager(target, tmp_path):
         assert relative(exported, eager) < 1e-6  # the same kernels: measured 0
 
 
-@pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.parametrize("target", TARGETS_21)
 def test_onnx_matches_eager(target, tmp_path):
     module = model(target)
     path = save_onnx(target, module, tmp_path / f"{target}.onnx")
     assert len(list(tmp_path.glob(f"{path.name}.*.data"))) == 1  # the weights, as external data
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    assert [i.name for i in session.get_inputs()] == list(TARGETS[target].inputs)
+    names = input_names(target, module.config)
+    assert [i.name for i in session.get_inputs()] == list(names)
     assert session.get_inputs()[0].shape[0] == "batch"
     wrapped = TARGETS[target].wrapper(module).eval()
     for size in shapes(target, module.config):
         inputs = sample_inputs(target, module.config, seed=7, **size)
         with torch.no_grad():
             eager = wrapped(*inputs)
-        (onnx,) = session.run(None, {name: x.numpy() for name, x in zip(TARGETS[target].inputs, inputs)})
+        (onnx,) = session.run(None, {name: x.numpy() for name, x in zip(names, inputs)})
         # float32, onnxruntime's kernels: measured 2e-7 (prior) to 1.7e-6 (MoVQ decoder)
         assert onnx.shape == tuple(eager.shape) and relative(torch.from_numpy(onnx), eager) < 2e-5
 
@@ -137,6 +148,66 @@ def test_bad_arguments(tmp_path):
     assert (tmp_path / "x.pt2").read_bytes() == b"precious"
 
 
+def test_22_unet_program_matches_eager(tmp_path):
+    """Kandinsky 2.2's UNet reads the image embedding only: inputs x, timesteps, image_embeds."""
+    module = randomize_(UNet(SMALL_22), 0).eval()
+    assert input_names("unet", module.config) == ("x", "timesteps", "image_embeds")
+    program = torch.export.load(str(save_program(export_program("unet", module), tmp_path / "unet22.pt2")))
+    for size in shapes("unet", module.config):
+        inputs = sample_inputs("unet", module.config, seed=7, **size)
+        assert [tuple(x.shape) for x in inputs][2] == (size["batch"], 40)
+        with torch.no_grad():
+            eager, exported = module(inputs[0], inputs[1], image_embeds=inputs[2]), program.module()(*inputs)
+        assert exported.shape == eager.shape and relative(exported, eager) < 1e-6  # the same kernels: measured 0
+
+
+def test_cli_exports_the_22_controlnet_unet_to_onnx(tmp_path, capsys):
+    """``kandinsky export unet_controlnet`` of a converted ControlNet UNet: an ONNX graph with a hint input at 8x
+    the latent size, dynamic, within float rounding of eager in onnxruntime."""
+    from kandinsky.weights import save_converted
+
+    module = randomize_(UNet(CONTROLNET_22), 0).eval()
+    save_converted(module, "unet_controlnet", tmp_path / "controlnet")
+    output = tmp_path / "controlnet.onnx"
+    assert main(["export", "unet_controlnet", "--weights", str(tmp_path / "controlnet"), "-o", str(output)]) == 0
+    assert capsys.readouterr().out.strip() == str(output)
+    session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.shape) for i in session.get_inputs()] == [
+        ("x", ["batch", 4, "height", "width"]), ("timesteps", ["batch"]), ("image_embeds", ["batch", 40]),
+        ("hint", ["batch", 3, "8*height", "8*width"])]
+    for size in [dict(batch=1, height=4, width=2), dict(batch=3, height=2, width=5)]:
+        inputs = sample_inputs("unet_controlnet", module.config, seed=7, **size)
+        assert tuple(inputs[3].shape) == (size["batch"], 3, 8 * size["height"], 8 * size["width"])
+        with torch.no_grad():
+            eager = module(inputs[0], inputs[1], image_embeds=inputs[2], hint=inputs[3])
+        (onnx,) = session.run(None, {name: x.numpy() for name, x in zip(input_names("unet_controlnet", module.config),
+                                                                         inputs)})
+        # float32, onnxruntime's kernels (and the folder's channels-last weights): measured 1.4e-6
+        assert onnx.shape == tuple(eager.shape) and relative(torch.from_numpy(onnx), eager) < 2e-5
+
+
+def test_22_targets_and_the_store_of_a_22_pipeline(tmp_path, capsys, monkeypatch):
+    """The unet targets take the UNets they name (the ControlNet target the hint UNet, the others not); export of a
+    2.2 store (--model 2.2, or detected) hands over its UNet; a 2.1 store has no ControlNet, one line."""
+    import kandinsky.export as export_module
+    from kandinsky import tiny
+
+    with pytest.raises(ValueError, match=r"model: the unet_controlnet target takes a ControlNet UNet \(conditioning "
+                                         r"image_hint\), got a UNet with conditioning 'image'"):
+        export_program("unet_controlnet", randomize_(UNet(SMALL_22), 0))
+    with pytest.raises(ValueError, match=r"model: the unet target takes a UNet without a hint .*'image_hint'"):
+        export_program("unet", randomize_(UNet(CONTROLNET_22), 0))
+    exported = []
+    monkeypatch.setattr(export_module, "export", lambda target, model, path, **kw: exported.append(model) or path)
+    for target, component in (("unet_controlnet", "unet_controlnet"), ("unet", "unet")):
+        assert main(["export", target, "--weights", "tiny", "--model", "2.2", "-o", str(tmp_path / "x.onnx")]) == 0
+        assert exported[-1].config == tiny.CONFIGS_22[component]
+    capsys.readouterr()
+    assert main(["export", "unet_controlnet", "--weights", "tiny", "-o", str(tmp_path / "x.onnx")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "unet_controlnet: Kandinsky 2.2's ControlNet UNet; tiny are 2.1" in error
+
+
 def test_cli_export(tmp_path, capsys):
     from kandinsky.weights import save_converted
 
@@ -160,8 +231,9 @@ def test_cli_export(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_official_size_exports_match_eager(target, tmp_path):
-    """The official configurations (random weights, float32): the program and the ONNX graph within 1e-4
-    relative of eager, at a 64 x 64 latent (a 512 px image; MoVQ encode: a 512 px image) and batch 2."""
+    """The official configurations (random weights, float32; unet_controlnet: Kandinsky 2.2's): the program and the
+    ONNX graph within 1e-4 relative of eager, at a 64 x 64 latent (a 512 px image; MoVQ encode: a 512 px image) and
+    batch 2."""
     module = model(target, official=True)
     wrapped = TARGETS[target].wrapper(module).eval()
     size = {} if target == "prior" else dict(height=512, width=512) if target == "movq_encode" else \
@@ -174,5 +246,5 @@ def test_official_size_exports_match_eager(target, tmp_path):
     del program
     path = save_onnx(target, module, tmp_path / f"{target}.onnx")
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (onnx,) = session.run(None, {name: x.numpy() for name, x in zip(TARGETS[target].inputs, inputs)})
+    (onnx,) = session.run(None, {name: x.numpy() for name, x in zip(input_names(target, module.config), inputs)})
     assert relative(torch.from_numpy(onnx), eager) < 1e-4

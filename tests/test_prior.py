@@ -66,6 +66,19 @@ def test_parity_report_checks_pass():
     assert len(rows) >= 3 and not failed, failed
 
 
+@pytest.mark.slow
+def test_22_parity_report_checks_pass():
+    """Kandinsky 2.2's official prior (configs/prior_22.json: 1280-wide CLIP embeddings) against diffusers'
+    PriorTransformer at embedding_dim 1280: fp32, the pipeline's CPU path, bf16 (the report's 2.2 rows)."""
+    from kandinsky.parity.prior import CONFIG_22
+
+    assert config_from_dict("prior", json.loads((ROOT / "configs" / "prior_22.json").read_text())) == CONFIG_22
+    rows = list(checks(model="2.2"))
+    failed = [row for row in rows if not row.passed]
+    assert len(rows) == 3 and not failed, failed
+    print("\n".join(f"{row.check}: max rel {row.max_rel:.3e}" for row in rows))
+
+
 def test_padding_tokens_do_not_matter():
     prior, batch = _tiny(), inputs(TINY)
     with torch.no_grad():

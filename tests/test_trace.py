@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kandinsky.cli import main
-from kandinsky.export import TARGETS, sample_inputs
+from kandinsky.export import input_names, sample_inputs
 from kandinsky.models import config_from_dict, model_class
 from kandinsky.parity.trace import diffusers_reference, trace
 from kandinsky.testing import randomize_
@@ -32,7 +32,7 @@ def tiny(component: str) -> torch.nn.Module:
 
 
 def inputs(target: str, model: torch.nn.Module, **size) -> dict:
-    return dict(zip(TARGETS[target].inputs, sample_inputs(target, model.config, seed=3, **size)))
+    return dict(zip(input_names(target, model.config), sample_inputs(target, model.config, seed=3, **size)))
 
 
 @pytest.mark.parametrize("component, target", [("unet", "unet"), ("unet_inpaint", "unet_inpaint"), ("prior", "prior"),
@@ -130,3 +130,27 @@ def test_cli_trace(capsys):
     assert "first divergence" in capsys.readouterr().out
     assert main(["parity", "trace", "prior", "--weights", str(ROOT / "no-such-folder")]) == 1
     assert capsys.readouterr().err.startswith("kandinsky: error: ")
+
+
+def test_22_unets_trace_clean_and_a_hint_encoder_fault_is_located(capsys):
+    """Kandinsky 2.2's UNets (no text; the ControlNet's hint) from the command line, --model 2.2 with the tiny 2.2
+    config; a fault planted in the ControlNet's hint encoder is reported there."""
+    config = str(ROOT / "configs" / "unet_22_tiny.json")
+    for component in ("unet", "unet_controlnet"):
+        assert main(["parity", "trace", component, "--model", "2.2", "--random", "--config", config, "--height", "8",
+                     "--width", "8"]) == 0
+        out = capsys.readouterr().out
+        assert f"{component}: ours vs diffusers UNet2DConditionModel" in out and "pairs within 1e-04" in out
+    assert "hint_encoder" in out
+    assert main(["parity", "trace", "unet", "--model", "2.2", "--random", "--config",
+                 str(ROOT / "configs" / "unet_tiny.json")]) == 1
+    assert "--config: " in capsys.readouterr().err  # a 2.1 config for --model 2.2: one line
+    values = json.loads(Path(config).read_text())
+    ours = randomize_(model_class("unet")(config_from_dict("unet", {**values, "in_channels": 8,
+                                                                     "conditioning": "image_hint"})), 0).eval()
+    reference = diffusers_reference("unet", ours)
+    broken = copy.deepcopy(ours)
+    with torch.no_grad():
+        broken.hint_encoder[4].bias[2] += 0.5
+    report = trace(broken, reference, inputs("unet_controlnet", ours, height=8, width=8))
+    assert report.first.ours == "hint_encoder.4", str(report)

@@ -15,8 +15,8 @@ from kandinsky.convert.core import Source
 from kandinsky.models import config_from_dict
 from kandinsky.models.unet import UNet, UNetConfig
 from kandinsky.ops.cpu import winograd43_conv3x3, winograd_conv3x3
-from kandinsky.parity.unet import (TOLERANCE_DIFFUSERS, TOLERANCE_ORIGINAL, diffusers_config, diffusers_unet,
-                                   inputs, original_fixture_output, run_diffusers, run_ours)
+from kandinsky.parity.unet import (CONFIGS_22, TOLERANCE_DIFFUSERS, TOLERANCE_ORIGINAL, diffusers_config,
+                                   diffusers_unet, inputs, original_fixture_output, run_diffusers, run_ours)
 from kandinsky.testing import diffusers_reference_config, max_errors, randomize_
 from kandinsky.weights import load_converted, save_converted
 
@@ -381,3 +381,41 @@ def test_22_has_no_original_layout():
         convert_unet.layers("original", TINY_22)
     with pytest.raises(ValueError, match="no original layout"):
         convert_unet.to_original_config("unet", TINY_22)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CONFIGS_22))
+def test_22_matches_diffusers_full_size(name):
+    """Kandinsky 2.2's official UNets (configs/unet_22*.json: text-to-image, inpainting, ControlNet with its hint)
+    against diffusers' UNet2DConditionModel built from the diffusers config our converter writes for them, with
+    the parity report's helpers: 32x32 and 24x40 latents, batch 2, plain and as the pipeline runs it (ops.optimize).
+    ~4.9 GB of float32 weights per side: run under `flock /tmp/kandinsky-heavy.lock pytest -m slow`."""
+    from kandinsky.parity.unet import diffusers_rows
+
+    file = {"unet": "unet_22", "unet_inpaint": "unet_22_inpaint", "unet_controlnet": "unet_22_controlnet"}[name]
+    assert config_from_dict("unet", json.loads((ROOT / "configs" / f"{file}.json").read_text())) == CONFIGS_22[name]
+    rows = list(diffusers_rows(name, CONFIGS_22[name], label="2.2 full config"))
+    assert len(rows) == 4 and all(row.passed for row in rows), rows
+    print("\n".join(f"{row.component} {row.check}: max rel {row.max_rel:.3e}" for row in rows))
+
+
+def test_22_parity_report_from_the_command_line(monkeypatch, capsys):
+    """``kandinsky parity --model 2.2``: the 2.2 prior and the three 2.2 UNets (rows as the slow tier computes them
+    at full size, here at the tiny 2.2 configs), and the components 2.2 does not have refused in one line."""
+    from kandinsky import parity, tiny
+    from kandinsky.parity import prior as prior_parity
+    from kandinsky.parity import unet as unet_parity
+
+    monkeypatch.setattr(unet_parity, "CONFIGS_22", {name: tiny.CONFIGS_22[name] for name in CONFIGS_22})
+    monkeypatch.setattr(prior_parity, "CONFIG_22", tiny.PRIOR_22)
+    monkeypatch.setattr(unet_parity, "SIZES", ((8, 8),))
+    monkeypatch.setattr(parity.gc, "collect", lambda: 0)  # what frees full-size models costs seconds here
+    assert parity.main(["--model", "2.2"]) == 0
+    out = capsys.readouterr().out
+    for name in ("prior", "unet", "unet_inpaint", "unet_controlnet"):
+        assert f"| {name:<12} | 2.2 " in out, name
+    assert "| unet_controlnet | 2.2 full config vs diffusers, 2x8x8, ops.optimize (CPU)" in out
+    assert "original fixture" not in out and "9 passed, 0 failed" in out
+    with pytest.raises(SystemExit):
+        parity.main(["--model", "2.2", "text_encoder"])
+    assert "--model 2.2: expected components among ['prior', 'unet', 'movq', 'schedulers']" in capsys.readouterr().err

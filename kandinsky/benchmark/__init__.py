@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 COMPONENTS = ("movq", "prior", "unet", "text_encoder", "pipeline", "batch", "train", "profile", "gpu")
+MODELS = ("2.1", "2.2")
+COMPONENTS_22 = ("prior", "unet")  # the benchmarks with a Kandinsky 2.2 variant (--model 2.2)
 # what runs when no component is named: "profile" only when named (it repeats unet's forwards under the
 # profiler), "gpu" needs CUDA
 CPU_COMPONENTS = tuple(c for c in COMPONENTS if c not in ("profile", "gpu"))
@@ -129,14 +131,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="gpu: skip the torch.compile measurements")
     parser.add_argument("--no-memory", action="store_true", help="skip the separate-process peak-memory probes")
     parser.add_argument("--results", default="docs/results", help="folder for the JSON and Markdown tables")
+    parser.add_argument("--model", default="2.1", choices=MODELS,
+                        help=f"the Kandinsky version of the models (default: 2.1); 2.2 for {', '.join(COMPONENTS_22)}: "
+                             "its prior (1280-wide CLIP embeddings) and its UNet (image conditioning only)")
+    parser.add_argument("--controlnet", action="store_true",
+                        help="unet with --model 2.2: the ControlNet UNet (a depth hint besides the image embedding)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, metavar="LATENT",
+                        help="unet: latent sides to time (default: 64 96, i.e. 512 and 768 px images)")
     args = parser.parse_args(argv)
     available = [c for c in COMPONENTS if importlib.util.find_spec(f"kandinsky.benchmark.{c}") is not None]
-    components = args.components or [c for c in available if c in CPU_COMPONENTS]
+    if args.model == "2.2":
+        components = args.components or [c for c in available if c in COMPONENTS_22]
+        if [c for c in components if c not in COMPONENTS_22]:
+            parser.error(f"--model 2.2: expected components among {list(COMPONENTS_22)}, got {components}")
+    else:
+        components = args.components or [c for c in available if c in CPU_COMPONENTS]
     unknown = [c for c in components if c not in available]
     if unknown:
         parser.error(f"unknown component(s) {unknown}; available: {available}")
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.controlnet and (args.model != "2.2" or components != ["unet"]):
+        parser.error(f"--controlnet: only for the unet component with --model 2.2, got {components} with "
+                     f"--model {args.model}")
+    if args.sizes is not None and (components != ["unet"] or min(args.sizes) < 8 or any(s % 8 for s in args.sizes)):
+        parser.error(f"--sizes: latent sides, multiples of 8, for the unet component alone; got {args.sizes} for "
+                     f"{components}")
 
     if "gpu" in components and not torch.cuda.is_available():
         parser.error("the gpu component needs a CUDA device (torch.cuda.is_available() is False)")
@@ -153,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(args.results)
     folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    name = "-".join(components)
+    name = "-".join(components) + ("" if args.model == "2.1" else "-22" + ("-controlnet" if args.controlnet else ""))
     (folder / f"{name}-{stamp}.json").write_text(json.dumps(
         {"machine": machine(), "results": [r.as_dict() for r in results]}, indent=2))
     (folder / f"{name}-{stamp}.md").write_text(f"{json.dumps(machine())}\n\n{table}\n")

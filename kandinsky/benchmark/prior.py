@@ -3,6 +3,7 @@
 
 Two rows: ours as the pipeline runs it (``ops.optimize`` for the CPU: oneDNN GEMMs, the last block for the
 prd token only) and the plain model (``ops.plain``). Peak memory is measured per side in a fresh process.
+``--model 2.2``: Kandinsky 2.2's prior (the same transformer over 1280-wide CLIP embeddings).
 """
 
 from __future__ import annotations
@@ -14,15 +15,23 @@ import torch
 from kandinsky import ops
 from kandinsky.benchmark import Result, count_flops, interleaved, peak_rss_gib
 from kandinsky.models.prior import Prior, PriorConfig
-from kandinsky.parity.prior import diffusers_prior, inputs, run_diffusers, run_ours
+from kandinsky.parity.prior import CONFIG_22, diffusers_prior, inputs, run_diffusers, run_ours
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MODELS = ("2.1", "2.2")
 
 
-def memory_probe(side: str, dtype_name: str, optimized: str = "1") -> None:
-    """Build one side at the full config (weights left at zero: values do not change memory) and run
-    one forward, batch 2. Called in a separate process by :func:`kandinsky.benchmark.peak_rss_gib`."""
-    dtype, config = _DTYPES[dtype_name], PriorConfig()
+def prior_config(model: str = "2.1") -> PriorConfig:
+    """The official prior of Kandinsky ``model``."""
+    if model not in MODELS:
+        raise ValueError(f"model: expected one of {list(MODELS)}, got {model!r}")
+    return PriorConfig() if model == "2.1" else CONFIG_22
+
+
+def memory_probe(side: str, dtype_name: str, optimized: str = "1", model_name: str = "2.1") -> None:
+    """Build one side at the full config of Kandinsky ``model_name`` (weights left at zero: values do not change
+    memory) and run one forward, batch 2. Called in a separate process by :func:`kandinsky.benchmark.peak_rss_gib`."""
+    dtype, config = _DTYPES[dtype_name], prior_config(model_name)
     batch = inputs(config, dtype=dtype)
     with torch.device("meta"):
         if side == "ours":
@@ -30,7 +39,8 @@ def memory_probe(side: str, dtype_name: str, optimized: str = "1") -> None:
         else:
             from diffusers import PriorTransformer
 
-            model = PriorTransformer()  # its defaults are the Kandinsky 2.1 prior
+            # its defaults are the Kandinsky 2.1 prior; 2.2's differs in the CLIP width only
+            model = PriorTransformer(embedding_dim=config.clip_dim)
     model = model.to(dtype).to_empty(device="cpu")  # cast on the meta device: allocate once, in dtype
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
@@ -44,12 +54,13 @@ def memory_probe(side: str, dtype_name: str, optimized: str = "1") -> None:
 
 def run(args) -> list[Result]:
     dtype = _DTYPES[args.dtype]
+    model = getattr(args, "model", "2.1") or "2.1"
     memory = {}
     if not getattr(args, "no_memory", False):
         # before any model exists here: a child's ru_maxrss starts from this process's RSS at fork time
-        memory = {"peak_rss_gib_ours": peak_rss_gib("kandinsky.benchmark.prior:memory_probe", "ours", args.dtype, "1"),
-                  "peak_rss_gib_diffusers": peak_rss_gib("kandinsky.benchmark.prior:memory_probe", "diffusers", args.dtype)}
-    config = PriorConfig()
+        memory = {side_key: peak_rss_gib("kandinsky.benchmark.prior:memory_probe", side, args.dtype, "1", model)
+                  for side_key, side in (("peak_rss_gib_ours", "ours"), ("peak_rss_gib_diffusers", "diffusers"))}
+    config = prior_config(model)
     theirs, ours = diffusers_prior(config, seed=0, dtype=dtype)
     batch = inputs(config, batch=2, dtype=dtype)
 
@@ -71,9 +82,10 @@ def run(args) -> list[Result]:
     gc.collect()
 
     extra = {"dtype": args.dtype, "batch": 2, "gflop_ours": gflop["ours"], "gflop_diffusers": gflop["diffusers"]}
+    label = "" if model == "2.1" else "Kandinsky 2.2, "
     return [
-        Result("prior", f"forward, full config, batch 2, {args.dtype}", times["ours"], times["diffusers"],
+        Result("prior", f"{label}forward, full config, batch 2, {args.dtype}", times["ours"], times["diffusers"],
                {**extra, **memory}),
-        Result("prior", f"forward, full config, batch 2, {args.dtype}, plain model (no ops)", times["ours_plain"],
-               times["diffusers"], dict(extra)),
+        Result("prior", f"{label}forward, full config, batch 2, {args.dtype}, plain model (no ops)",
+               times["ours_plain"], times["diffusers"], dict(extra)),
     ]

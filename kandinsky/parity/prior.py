@@ -1,5 +1,7 @@
 """Prior parity: the full official configuration against diffusers 0.42.1 ``PriorTransformer`` (same
-random weights, converted with our diffusers converter) and the original implementation's fixture.
+random weights, converted with our diffusers converter) and the original implementation's fixture; with
+``checks(model="2.2")`` Kandinsky 2.2's prior (:data:`CONFIG_22`: the same transformer over ViT-bigG's 1280-wide
+embeddings; no original fixture: 2.2 has no original implementation of its own).
 
 Also the helpers the prior tests and benchmark share: :func:`diffusers_prior`, :func:`inputs`.
 """
@@ -15,6 +17,9 @@ from kandinsky import ops
 from kandinsky.models.prior import PriorConfig
 from kandinsky.parity import Row, compare
 from kandinsky.testing import load_original_fixture, prefixed, randomize_
+
+CONFIG_22 = PriorConfig(clip_dim=1280, text_width=1280)  # = configs/prior_22.json
+MODELS = ("2.1", "2.2")
 
 
 def _positive_std(param: torch.Tensor, generator: torch.Generator) -> None:
@@ -82,12 +87,18 @@ def original_fixture_output(prior=None) -> tuple[torch.Tensor, torch.Tensor]:
     return ours, tensors["output.out"]
 
 
-def checks() -> Iterator[Row]:
-    ours, reference = original_fixture_output()
-    # float32, same math, other summation order: the fixture's thread-count noise is ~5e-6
-    yield compare("prior", "original fixture (tiny, fp32) abs", ours, reference, 1e-5, metric="abs")
+def checks(model: str = "2.1") -> Iterator[Row]:
+    """The original fixture (2.1), then the full official prior of ``model`` against diffusers: float32, as the
+    pipeline runs it on CPU, and ours in bfloat16."""
+    if model not in MODELS:
+        raise ValueError(f"model: expected one of {list(MODELS)}, got {model!r}")
+    label = "" if model == "2.1" else "2.2 "
+    if model == "2.1":
+        ours, reference = original_fixture_output()
+        # float32, same math, other summation order: the fixture's thread-count noise is ~5e-6
+        yield compare("prior", "original fixture (tiny, fp32) abs", ours, reference, 1e-5, metric="abs")
 
-    config = PriorConfig()
+    config = PriorConfig() if model == "2.1" else CONFIG_22
     theirs, ours = diffusers_prior(config, seed=0)
     batch = inputs(config)
     with torch.no_grad():
@@ -95,13 +106,13 @@ def checks() -> Iterator[Row]:
         del theirs
         gc.collect()
         # 20 float32 layers of width 2048 with separate vs fused GEMMs: summation-order noise only
-        yield compare("prior", "diffusers full config, fp32, batch 2", run_ours(ours, batch), reference, 1e-4)
-        yield compare("prior", "same, ours as the pipeline runs it (ops.optimize, CPU)",
+        yield compare("prior", f"{label}diffusers full config, fp32, batch 2", run_ours(ours, batch), reference, 1e-4)
+        yield compare("prior", f"{label}same, ours as the pipeline runs it (ops.optimize, CPU)",
                       run_ours(ops.optimize(ours, "cpu", torch.float32), batch), reference, 1e-4)
         ops.plain(ours)
         bf16 = ours.to(torch.bfloat16)
         out = run_ours(bf16, {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()})
         # bf16 weights and activations (8-bit mantissa) through 20 layers: ~1e-2 relative is the expected drift
-        yield compare("prior", "ours bf16 vs diffusers fp32, full config", out.float(), reference, 5e-2)
+        yield compare("prior", f"{label}ours bf16 vs diffusers fp32, full config", out.float(), reference, 5e-2)
     del ours, bf16
     gc.collect()

@@ -14,11 +14,12 @@ Example::
     print(report)                  # the table
     report.first                   # the first row above the tolerance, or None
 
-``reference`` is a diffusers model (``VQModel``, ``PriorTransformer``, ``UNet2DConditionModel``), the
-original code's module (``MOVQ``, ``PriorDiffusionModel``, ``Text2ImUNet`` / ``InpaintText2ImUNet``, when
-importable; its calls follow the original fixtures' conventions) or another of our own models (same module
-paths). ``inputs`` uses our argument names; MoVQ inputs are ``{"latents": ...}`` (decode) or
-``{"images": ...}`` (encode). Our model is traced plain: :func:`kandinsky.ops.plain` undoes any
+``reference`` is a diffusers model (``VQModel``, ``PriorTransformer``, ``UNet2DConditionModel``: Kandinsky 2.1's
+or 2.2's, the ControlNet UNet included), the original code's module (``MOVQ``, ``PriorDiffusionModel``,
+``Text2ImUNet`` / ``InpaintText2ImUNet``, when importable; its calls follow the original fixtures' conventions) or
+another of our own models (same module paths). ``inputs`` uses our argument names (a 2.2 UNet's: ``x``,
+``timesteps``, ``image_embeds`` and the ControlNet's ``hint``; no text); MoVQ inputs are ``{"latents": ...}``
+(decode) or ``{"images": ...}`` (encode). Our model is traced plain: :func:`kandinsky.ops.plain` undoes any
 :func:`kandinsky.ops.optimize` swaps first (in place).
 """
 
@@ -124,7 +125,8 @@ class _Recorder:
 
 
 def component_of(model: nn.Module) -> str:
-    """The component name of one of our models (``movq``, ``prior``, ``unet``, ``unet_inpaint``)."""
+    """The converter component of one of our models (``movq``, ``prior``, ``unet``, ``unet_inpaint``; a 2.2
+    ControlNet UNet is a ``unet``)."""
     from kandinsky.models.movq import MoVQ
     from kandinsky.models.prior import Prior
     from kandinsky.models.unet import UNet
@@ -172,6 +174,12 @@ def run_reference(component: str, layout: str, model: nn.Module, inputs: Mapping
                          ).predicted_image_embedding
         return model.model(i["x"], i["timesteps"], text_emb=i["text_embeds"], text_enc=i["text_hidden_states"],
                            mask=i["text_mask"], causal_mask=model.causal_mask)
+    if "text_hidden_states" not in i:  # Kandinsky 2.2: the image embedding (and the ControlNet's hint) only
+        if layout != "diffusers":
+            raise ValueError("reference: Kandinsky 2.2's UNets have no original implementation; trace them against "
+                             "diffusers or our own")
+        added = {"image_embeds": i["image_embeds"], **({"hint": i["hint"]} if "hint" in i else {})}
+        return model(i["x"], i["timesteps"], encoder_hidden_states=None, added_cond_kwargs=added).sample
     if layout == "diffusers":
         return model(i["x"], i["timesteps"], encoder_hidden_states=i["text_hidden_states"],
                      added_cond_kwargs={"text_embeds": i["text_embeds"], "image_embeds": i["image_embeds"]}).sample
@@ -263,19 +271,67 @@ def diffusers_reference(component: str, ours: nn.Module) -> nn.Module:
     return reference.eval()
 
 
+TRACED = ("movq", "prior", "unet", "unet_inpaint", "unet_controlnet")  # kandinsky parity trace's components
+MODELS = ("2.1", "2.2")
+
+
+def official_config(component: str, model: str = "2.1"):
+    """Our config of the official ``component`` of Kandinsky ``model`` (``unet_controlnet``: 2.2 only)."""
+    from kandinsky.models import config_class
+
+    if model not in MODELS:
+        raise ValueError(f"model: expected one of {list(MODELS)}, got {model!r}")
+    if model == "2.2":
+        from kandinsky.parity.prior import CONFIG_22
+        from kandinsky.parity.unet import CONFIGS_22
+
+        return CONFIG_22 if component == "prior" else CONFIGS_22.get(component) or config_class(component)()
+    if component == "unet_controlnet":
+        raise ValueError("unet_controlnet: Kandinsky 2.2's ControlNet UNet; use --model 2.2")
+    from kandinsky.parity.unet import CONFIGS_21
+
+    return CONFIGS_21.get(component) or config_class(component)()
+
+
+def _random_config(component: str, args):
+    """--random's config: the official one of --model, or --config's JSON (a UNet's adjusted to ``component``:
+    9 input channels for inpainting, the hint's 4 more and ``image_hint`` for the ControlNet)."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from kandinsky.models import config_from_dict
+
+    model = args.model or ("2.2" if component == "unet_controlnet" else "2.1")
+    if not args.config:
+        return official_config(component, model)
+    base = "unet" if component.startswith("unet") else component
+    config = config_from_dict(base, json.loads(Path(args.config).read_text()))
+    if base == "unet":
+        if (config.conditioning == "text_image") != (model == "2.1"):
+            version = "2.1" if config.conditioning == "text_image" else "2.2"
+            raise ValueError(f"--config: {args.config} is a Kandinsky {version} UNet (conditioning "
+                             f"{config.conditioning!r}); --model {model} needs a {model} one")
+        if component == "unet_inpaint":
+            config = dataclasses.replace(config, in_channels=9)
+        elif component == "unet_controlnet":
+            config = dataclasses.replace(config, in_channels=config.x_channels + 4, conditioning="image_hint")
+    return config
+
+
 def _load_ours(component: str, args) -> nn.Module:
     import json
     from pathlib import Path
 
-    from kandinsky.models import config_from_dict, model_class
+    from kandinsky.models import model_class
     from kandinsky.testing import randomize_
     from kandinsky.weights import is_converted, load_converted
 
+    if component == "unet_controlnet" and args.model == "2.1":
+        raise ValueError("unet_controlnet: Kandinsky 2.2's ControlNet UNet, not a 2.1 model (--model 2.2)")
     if args.random:
-        values = json.loads(Path(args.config).read_text()) if args.config else {}
-        if component == "unet_inpaint":
-            values["in_channels"] = 9
-        return randomize_(model_class(component)(config_from_dict(component, values)), args.seed).eval()
+        config = _random_config(component, args)
+        return randomize_(model_class("unet" if component.startswith("unet") else component)(config), args.seed).eval()
     if is_converted(args.weights):
         stored = json.loads((Path(args.weights) / "config.json").read_text()).get("component")
         if stored != component:
@@ -283,7 +339,11 @@ def _load_ours(component: str, args) -> nn.Module:
         return load_converted(args.weights, dtype=torch.float32)
     from kandinsky.hub import resolve
 
-    return resolve(args.weights, revision=args.revision, cache_dir=args.cache_dir)[component].load().float().eval()
+    model = {} if args.model is None else {"model": args.model}  # None: detected from --weights
+    parts = resolve(args.weights, revision=args.revision, cache_dir=args.cache_dir, **model)
+    if component not in parts:
+        raise ValueError(f"--weights: {args.weights} has no {component}")
+    return parts[component].load().float().eval()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,19 +351,24 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    from kandinsky.export import TARGETS, sample_inputs
+    from kandinsky.export import input_names, sample_inputs
 
     parser = argparse.ArgumentParser(prog="kandinsky parity trace", description=__doc__.splitlines()[0] + " Runs "
                                      "ours and diffusers on the same weights and inputs and prints, module by module, "
                                      "where they first differ.")
-    parser.add_argument("component", choices=["movq", "prior", "unet", "unet_inpaint"])
+    parser.add_argument("component", choices=TRACED,
+                        help="the model (unet_controlnet: Kandinsky 2.2's ControlNet UNet)")
+    parser.add_argument("--model", default=None, choices=MODELS,
+                        help="the Kandinsky version: with --random, whose official config (default: 2.1); with "
+                             "--weights, how to read them (default: detected)")
     parser.add_argument("--weights", default="kandinsky-community/kandinsky-2-1",
                         help="hub repository, pipeline folder (any layout) or one converted component folder")
     parser.add_argument("--revision", default=None, help="hub revision of --weights")
     parser.add_argument("--cache-dir", default=None, help="converted-weights cache")
     parser.add_argument("--random", action="store_true", help="seeded random weights instead of --weights")
-    parser.add_argument("--config", default=None, help="with --random: our config JSON (e.g. configs/unet_tiny.json; "
-                                                       "default: the official size)")
+    parser.add_argument("--config", default=None, help="with --random: our config JSON (e.g. configs/unet_tiny.json, "
+                                                       "configs/unet_22_tiny.json with --model 2.2; default: the "
+                                                       "official size)")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                         help=f"relative error that counts as a divergence (default: {DEFAULT_TOLERANCE:g}, float32)")
     parser.add_argument("--batch", type=int, default=2, help="batch size of the random inputs (default: 2)")
@@ -313,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         ours = _load_ours(args.component, args)
-        reference = diffusers_reference(args.component, ours)
+        component = component_of(ours)
+        reference = diffusers_reference(component, ours)
         targets = ["movq_decode", "movq_encode"] if args.component == "movq" else [args.component]
         diverged = False
         for target in targets:
@@ -321,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
             if target == "movq_encode" and height:
                 height, width = height * ours.config.downsample_factor, (width or 3) * ours.config.downsample_factor
             inputs = sample_inputs(target, ours.config, args.batch, height, width, args.seed)
-            report = trace(ours, reference, dict(zip(TARGETS[target].inputs, inputs)), tolerance=args.tolerance)
+            report = trace(ours, reference, dict(zip(input_names(target, ours.config), inputs)),
+                           tolerance=args.tolerance)
             print(f"{target}: ours vs diffusers {type(reference).__name__}\n{report}\n")
             diverged = diverged or report.first is not None
     except (ValueError, OSError, ImportError) as error:
