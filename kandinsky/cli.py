@@ -34,7 +34,8 @@ PROG = "kandinsky"
 DELEGATED = {
     "parity": ("kandinsky.parity", "main", "parity report against diffusers and the original fixtures"),
     "bench": ("kandinsky.benchmark", "main", "benchmarks against diffusers"),
-    "train": ("kandinsky.training.cli", "main", "fine-tune the prior or a decoder UNet (full or LoRA, torchrun)"),
+    "train": ("kandinsky.training.cli", "main", "fine-tune the prior or a decoder UNet of Kandinsky 2.1 or 2.2 "
+                                                "(full or LoRA, torchrun)"),
 }
 NEEDS_DIFFUSERS = ("parity", "bench")  # delegated commands that compare against diffusers
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -47,6 +48,9 @@ EXPORT_TARGETS = ("movq_decode", "movq_encode", "prior", "unet", "unet_inpaint",
 MAX_IMAGE_SIDE = 4096
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
 DEFAULT_WEIGHTS = "kandinsky-community/kandinsky-2-1"  # = kandinsky.hub.DEFAULT_SOURCE, without importing
+DEFAULT_WEIGHTS_22 = "kandinsky-community/kandinsky-2-2-decoder"  # with --model 2.2 and for `controlnet`
+MODEL_OF = {"controlnet": "2.2"}  # commands of one Kandinsky version
+WEIGHTS_DEFAULTS = f"default: {DEFAULT_WEIGHTS}; with --model 2.2 or for controlnet: {DEFAULT_WEIGHTS_22}"
 # transformers (2+ s) just to print --help
 MODELS = ("2.1", "2.2")  # = kandinsky.settings.MODELS
 DEFAULT_DEPTH_MODEL = "Intel/dpt-hybrid-midas"  # diffusers' example for kandinsky-2-2-controlnet-depth
@@ -94,8 +98,9 @@ def _model_options(parser: argparse.ArgumentParser, steps: int, guidance: float 
     """The weights, device and sampling options of every generating command; returns the sampling group.
     ``model``: with ``--model 2.1|2.2``."""
     weights = parser.add_argument_group("weights and device")
-    weights.add_argument("--weights", default=DEFAULT_WEIGHTS,
-                         help=f"hub repository (diffusers or original layout) or local folder (default: {DEFAULT_WEIGHTS})")
+    weights.add_argument("--weights", default=None,
+                         help=f"hub repository (diffusers or original layout), local folder or tiny[:SEED] "
+                              f"({WEIGHTS_DEFAULTS})")
     if model:
         weights.add_argument("--model", default=None, choices=MODELS,
                              help="the Kandinsky version of --weights (default: detected: 2.2 for a folder of 2.2 "
@@ -230,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError(str(error)) from None
         if getattr(args, "from_png", None) is not None:
             _apply_png(args, _explicit(parser, args.command, argv))
+        _default_weights(args)
         if args.command == "generate" and args.prompt is None:
             raise UsageError("prompt: expected a prompt (or --from-png IMAGE.png)")
         handlers = {"convert": _convert, "export": _export, "batch": _batch, "eval": _evaluate, "info": _info,
@@ -244,6 +250,14 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" (see `{PROG} {command} --help`)" if isinstance(error, UsageError) and command else ""
         print(f"{PROG}: error: {_message(error)}{hint}", file=sys.stderr)
         return 2 if isinstance(error, UsageError) else 1
+
+
+def _default_weights(args) -> None:
+    """``--weights`` left out: the official 2.2 decoder repository with ``--model 2.2`` or for a 2.2-only command,
+    else 2.1's."""
+    if "weights" in args and args.weights is None:
+        model = getattr(args, "model", None) or MODEL_OF.get(args.command)
+        args.weights = DEFAULT_WEIGHTS_22 if model == "2.2" else DEFAULT_WEIGHTS
 
 
 def _message(error: Exception) -> str:
@@ -484,7 +498,7 @@ def _evaluate(args) -> int:
 def _convert_parser(commands) -> None:
     convert = commands.add_parser("convert", help="convert weights between this package's, diffusers' and the "
                                   "original layouts",
-                                  description="Convert Kandinsky 2.1 weights between layouts: into this package's "
+                                  description="Convert Kandinsky 2.1 or 2.2 weights between layouts: into this package's "
                                   "format (default), or out of it into the diffusers or the original layout (--to). "
                                   "COMPONENT 'pipeline' converts a whole pipeline (SOURCE: hub repository or folder).")
     convert.add_argument("component", choices=(*CONVERTED, "pipeline"))
@@ -530,13 +544,13 @@ def _json_object(value: str) -> dict:
 
 
 def _convert(args) -> int:
-    from kandinsky.hub import COMPONENTS
+    from kandinsky.hub import ALL_COMPONENTS
     from kandinsky.weights import check_not_source, check_output, convert_files
 
     # before any (slow) reading: an existing output only with --overwrite and only if ours, never SOURCE
     check_not_source(args.output, args.source)
     if args.component == "pipeline" and args.to == "ours":  # a folder of component folders, each replaced alone
-        outputs = {name: Path(args.output) / name for name in COMPONENTS}
+        outputs = {name: Path(args.output) / name for name in ALL_COMPONENTS}
     else:
         outputs = {None if args.component == "pipeline" else args.component: Path(args.output)}
     for component, output in outputs.items():
@@ -636,9 +650,9 @@ def _export_parser(commands) -> None:
                         help="the model and method to export (unet_controlnet: Kandinsky 2.2's ControlNet UNet)")
     export.add_argument("--format", default=None, choices=EXPORT_FORMATS, help="default: from the --output suffix")
     export.add_argument("-o", "--output", required=True, help="output file (.pt2 or .onnx)")
-    export.add_argument("--weights", default=DEFAULT_WEIGHTS,
+    export.add_argument("--weights", default=None,
                         help="hub repository, pipeline folder (any layout) or one converted component folder "
-                             f"(default: {DEFAULT_WEIGHTS})")
+                             f"({WEIGHTS_DEFAULTS})")
     export.add_argument("--model", default=None, choices=MODELS,
                         help="the Kandinsky version of --weights (default: detected; tiny[:SEED] is 2.1 unless "
                              "--model 2.2); a 2.2 UNet's inputs have no text (and the ControlNet's a hint)")
@@ -656,8 +670,8 @@ def _ui_parser(commands) -> None:
                              description="Serve a web page (Gradio) for text to image, image to image, inpainting "
                                          "and mixing, on one pipeline loaded once. Local only unless --host / --share "
                                          "say otherwise. Needs gradio: pip install 'kandinsky21[ui]'.")
-    ui.add_argument("--weights", default=DEFAULT_WEIGHTS,
-                    help=f"hub repository, local folder or tiny[:SEED] (default: {DEFAULT_WEIGHTS})")
+    ui.add_argument("--weights", default=None,
+                    help=f"hub repository, local folder or tiny[:SEED] ({WEIGHTS_DEFAULTS})")
     ui.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     ui.add_argument("--dtype", default="auto", choices=DTYPES, help="weight dtype (default auto: float16 on CUDA)")
     ui.add_argument("--model", default=None, choices=MODELS,
@@ -777,30 +791,11 @@ def _mix_item(item: str):
 
 
 def detect_model(weights: str | os.PathLike) -> str:
-    """The Kandinsky version ("2.1" or "2.2") of a ``--weights`` value, without loading anything: ``tiny[:SEED]``
-    is 2.1; a local folder is 2.2 when a UNet's ``config.json`` has a ``conditioning`` other than ``"text_image"``
-    (ours, at the top or under ``config``) or diffusers' image ``addition_embed_type``; a hub repository is 2.2
-    when its name has ``2-2`` (``kandinsky-community/kandinsky-2-2-decoder``); anything else 2.1."""
-    text = str(weights)
-    if TINY.match(text):
-        return "2.1"
-    folder = Path(text).expanduser()
-    if folder.is_dir():
-        for name in ("unet", "unet_inpaint", "unet_controlnet", "decoder/unet"):
-            try:
-                config = json.loads((folder / name / "config.json").read_text())
-            except (OSError, ValueError):
-                continue
-            if not isinstance(config, dict):
-                continue
-            inner = config.get("config") if isinstance(config.get("config"), dict) else {}
-            conditioning = config.get("conditioning", inner.get("conditioning"))
-            if conditioning is not None:
-                return "2.1" if conditioning == "text_image" else "2.2"
-            if config.get("addition_embed_type") in ("image", "image_hint"):  # diffusers' 2.2 UNets
-                return "2.2"
-        return "2.1"
-    return "2.2" if "2-2" in text else "2.1"
+    """The Kandinsky version ("2.1" or "2.2") of a ``--weights`` value, without loading anything
+    (:func:`kandinsky.hub.detect_model`: UNet configs, ``base.json``, a hub id's ``2-2``)."""
+    from kandinsky.hub import detect_model as from_configs
+
+    return from_configs(weights)
 
 
 def _model(args) -> str:

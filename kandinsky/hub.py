@@ -206,13 +206,21 @@ _UNET_FOLDERS = ("unet", "unet_inpaint", CONTROLNET, "decoder/unet")
 
 def detect_model(source: str | os.PathLike) -> str:
     """The Kandinsky version (``"2.1"`` or ``"2.2"``) of a weights source, from configs only (no weights read):
-    ``tiny[:SEED]`` is 2.1; a local folder is 2.2 when it holds a ControlNet UNet or a UNet ``config.json`` with
-    our ``conditioning`` other than ``"text_image"`` or diffusers' image ``addition_embed_type`` (``"image"``,
-    ``"image_hint"``), else its ``base.json`` decides (its ``"model"``, or its source's version); otherwise (no UNet
-    config, a hub repository id) it is 2.2 when the name has ``2-2`` (``kandinsky-community/kandinsky-2-2-decoder``)."""
+    :func:`model_evidence`'s, else 2.1."""
+    found = model_evidence(source)
+    return "2.1" if found is None else found[0]
+
+
+def model_evidence(source: str | os.PathLike) -> tuple[str, str] | None:
+    """The Kandinsky version a weights source shows without loading anything, and why (e.g. ``("2.2",
+    "k22/unet/config.json has conditioning 'image'")``), or None where it shows none (``tiny[:SEED]``, a 2.1 hub
+    id). A local folder is 2.2 when it holds a ControlNet UNet or a UNet ``config.json`` with our ``conditioning``
+    other than ``"text_image"`` or diffusers' image ``addition_embed_type`` (``"image"``, ``"image_hint"``), else its
+    ``base.json`` decides (its ``"model"``, or its source's version: a LoRA run's output holds no UNet); otherwise
+    (no UNet config, a hub repository id) it is 2.2 when the name has ``2-2`` (``kandinsky-2-2-decoder``)."""
     text = str(source)
     if tiny_seed(text) is not None:
-        return "2.1"
+        return None
     folder, seen = Path(text).expanduser(), set()
     while folder.is_dir() and folder.resolve() not in seen:
         seen.add(folder.resolve())
@@ -226,32 +234,36 @@ def detect_model(source: str | os.PathLike) -> str:
         if base is None:
             break
         if base.get("model") in MODELS:
-            return base["model"]
+            return base["model"], f"{folder / BASE_FILE} says model {base['model']!r}"
         text = _base_source(folder, base)
+        if tiny_seed(text) is not None:
+            return None
         folder = Path(text).expanduser()
     name = Path(text).name if Path(text).expanduser().exists() else text
-    return "2.2" if "2-2" in name else "2.1"
+    return ("2.2", f"the name {name!r} has '2-2'") if "2-2" in name else None
 
 
-def _configured_model(folder: Path) -> str | None:
-    """The version the UNet configs in ``folder`` (ours, diffusers' or a diffusers export's) say, or None."""
+def _configured_model(folder: Path) -> tuple[str, str] | None:
+    """The version the UNet configs in ``folder`` (ours, diffusers' or a diffusers export's) say, and why; or None."""
     import json
 
     if is_converted(folder / CONTROLNET):
-        return "2.2"
+        return "2.2", f"{folder} holds a ControlNet UNet"
     for name in _UNET_FOLDERS:
+        path = folder / name / "config.json"
         try:
-            config = json.loads((folder / name / "config.json").read_text())
-        except (OSError, ValueError):
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
             continue
         if not isinstance(config, dict):
             continue
         inner = config.get("config") if isinstance(config.get("config"), dict) else {}
         conditioning = config.get("conditioning", inner.get("conditioning"))
         if conditioning is not None:
-            return "2.1" if conditioning == "text_image" else "2.2"
+            return ("2.1" if conditioning == "text_image" else "2.2"), f"{path} has conditioning {conditioning!r}"
         if "addition_embed_type" in config:
-            return "2.2" if config["addition_embed_type"] in ("image", "image_hint") else "2.1"
+            kind = config["addition_embed_type"]
+            return ("2.2" if kind in ("image", "image_hint") else "2.1"), f"{path} has addition_embed_type {kind!r}"
     return None
 
 
@@ -534,8 +546,9 @@ def _ours(folder: Path, cache_dir, hub_cache, model: str | None = None) -> dict[
     if unknown:
         raise ValueError(f"{folder / BASE_FILE}: unknown keys {unknown}; expected \"source\" and any of "
                          f"{list(BASE_OPTIONS)}")
-    if (model or _configured_model(folder)) is not None:  # the folder's own UNets say what the base is
-        options.setdefault("model", model or _configured_model(folder))
+    own = model or (_configured_model(folder) or (None,))[0]
+    if own is not None:  # the folder's own UNets say what the base is
+        options.setdefault("model", own)
     base_parts = resolve(_base_source(folder, base), cache_dir=cache_dir, hub_cache=hub_cache, **options)
     names = list(base_parts) + [name for name in ALL_COMPONENTS if name not in base_parts and (folder / name).exists()]
     return {name: _own(name, folder) if (folder / name).exists() else base_parts[name] for name in names}

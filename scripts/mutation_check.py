@@ -354,6 +354,20 @@ MUTATIONS = (
              '"idle_fraction": totals[DATA_WAIT] / wall if wall > 0 else None,',
              '"idle_fraction": totals[INPUTS] / wall if wall > 0 else None,',
              (TRAINER + "test_idle_fraction_is_the_data_wait_over_the_step_time",)),
+    # ---- batch: Kandinsky 2.2 and ControlNet rows
+    Mutation("batch_hint_size_not_in_the_batch_key", "kandinsky/batch.py",
+             "                self.image_size, self.hint_size)", "                self.image_size)",
+             (BATCH + "test_22_tasks_and_controlnet_rows_match_the_pipeline",)),
+    Mutation("batch_rerun_ignores_the_model", "kandinsky/batch.py",
+             '"model": weights.get("model", "2.1"),', '"model": item.settings.model,',
+             (BATCH + "test_22_tasks_and_controlnet_rows_match_the_pipeline",)),
+    Mutation("batch_controlnet_image_and_hint_swapped", "kandinsky/batch.py",
+             "pipe.controlnet_img2img(prompts, images, hints,", "pipe.controlnet_img2img(prompts, hints, images,",
+             (BATCH + "test_22_tasks_and_controlnet_rows_match_the_pipeline",)),
+    Mutation("batch_22_img2img_guidance_of_21", "kandinsky/batch.py",
+             'object.__setattr__(self, "guidance", default_guidance(self.task, self.model))',
+             'object.__setattr__(self, "guidance", default_guidance(self.task))',
+             (BATCH + "test_22_argument_and_row_errors_are_one_line_before_any_work",)),
 )
 
 GUARD_SOURCE = f'''"""pytest plugin of scripts/mutation_check.py: stop unless kandinsky is imported from the copy."""

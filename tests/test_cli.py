@@ -683,7 +683,7 @@ def test_from_png_of_a_22_image_regenerates_its_pixels(tmp_path, capsys):
 
 def test_the_model_is_detected_from_the_weights(tmp_path, capsys):
     from kandinsky import tiny
-    from kandinsky.cli import detect_model
+    from kandinsky.cli import _default_weights, build_parser, detect_model
     from kandinsky.components import Components
     from kandinsky.pipeline import Kandinsky22
 
@@ -691,11 +691,18 @@ def test_the_model_is_detected_from_the_weights(tmp_path, capsys):
     assert detect_model("kandinsky-community/kandinsky-2-2-decoder") == "2.2"
     assert detect_model("kandinsky-community/kandinsky-2-1") == "2.1"
     assert detect_model(tmp_path) == "2.1"  # a folder without UNet configs
-    parts = tiny.components_22(0)
-    del parts["unet_controlnet"]  # our weight files do not hold it yet
     folder = tmp_path / "k22"
-    Kandinsky22(Components(**parts), progress=False).save_pretrained(folder)
+    Kandinsky22(Components(**tiny.components_22(0)), progress=False).save_pretrained(folder)
     assert detect_model(folder) == "2.2"
+    for argv, weights in ((["generate", "a cat"], "kandinsky-community/kandinsky-2-1"),
+                          (["generate", "a cat", "--model", "2.2"], "kandinsky-community/kandinsky-2-2-decoder"),
+                          (["controlnet", "a robot", "--hint", "x.png"], "kandinsky-community/kandinsky-2-2-decoder"),
+                          (["ui", "--model", "2.2"], "kandinsky-community/kandinsky-2-2-decoder"),
+                          (["export", "unet", "-o", "u.onnx"], "kandinsky-community/kandinsky-2-1"),
+                          (["generate", "a cat", "--model", "2.2", "--weights", "tiny"], "tiny")):
+        args = build_parser().parse_args(argv)
+        _default_weights(args)
+        assert args.weights == weights, argv
     (tmp_path / "diffusers" / "unet").mkdir(parents=True)
     (tmp_path / "diffusers" / "unet" / "config.json").write_text('{"addition_embed_type": "image"}')
     assert detect_model(tmp_path / "diffusers") == "2.2"

@@ -49,7 +49,8 @@ from kandinsky.lora import read_lora
 from kandinsky.models.unet import UNet
 from kandinsky.pipeline import Kandinsky21, Kandinsky22
 from kandinsky.training import data, loop
-from kandinsky.training.config import TrainConfig, model_in_weights
+from kandinsky.hub import model_evidence
+from kandinsky.training.config import TrainConfig
 from kandinsky.training.data import (
     CachedFeatures,
     batch_records,
@@ -424,11 +425,11 @@ def test_bad_settings_are_one_line_errors(tmp_path, capsys, args, message):
 
 
 def test_model_is_detected_from_the_weights_and_a_contradicting_model_refused(root, tmp_path, capsys):
-    assert model_in_weights("tiny") is None and model_in_weights("kandinsky-community/kandinsky-2-1") is None
-    assert model_in_weights("kandinsky-community/kandinsky-2-2-decoder")[0] == "2.2"
-    assert model_in_weights(str(root / "base"))[0] == "2.1" and model_in_weights(str(root / "base22"))[0] == "2.2"
+    assert model_evidence("tiny") is None and model_evidence("kandinsky-community/kandinsky-2-1") is None
+    assert model_evidence("kandinsky-community/kandinsky-2-2-decoder")[0] == "2.2"
+    assert model_evidence(str(root / "base"))[0] == "2.1" and model_evidence(str(root / "base22"))[0] == "2.2"
     run_output = write_base(tmp_path / "lora_run", root / "base22").parent  # no UNet of its own: its base's
-    assert model_in_weights(str(run_output))[0] == "2.2"
+    assert model_evidence(str(run_output))[0] == "2.2"
     code, err = run(capsys, *quick(root, None, "--model", "2.2"), "--output", tmp_path / "o")
     assert code == 2 and "--model 2.2: --weights" in error_line(err) and "holds Kandinsky 2.1 weights" in err
     assert not (tmp_path / "o").exists()

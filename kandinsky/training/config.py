@@ -4,7 +4,6 @@ defaults and their validation (:class:`ConfigError`, found before any work is do
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -56,54 +55,6 @@ def default_num_workers() -> int:
     return max(0, min(4, cores // local - 1))
 
 
-def model_in_weights(weights: str) -> tuple[str, str] | None:
-    """The Kandinsky version that a ``--weights`` value shows without loading anything, and the evidence, e.g.
-    ``("2.2", "k22/unet/config.json has conditioning 'image'")``; None where it shows none (``tiny``, a hub id
-    without ``2-2``, a folder without a UNet config: the run then trains 2.1 unless ``--model 2.2``).
-
-    A local folder is read as :func:`kandinsky.cli.detect_model` reads it (a UNet's ``config.json``: our
-    ``conditioning``, diffusers' ``addition_embed_type``), following its ``base.json`` to the base (a LoRA run's
-    output holds no UNet of its own); a hub repository is 2.2 when its name has ``2-2``."""
-    text = str(weights)
-    if TINY.match(text):
-        return None
-    folder, seen = Path(text).expanduser(), set()
-    while folder.is_dir() and folder.resolve() not in seen:
-        seen.add(folder.resolve())
-        for name in ("unet", "unet_inpaint", "unet_controlnet", "decoder/unet"):
-            found = _unet_model(folder / name / "config.json")
-            if found is not None:
-                return found
-        try:
-            base = json.loads((folder / "base.json").read_text(encoding="utf-8"))
-            source = Path(base["source"]).expanduser()
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
-            return None
-        if not source.is_absolute() and not (folder / source).exists():
-            return model_in_weights(str(source))  # a hub id
-        folder = source if source.is_absolute() else folder / source
-    if Path(text).expanduser().exists():
-        return None
-    return ("2.2", f"the hub repository name {text!r} has '2-2'") if "2-2" in text else None
-
-
-def _unet_model(path: Path) -> tuple[str, str] | None:
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    if not isinstance(config, dict):
-        return None
-    inner = config.get("config") if isinstance(config.get("config"), dict) else {}
-    conditioning = config.get("conditioning", inner.get("conditioning"))
-    if conditioning is not None:
-        return ("2.1" if conditioning == "text_image" else "2.2"), f"{path} has conditioning {conditioning!r}"
-    kind = config.get("addition_embed_type")
-    if kind is not None:
-        return ("2.2" if kind in ("image", "image_hint") else "2.1"), f"{path} has addition_embed_type {kind!r}"
-    return None
-
-
 @dataclass
 class TrainConfig:
     """Settings of one training run; the command-line options of ``kandinsky train`` (see ``--help``)."""
@@ -121,7 +72,7 @@ class TrainConfig:
     lr_warmup: int = 0
     max_grad_norm: float | None = None
     seed: int = 0
-    model: str | None = None  # "2.1" or "2.2"; None: detected by train() (model_in_weights; else 2.1)
+    model: str | None = None  # "2.1" or "2.2"; None: detected by train() (kandinsky.hub.model_evidence; else 2.1)
     objective: str | None = None  # None: DEFAULT_OBJECTIVE[model]
     snr_gamma: float | None = None
     lora_rank: int | None = None

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kandinsky import distributed
+from kandinsky.hub import model_evidence
 from kandinsky.training.checkpoints import (
     Checkpoint,
     append_log,
@@ -49,7 +50,7 @@ from kandinsky.training.checkpoints import (
     tiny_22_parts,
     write_checkpoint,
 )
-from kandinsky.training.config import DEFAULT_PREFETCH_FACTOR, ConfigError, TrainConfig, model_in_weights
+from kandinsky.training.config import DEFAULT_PREFETCH_FACTOR, ConfigError, TrainConfig
 from kandinsky.training.data import (
     CACHE_INDEX,
     BatchPlan,
@@ -613,7 +614,7 @@ def train(config: TrainConfig) -> Path:
     Under ``torchrun`` every process calls this; the process group is set up and torn down here."""
     processes = distributed.start(config.device)
     try:
-        found = model_in_weights(config.weights)
+        found = model_evidence(config.weights)
         if config.model is None:
             config = dataclasses.replace(config, model=found[0] if found is not None else "2.1")
         config.check(processes.world_size)

@@ -303,7 +303,7 @@ class Studio:
         "2.1" or "2.2" (default: detected from ``weights``, as the CLI does: tiny is 2.1)."""
         import torch
 
-        from kandinsky.cli import detect_model
+        from kandinsky.hub import detect_model
         from kandinsky.pipeline import Kandinsky21, Kandinsky22
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
