@@ -134,7 +134,8 @@ def runs(root) -> Path:
     driver.write_text(DRIVER)
     torchrun(driver, "train", "decoder", *decoder, "--strategy", "fsdp", "--output", root / "fsdp", "--next",
              "train", "prior", *prior, "--output", root / "prior_ddp", "--next",
-             "train", "decoder", *k22, "--num-workers", 1, "--output", root / "k22_ddp")  # (2 cores: 0 by default)
+             "train", "decoder", *k22, "--num-workers", 1, "--output", root / "k22_ddp", "--next",  # (2 cores: 0 by default)
+             "train", "decoder", *k22, "--strategy", "fsdp", "--output", root / "k22_fsdp")
     return root
 
 
@@ -219,6 +220,13 @@ def test_k22_decoder_two_processes_train_like_one(runs):
     assert "vb" not in log(runs / "k22_single")[0]  # 2.2: the eps objective
     for name in ("trainable", "ema"):
         assert max_weight_difference(runs / "k22_single", runs / "k22_ddp", name) <= 1e-6  # measured 0
+
+
+def test_k22_decoder_fsdp_trains_like_ddp(runs):
+    """Kandinsky 2.2's decoder sharded by FSDP2 against DDP, with 2.1's bounds (test_fsdp_trains_like_ddp)."""
+    assert_same_logs(runs / "k22_fsdp", runs / "k22_ddp", rtol=1e-6)
+    for name in ("trainable", "ema"):
+        assert max_weight_difference(runs / "k22_fsdp", runs / "k22_ddp", name) <= 1e-4
 
 
 # ------------------------------------------------------------------------------------------------- resume
