@@ -354,6 +354,12 @@ MUTATIONS = (
              '"idle_fraction": totals[DATA_WAIT] / wall if wall > 0 else None,',
              '"idle_fraction": totals[INPUTS] / wall if wall > 0 else None,',
              (TRAINER + "test_idle_fraction_is_the_data_wait_over_the_step_time",)),
+    Mutation("training_output_not_locked", "kandinsky/training/loop.py",
+             "self.lock = lock_output(self.out)", "self.lock = None",
+             (TRAINER + "test_a_folder_is_written_by_one_run_at_a_time",)),
+    Mutation("training_lock_file_makes_a_folder_foreign", "kandinsky/training/checkpoints.py",
+             "not any(p.name != LOCK_FILE for p in out.iterdir())", "not any(True for p in out.iterdir())",
+             (TRAINER + "test_a_folder_is_written_by_one_run_at_a_time",)),
     # ---- batch: Kandinsky 2.2 and ControlNet rows
     Mutation("batch_hint_size_not_in_the_batch_key", "kandinsky/batch.py",
              "                self.image_size, self.hint_size)", "                self.image_size)",

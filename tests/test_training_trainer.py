@@ -530,6 +530,26 @@ def test_output_folder_of_other_files_is_refused_before_any_work(root, tmp_path,
     assert not (tmp_path / "new").exists() and file.read_text() == "x"
 
 
+def test_a_folder_is_written_by_one_run_at_a_time(root, cache, tmp_path, capsys):
+    """Two runs into one --output (a --resume while the first still trains): the second stops with one line and
+    writes nothing; once the first has ended the folder is free (its lock file alone counts as empty)."""
+    from filelock import FileLock
+
+    from kandinsky.training.checkpoints import CONFIG_FILE, LOCK_FILE
+
+    out = tmp_path / "o"
+    out.mkdir()
+    with FileLock(str(out / LOCK_FILE)):  # another run holds the folder
+        code, err = run(capsys, *quick(root, cache), "--output", out)
+        assert code == 2 and "is being written by another kandinsky train run" in error_line(err)
+        assert [p.name for p in out.iterdir()] == [LOCK_FILE]
+    code, err = run(capsys, *quick(root, cache), "--output", out)
+    assert code == 0, err
+    assert (out / CONFIG_FILE).is_file()
+    code, err = run(capsys, *quick(root, cache, "--steps", 2), "--output", out, "--resume")  # the lock was released
+    assert code == 0, err
+
+
 def test_small_json_files_are_replaced_atomically(root, cache, tmp_path, monkeypatch):
     """issue 29 item 2: train_config.json and the cut-back log were plain writes. An empty folder is a fine
     --output."""

@@ -46,6 +46,7 @@ from kandinsky.training.config import RESUME_FIXED, ConfigError, TrainConfig
 CHECKPOINTS = "checkpoints"
 LOG_FILE = "train_log.jsonl"
 CONFIG_FILE = "train_config.json"
+LOCK_FILE = ".kandinsky-train.lock"  # held by the run writing the folder (lock_output)
 EXPORT_RECORD = "export.json"
 TRAINABLE_FILE = "trainable.safetensors"
 EMA_FILE = "ema.safetensors"
@@ -206,10 +207,26 @@ def check_output_folder(config: TrainConfig) -> None:
         raise ConfigError(f"--output: {out} is a broken symbolic link")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output: {out} is a file, not a folder; choose a new (or empty) folder")
-    if not out.exists() or not any(out.iterdir()) or is_run_folder(out):
+    if not out.exists() or not any(p.name != LOCK_FILE for p in out.iterdir()) or is_run_folder(out):
         return
     raise ConfigError(f"--output: {out} is not empty and is not a training run's folder (no {CONFIG_FILE}): the "
                       "run would add to and replace files there; choose a new (or empty) folder")
+
+
+def lock_output(out: Path):
+    """The output folder taken for one run (created if new): a file lock inside it, held until the run ends
+    (released by the caller, or with the process). Another run holding it (a second ``--resume`` while the first
+    still trains, two runs started into one folder) is a :class:`ConfigError`: two runs never write one folder."""
+    from filelock import FileLock, Timeout
+
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ConfigError(f"--output: {out} is being written by another kandinsky train run; wait for it to end or "
+                          "choose another --output") from None
+    return lock
 
 
 def check_output_is_not_a_base(config: TrainConfig) -> None:

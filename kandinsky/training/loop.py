@@ -45,6 +45,7 @@ from kandinsky.training.checkpoints import (
     export_trained,
     exported_step,
     latest_checkpoint,
+    lock_output,
     set_aside,
     start_outputs,
     tiny_22_parts,
@@ -250,10 +251,12 @@ class Run:
         self.device = processes.device
         self.warn = warn if processes.main else (lambda message: None)
         self.step, self.skipped = 0, 0
+        self.lock = None  # the output folder's, on the main process (lock_output)
         checkpoint, damaged, cache_damage = agreed(processes, self._preflight)
 
         def start() -> None:  # the output folder is the run's from here on
             if processes.main:
+                self.lock = lock_output(self.out)
                 set_aside(damaged)
                 start_outputs(config, checkpoint.step if checkpoint is not None else 0)
 
@@ -623,6 +626,11 @@ def train(config: TrainConfig) -> Path:
                               f"({found[1]}); pass --model {found[0]} or leave it out")
         if config.cache == "":
             config = dataclasses.replace(config, cache=str(Path(config.output) / "cache"))
-        return Run(config, processes).run()
+        run = Run(config, processes)  # if this fails, the output's lock goes with the Run (or the process)
+        try:
+            return run.run()
+        finally:
+            if run.lock is not None:
+                run.lock.release()
     finally:
         processes.close()
