@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
 import math
 import sys
 import time
@@ -632,5 +633,7 @@ def train(config: TrainConfig) -> Path:
         finally:
             if run.lock is not None:
                 run.lock.release()
+            del run  # the wrapped model and its loader go before the process group (freed after it, gloo can hang)
+            gc.collect()  # ... also where they sit in reference cycles
     finally:
         processes.close()
