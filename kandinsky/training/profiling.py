@@ -38,23 +38,21 @@ class StepTimer:
         self.waited = 0.0
         self.prepared = 0.0
 
-    @contextlib.contextmanager
-    def waiting(self) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            with torch.profiler.record_function(DATA_WAIT):
-                yield
-        finally:
-            self.waited += time.perf_counter() - start
+    def waiting(self) -> contextlib.AbstractContextManager:
+        return self._timed(DATA_WAIT, "waited")
+
+    def preparing(self) -> contextlib.AbstractContextManager:
+        return self._timed(INPUTS, "prepared")
 
     @contextlib.contextmanager
-    def preparing(self) -> Iterator[None]:
+    def _timed(self, label: str, total: str) -> Iterator[None]:
+        """The block's wall time added to ``self.<total>``, marked ``label`` for the profiler."""
         start = time.perf_counter()
         try:
-            with torch.profiler.record_function(INPUTS):
+            with torch.profiler.record_function(label):
                 yield
         finally:
-            self.prepared += time.perf_counter() - start
+            setattr(self, total, getattr(self, total) + time.perf_counter() - start)
 
 
 class Profiler:
