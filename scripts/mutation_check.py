@@ -47,6 +47,7 @@ class Mutation:
 
 
 PIPELINE = "tests/test_pipeline.py::"
+PRIOR_PREFIX = "tests/test_prior.py::test_text_prefix_gives_the_full_forward_at_every_step"
 SCHEDULERS = "tests/test_schedulers.py::"
 COMPONENTS = "tests/test_components.py::"
 BATCH = "tests/test_batch.py::"
@@ -320,6 +321,26 @@ MUTATIONS = (
     Mutation("prior_mlp_norm_input_swapped", "kandinsky/models/prior.py",
              "x + self.mlp(self.norm2(x))", "x + self.mlp(self.norm1(x))",
              ("tests/test_prior.py::test_original_fixture_forward",)),
+    Mutation("prior_prefix_step_positions_wrong", "kandinsky/models/prior.py",
+             "self.positional_embedding[:, -NUM_STEP_TOKENS:]", "self.positional_embedding[:, :NUM_STEP_TOKENS]",
+             (PRIOR_PREFIX,)),
+    Mutation("prior_prefix_padding_unmasked", "kandinsky/models/prior.py",
+             "TextPrefix(caches, attn_mask[..., prefix:, :])",
+             "TextPrefix(caches, torch.ones_like(attn_mask[..., prefix:, :]))",
+             (PRIOR_PREFIX,)),
+    Mutation("prior_prefix_cache_grows", "kandinsky/models/prior.py",
+             "        return torch.cat([self.keys, keys], dim=2), torch.cat([self.values, values], dim=2)",
+             "        self.keys, self.values = torch.cat([self.keys, keys], dim=2), torch.cat([self.values, values], dim=2)\n"
+             "        return self.keys, self.values",
+             (PRIOR_PREFIX,)),
+    Mutation("last_query_block_ignores_prefix", "kandinsky/ops/generic.py",
+             "            k, v = cache.extend(k, v)", "            pass",
+             (PRIOR_PREFIX,)),
+    Mutation("pipeline_prior_without_prefix", "kandinsky/pipeline/k21.py",
+             "return prior(x_in.to(dtype), timesteps, text_prefix=text_prefix)",
+             "return prior(x_in.to(dtype), timesteps, text_embeds=text_embeds, "
+             "text_hidden_states=text_hidden_states, text_mask=text_mask)",
+             (PIPELINE + "test_prior_runs_the_text_through_the_blocks_once",)),
     Mutation("unet_scale_without_one", "kandinsky/models/unet.py",
              "self.norm2(h), 1 + scale)", "self.norm2(h), scale)",
              ("tests/test_unet.py::test_original_fixture_forward[unet]",)),

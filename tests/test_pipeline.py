@@ -204,6 +204,28 @@ def test_prior_matches_diffusers(ours, reference, negative_prompt, guidance_scal
     assert max_abs(negative, theirs.negative_image_embeds) < 5e-6  # measured 0 (zero image) and 8e-7
 
 
+def test_prior_runs_the_text_through_the_blocks_once(ours, monkeypatch):
+    """The sampling loop reuses one encode_text: each step's forward gets the prefix (3 positions per block)."""
+    from kandinsky.models.prior import Prior
+
+    calls = {"encode_text": 0, "forward": []}
+    encode_text, forward = Prior.encode_text, Prior.forward
+
+    def count_encode(self, **kwargs):
+        calls["encode_text"] += 1
+        return encode_text(self, **kwargs)
+
+    def record_forward(self, x, timesteps, **kwargs):
+        calls["forward"].append(sorted(kwargs))
+        return forward(self, x, timesteps, **kwargs)
+
+    monkeypatch.setattr(Prior, "encode_text", count_encode)
+    monkeypatch.setattr(Prior, "forward", record_forward)
+    ours.prior("the cat", num_inference_steps=4, generator=seed(1))
+    assert calls["encode_text"] == 1
+    assert calls["forward"] == [["text_prefix"]] * 4
+
+
 def test_prior_unclip_original_is_diffusers_with_a_float64_table(ours, reference):
     """sampler="unclip_original" takes diffusers' steps with the original's float64 scalars: diffusers given a
     float64 table gives the same embeddings, which differ from the float32 default by the float32 rounding

@@ -229,6 +229,51 @@ def test_optimized_matches_diffusers_tiny():
     assert bf16.dtype == torch.bfloat16 and max_errors(bf16.float(), reference)[1] < 5e-2
 
 
+def _prefix(prior, batch):
+    return prior.encode_text(text_embeds=batch["text_embeds"], text_hidden_states=batch["text_hidden_states"],
+                             text_mask=batch["text_mask"])
+
+
+@pytest.mark.parametrize("optimized", [False, True])
+def test_text_prefix_gives_the_full_forward_at_every_step(optimized):
+    """encode_text once, then any x and timestep: the full forward's output (with padding tokens, and through
+    the ops' last-query block). The same float32 sums of products in other GEMM shapes (measured ~1e-6
+    relative)."""
+    prior, batch = _tiny(), inputs(TINY, batch=3)
+    assert not batch["text_mask"].all()  # padding keys are masked in the cached rows too
+    if optimized:
+        ops.optimize(prior, "cpu", torch.float32)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        prefix = _prefix(prior, batch)
+        for timesteps in (torch.tensor([999, 500, 0]), 17):
+            x = torch.randn(batch["x"].shape, generator=generator)
+            full = run_ours(prior, dict(batch, x=x, timesteps=timesteps))
+            cached = prior(x, timesteps, text_prefix=prefix)
+            assert cached.shape == full.shape
+            assert max_errors(cached, full)[1] < 1e-5
+        # the prefix is the text's: another prompt's prefix gives another output
+        other = _prefix(prior, dict(batch, text_embeds=batch["text_embeds"] + 1.0))
+        assert (prior(x, 17, text_prefix=other) - cached).abs().max() > 1e-3
+
+
+def test_text_prefix_bad_inputs():
+    prior, batch = _tiny(), inputs(TINY)
+    with torch.no_grad():
+        prefix = _prefix(prior, batch)
+        with pytest.raises(ValueError, match="text_prefix: give either"):
+            prior(batch["x"], batch["timesteps"], text_prefix=prefix, text_embeds=batch["text_embeds"])
+        with pytest.raises(ValueError, match="text_prefix: encoded for batch 2, but x has 3 rows"):
+            prior(torch.zeros(3, TINY.clip_dim), 5, text_prefix=prefix)
+        with pytest.raises(ValueError, match="text_prefix: expected a TextPrefix"):
+            prior(batch["x"], 5, text_prefix=(batch["text_embeds"],))
+        with pytest.raises(ValueError, match="text_embeds: expected a float tensor"):
+            prior.encode_text(text_embeds=batch["text_embeds"][:, :3], text_hidden_states=batch["text_hidden_states"])
+        with pytest.raises(ValueError, match="text_mask: expected a bool tensor"):
+            prior.encode_text(text_embeds=batch["text_embeds"], text_hidden_states=batch["text_hidden_states"],
+                              text_mask=batch["text_mask"].float())
+
+
 def test_official_diffusers_config_shapes():
     """kandinsky-community/kandinsky-2-1-prior prior/config.json, replayed on the meta device (shapes only)."""
     from diffusers import PriorTransformer

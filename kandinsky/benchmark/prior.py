@@ -3,6 +3,9 @@
 
 Two rows: ours as the pipeline runs it (``ops.optimize`` for the CPU: oneDNN GEMMs, the last block for the
 prd token only) and the plain model (``ops.plain``). Peak memory is measured per side in a fresh process.
+A third row times the model's share of a prior sampling loop, :data:`SAMPLING_STEPS` forwards of batch 2 over
+one prompt batch: ours as the pipeline runs it (``encode_text`` once, then each step only the three per-step
+positions against the text's cached keys and values), diffusers a whole forward per step, as its pipeline does.
 ``--model 2.2``: Kandinsky 2.2's prior (the same transformer over 1280-wide CLIP embeddings).
 """
 
@@ -19,6 +22,7 @@ from kandinsky.parity.prior import CONFIG_22, diffusers_prior, inputs, run_diffu
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MODELS = ("2.1", "2.2")
+SAMPLING_STEPS = 25  # the pipelines' default prior steps
 
 
 def prior_config(model: str = "2.1") -> PriorConfig:
@@ -78,6 +82,20 @@ def run(args) -> list[Result]:
     gflop = {"ours": count_flops(lambda: run_ours(ours, batch)) / 1e9, "diffusers": count_flops(reference) / 1e9}
     times = interleaved({"ours": optimized, "ours_plain": plain, "diffusers": reference},
                         repeats=args.repeats, warmup=1)
+    timesteps = torch.linspace(999, 0, SAMPLING_STEPS).long()
+
+    def sampling_ours():
+        model = ops.optimize(ours, "cpu", dtype)
+        text_prefix = model.encode_text(text_embeds=batch["text_embeds"], text_hidden_states=batch["text_hidden_states"],
+                                        text_mask=batch["text_mask"])
+        return [model(batch["x"], t, text_prefix=text_prefix) for t in timesteps]
+
+    def sampling_diffusers():
+        return [run_diffusers(theirs, dict(batch, timesteps=t.expand(2))) for t in timesteps]
+
+    # warmed up by the forwards above
+    times.update(interleaved({"sampling_ours": sampling_ours, "sampling_diffusers": sampling_diffusers},
+                             repeats=args.repeats, warmup=0))
     del theirs, ours
     gc.collect()
 
@@ -88,4 +106,6 @@ def run(args) -> list[Result]:
                {**extra, **memory}),
         Result("prior", f"{label}forward, full config, batch 2, {args.dtype}, plain model (no ops)",
                times["ours_plain"], times["diffusers"], dict(extra)),
+        Result("prior", f"{label}sampling loop: {SAMPLING_STEPS} forwards, batch 2, {args.dtype} (ours: the text "
+               "encoded once)", times["sampling_ours"], times["sampling_diffusers"], {**extra, "steps": SAMPLING_STEPS}),
     ]

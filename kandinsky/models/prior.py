@@ -12,12 +12,20 @@ LayerNorm'd prd token is projected back to the CLIP dimension: the prediction of
 embedding. Everything is in the *normalised* embedding space; :meth:`Prior.normalize` /
 :meth:`Prior.denormalize` use the CLIP image-embedding statistics the module carries as buffers.
 
+Under the causal mask the first ``text_ctx + 1`` positions (the text) attend only to each other, so their
+states in every block do not depend on the timestep or the noisy embedding. A sampling loop runs them once
+(:meth:`Prior.encode_text`) and each step only the last three positions against their keys and values:
+the full forward's output up to float rounding, for 3/81 of its projections and MLPs.
+
 Example::
 
     prior = Prior(PriorConfig())                        # official size, ~1.0 B parameters
     x0 = prior(x_t, timesteps, text_embeds=text_embeds, text_hidden_states=text_hidden_states,
                text_mask=text_mask)                     # (B, 768), normalised space
     image_embeds = prior.denormalize(x0)
+
+    text = prior.encode_text(text_embeds=text_embeds, text_hidden_states=text_hidden_states, text_mask=text_mask)
+    x0 = prior(x_t, timesteps, text_prefix=text)        # the same x0; every step of a loop reuses `text`
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from torch import nn
 from kandinsky.models.layers import LayerNorm32, check_config, timestep_embedding
 
 NUM_EXTRA_TOKENS = 4  # text embedding, time embedding, noisy image embedding, prd token
+NUM_STEP_TOKENS = 3  # the positions that change with every step: time, noisy image embedding, prd token
 
 
 @dataclass
@@ -49,6 +58,22 @@ class PriorConfig:
         check_config(self)
 
 
+class PrefixCache:
+    """One block's keys and values of the prefix positions, (B, heads, P, head_dim) each: the first call through
+    the block stores its own; every later call attends to them as well, before its own positions."""
+
+    def __init__(self):
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def extend(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values to attend to: these, after the prefix's (stored if there are none yet)."""
+        if self.keys is None:
+            self.keys, self.values = keys, values
+            return keys, values
+        return torch.cat([self.keys, keys], dim=2), torch.cat([self.values, values], dim=2)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused QKV projection (output rows ordered q | k | v, each
     head-major) and ``scaled_dot_product_attention``."""
@@ -59,10 +84,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, cache: PrefixCache | None = None) -> torch.Tensor:
+        """(B, L, W) -> (B, L, W); with a filled ``cache`` of P positions, ``attn_mask`` has P + L columns."""
         batch, length, width = x.shape
         # (B, L, 3W) -> 3 x (B, heads, L, head_dim)
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            k, v = cache.extend(k, v)
         # the CPU kernels accumulate the softmax in float32 for bf16/fp16 inputs
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, L, head_dim)
         return self.out(h.transpose(1, 2).reshape(batch, length, width))
@@ -88,10 +116,22 @@ class Block(nn.Module):
         self.norm2 = LayerNorm32(width)
         self.mlp = MLP(width)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        """(B, L, W) -> (B, L, W)."""
-        x = x + self.attn(self.norm1(x), attn_mask)
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, cache: PrefixCache | None = None) -> torch.Tensor:
+        """(B, L, W) -> (B, L, W); ``cache``: see :class:`Attention`."""
+        x = x + self.attn(self.norm1(x), attn_mask, cache)
         return x + self.mlp(self.norm2(x))
+
+
+@dataclass
+class TextPrefix:
+    """The text positions of a batch, run through every block once (:meth:`Prior.encode_text`)."""
+
+    caches: list[PrefixCache]  # per block: keys and values of the text_ctx + 1 text positions
+    attn_mask: torch.Tensor  # (B, 1, 3, L) bool: the mask's rows of the three per-step positions
+
+    @property
+    def batch(self) -> int:
+        return self.attn_mask.shape[0]
 
 
 class Prior(nn.Module):
@@ -129,21 +169,29 @@ class Prior(nn.Module):
         """The prior's normalised space -> CLIP image embeddings: embeds * std + mean."""
         return embeds * self.clip_std.to(embeds.dtype) + self.clip_mean.to(embeds.dtype)
 
-    def _check_inputs(self, x, timesteps, text_embeds, text_hidden_states, text_mask) -> torch.Tensor:
+    def _check_text(self, batch: int | None, text_embeds, text_hidden_states, text_mask) -> None:
+        """``batch``: the rows ``x`` has (``None``: take them from ``text_embeds``)."""
+        c = self.config
+        source = "x"
+        if batch is None and isinstance(text_embeds, torch.Tensor) and text_embeds.ndim == 2:
+            batch, source = text_embeds.shape[0], "text_embeds"
+        expected = {"text_embeds": (batch, c.clip_dim), "text_hidden_states": (batch, c.text_ctx, c.text_width)}
+        for name, tensor in (("text_embeds", text_embeds), ("text_hidden_states", text_hidden_states)):
+            if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != expected[name] or not tensor.is_floating_point():
+                got = f"{tuple(tensor.shape)} {tensor.dtype}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                raise ValueError(f"{name}: expected a float tensor {expected[name]} (batch from {source}), got {got}")
+        if text_mask is not None and (not isinstance(text_mask, torch.Tensor) or text_mask.dtype != torch.bool
+                                      or tuple(text_mask.shape) != (batch, c.text_ctx)):
+            got = f"{tuple(text_mask.shape)} {text_mask.dtype}" if isinstance(text_mask, torch.Tensor) else type(text_mask).__name__
+            raise ValueError(f"text_mask: expected a bool tensor ({batch}, {c.text_ctx}), True = real token, got {got}")
+
+    def _check_step(self, x, timesteps) -> torch.Tensor:
+        """Check ``x`` and ``timesteps``; returns the (B,) timesteps."""
         c = self.config
         if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != c.clip_dim or not x.is_floating_point():
             got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x: expected a float tensor (B, {c.clip_dim}), got {got}")
         batch = x.shape[0]
-        expected = {"text_embeds": (batch, c.clip_dim), "text_hidden_states": (batch, c.text_ctx, c.text_width)}
-        for name, tensor in (("text_embeds", text_embeds), ("text_hidden_states", text_hidden_states)):
-            if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != expected[name] or not tensor.is_floating_point():
-                got = f"{tuple(tensor.shape)} {tensor.dtype}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-                raise ValueError(f"{name}: expected a float tensor {expected[name]} (batch from x), got {got}")
-        if text_mask is not None and (not isinstance(text_mask, torch.Tensor) or text_mask.dtype != torch.bool
-                                      or tuple(text_mask.shape) != (batch, c.text_ctx)):
-            got = f"{tuple(text_mask.shape)} {text_mask.dtype}" if isinstance(text_mask, torch.Tensor) else type(text_mask).__name__
-            raise ValueError(f"text_mask: expected a bool tensor ({batch}, {c.text_ctx}), True = real token, got {got}")
         if isinstance(timesteps, int):
             timesteps = torch.tensor(timesteps, device=x.device)
         if not isinstance(timesteps, torch.Tensor) or timesteps.is_floating_point() or timesteps.is_complex() \
@@ -167,8 +215,41 @@ class Prior(nn.Module):
         eye = torch.eye(length, dtype=torch.bool, device=device)
         return (causal & (key_valid[:, None, :] | eye))[:, None]
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, *, text_embeds: torch.Tensor,
-                text_hidden_states: torch.Tensor, text_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _text_tokens(self, text_embeds: torch.Tensor, text_hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = self.out_proj.weight.dtype
+        return torch.cat([
+            self.text_hidden_proj(text_hidden_states.to(dtype)),  # (B, 77, W)
+            self.text_embed_proj(text_embeds.to(dtype))[:, None],  # (B, 1, W)
+        ], dim=1)
+
+    def _step_tokens(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        dtype = self.out_proj.weight.dtype
+        time = self.time_embed(timestep_embedding(timesteps, self.config.width).to(dtype))  # (B, W)
+        return torch.cat([time[:, None], self.image_embed_proj(x.to(dtype))[:, None],
+                          self.prd_token.to(dtype).expand(x.shape[0], -1, -1)], dim=1)  # (B, 3, W)
+
+    def encode_text(self, *, text_embeds: torch.Tensor, text_hidden_states: torch.Tensor,
+                    text_mask: torch.Tensor | None = None) -> TextPrefix:
+        """Run the text positions through every block once, for ``forward(..., text_prefix=...)``.
+
+        Args: as :meth:`forward`'s. Returns a :class:`TextPrefix` of batch B (every block's keys and values of
+        the ``text_ctx + 1`` text positions), valid for these weights until they change.
+        """
+        self._check_text(None, text_embeds, text_hidden_states, text_mask)
+        batch, prefix = text_embeds.shape[0], self.config.text_ctx + 1
+        attn_mask = self.attention_mask(text_mask, batch, text_embeds.device)
+        tokens = self._text_tokens(text_embeds, text_hidden_states) + self.positional_embedding[:, :prefix].to(
+            self.out_proj.weight.dtype)  # (B, 78, W)
+        caches = [PrefixCache() for _ in self.blocks]
+        for i, (block, cache) in enumerate(zip(self.blocks, caches)):
+            out = block(tokens, attn_mask[..., :prefix, :prefix], cache)
+            # the last block's outputs at the text positions are never read, only its keys and values
+            tokens = out if i + 1 < len(self.blocks) else None
+        return TextPrefix(caches, attn_mask[..., prefix:, :])
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, *, text_embeds: torch.Tensor | None = None,
+                text_hidden_states: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
+                text_prefix: TextPrefix | None = None) -> torch.Tensor:
         """Predict the clean normalised image embedding.
 
         Args:
@@ -177,21 +258,31 @@ class Prior(nn.Module):
             text_embeds: (B, clip_dim) pooled projected CLIP text embedding.
             text_hidden_states: (B, text_ctx, text_width) CLIP text tower last hidden states.
             text_mask: (B, text_ctx) bool, True for real tokens; ``None`` = all real.
+            text_prefix: in place of the three text arguments, their :meth:`encode_text` (batch B): only the
+                three per-step positions are computed.
 
         Returns:
             (B, clip_dim) predicted x0 in the normalised space, in the weights' dtype.
         """
-        timesteps = self._check_inputs(x, timesteps, text_embeds, text_hidden_states, text_mask)
-        dtype = self.out_proj.weight.dtype
+        timesteps = self._check_step(x, timesteps)
         batch = x.shape[0]
-        time = self.time_embed(timestep_embedding(timesteps, self.config.width).to(dtype))  # (B, W)
-        tokens = torch.cat([
-            self.text_hidden_proj(text_hidden_states.to(dtype)),  # (B, 77, W)
-            self.text_embed_proj(text_embeds.to(dtype))[:, None],  # (B, 1, W)
-            time[:, None],
-            self.image_embed_proj(x.to(dtype))[:, None],
-            self.prd_token.to(dtype).expand(batch, -1, -1),
-        ], dim=1) + self.positional_embedding.to(dtype)  # (B, 81, W)
+        dtype = self.out_proj.weight.dtype
+        if text_prefix is not None:
+            if not (text_embeds is None and text_hidden_states is None and text_mask is None):
+                raise ValueError("text_prefix: give either text_prefix or text_embeds, text_hidden_states and "
+                                 "text_mask, not both")
+            if not isinstance(text_prefix, TextPrefix) or len(text_prefix.caches) != len(self.blocks):
+                raise ValueError(f"text_prefix: expected a TextPrefix of this prior's {len(self.blocks)} blocks "
+                                 f"(from encode_text), got {type(text_prefix).__name__}")
+            if text_prefix.batch != batch:
+                raise ValueError(f"text_prefix: encoded for batch {text_prefix.batch}, but x has {batch} rows")
+            tokens = self._step_tokens(x, timesteps) + self.positional_embedding[:, -NUM_STEP_TOKENS:].to(dtype)
+            for block, cache in zip(self.blocks, text_prefix.caches):
+                tokens = block(tokens, text_prefix.attn_mask, cache)  # (B, 3, W)
+            return self.out_proj(self.final_norm(tokens[:, -1]))
+        self._check_text(batch, text_embeds, text_hidden_states, text_mask)
+        tokens = torch.cat([self._text_tokens(text_embeds, text_hidden_states), self._step_tokens(x, timesteps)],
+                           dim=1) + self.positional_embedding.to(dtype)  # (B, 81, W)
         attn_mask = self.attention_mask(text_mask, batch, x.device)
         for block in self.blocks:
             tokens = block(tokens, attn_mask)

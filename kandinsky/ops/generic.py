@@ -91,7 +91,8 @@ class LastQueryBlock(FastModule, prior.Block):
 
     linear = staticmethod(F.linear)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, cache: prior.PrefixCache | None = None
+                ) -> torch.Tensor:
         batch, length, width = x.shape
         heads, head_dim = self.attn.heads, width // self.attn.heads
         h = self.norm1(x)
@@ -101,6 +102,8 @@ class LastQueryBlock(FastModule, prior.Block):
         kv = self.linear(h, weight[width:], bias[width:])  # (B, L, 2W)
         q = q.view(batch, 1, heads, head_dim).transpose(1, 2)  # (B, heads, 1, head_dim)
         k, v = kv.view(batch, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4)  # (B, heads, L, head_dim) each
+        if cache is not None:
+            k, v = cache.extend(k, v)
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask[..., -1:, :])  # (B, heads, 1, head_dim)
         x = x[:, -1:] + self.attn.out(h.transpose(1, 2).reshape(batch, 1, width))
         return x + self.mlp(self.norm2(x))

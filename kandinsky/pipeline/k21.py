@@ -239,9 +239,12 @@ class Kandinsky21(DecoderSteps):
         dtype = self.dtype
         text_embeds, text_hidden_states = text_embeds.to(dtype), text_hidden_states.to(dtype)
 
+        # the text positions are the same at every step: through the blocks once, not once per step
+        text_prefix = prior.encode_text(text_embeds=text_embeds, text_hidden_states=text_hidden_states,
+                                        text_mask=text_mask)
+
         def predict(x_in: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-            return prior(x_in.to(dtype), timesteps, text_embeds=text_embeds, text_hidden_states=text_hidden_states,
-                         text_mask=text_mask)
+            return prior(x_in.to(dtype), timesteps, text_prefix=text_prefix)
 
         denoise = guided_denoiser(predict, guidance)
         rows = len(batch_prompts) * per_prompt
