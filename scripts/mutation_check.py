@@ -55,6 +55,7 @@ IMAGES = "tests/test_images.py::"
 SCHEDULER_CONFIGS = "tests/test_convert_scheduler.py::"
 TRAINER = "tests/test_training_trainer.py::"
 TRAINING_DATA = "tests/test_training_data.py::"
+OPS = "tests/test_ops.py::"
 
 MUTATIONS = (
     # ---- pipeline: guidance and its batch order
@@ -395,6 +396,22 @@ MUTATIONS = (
              'object.__setattr__(self, "guidance", default_guidance(self.task, self.model))',
              'object.__setattr__(self, "guidance", default_guidance(self.task))',
              (BATCH + "test_22_argument_and_row_errors_are_one_line_before_any_work",)),
+    # ---- CPU convolutions under autograd (training): the differentiable Winograd path
+    Mutation("winograd_input_grad_kernel_not_rotated", "kandinsky/ops/cpu.py",
+             "        gg = gg.flip(1)", "        gg = gg",
+             (OPS + "test_winograd_function_gradients_match_the_direct_convolution[contiguous-4-shape0-8e-05]",
+              OPS + "test_conv3x3_under_autograd_takes_the_winograd_path[32-4]")),
+    Mutation("winograd_bias_grad_of_the_first_sample", "kandinsky/ops/cpu.py",
+             "grad_b = grad_y.sum((0, 2, 3))", "grad_b = grad_y[0].sum((1, 2))",
+             (OPS + "test_winograd_function_gradients_match_the_direct_convolution[contiguous-4-shape0-8e-05]",)),
+    Mutation("winograd_weight_grad_bands_overwritten", "kandinsky/ops/cpu.py",
+             "            grad_u.baddbmm_(m, v)", "            torch.bmm(m, v, out=grad_u)",
+             # (2, 24, 16, 72, 36): F(4x4, 3x3) in two bands of tile rows; one band would not tell
+             (OPS + "test_winograd_function_gradients_match_the_direct_convolution[contiguous-4-shape1-8e-05]",)),
+    Mutation("training_without_the_winograd_convolution", "kandinsky/training/loop.py",
+             'if torch.device(device).type == "cpu":', 'if torch.device(device).type == "cuda":',
+             (TRAINER + "test_trainer_and_benchmark_swap_the_convolutions_on_the_cpu_only",
+              TRAINER + "test_cpu_training_runs_the_winograd_convolutions")),
 )
 
 GUARD_SOURCE = f'''"""pytest plugin of scripts/mutation_check.py: stop unless kandinsky is imported from the copy."""

@@ -154,18 +154,176 @@ def test_conv3x3_takes_winograd43_for_sides_divisible_by_4(monkeypatch, size, ex
     assert max_errors(out, F.conv2d(x, conv.weight, conv.bias, padding=1))[1] < 2e-5
 
 
-@pytest.mark.parametrize("size, kernel", [(32, "winograd43_conv3x3"), (34, "winograd_conv3x3")])
-def test_conv3x3_keeps_autograd_on_the_direct_path(monkeypatch, size, kernel):
+# --- CPU convolution under autograd (training) ---------------------------------------------------------
+
+def _gradients(convolve, x, weight, bias, grad_y) -> list[torch.Tensor]:
+    """[grad x, grad weight, grad bias] of ``convolve(x, weight, bias)`` for the output gradient ``grad_y``."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
+    convolve(*leaves).backward(grad_y)
+    return [t.grad for t in leaves]
+
+
+BIAS_GRAD_BOUND = 2e-6
+
+
+def _case(shape, seed=0):
+    """A conv3x3_case in the trainer's layout (contiguous) and an output gradient of about unit scale."""
+    x, weight, bias = (t.contiguous() for t in conv3x3_case(*shape, seed=seed))
+    grad_y = torch.randn(shape[0], shape[2], *shape[3:], generator=torch.Generator().manual_seed(seed + 1))
+    return x, weight, bias, grad_y
+
+
+# Bounds relative to each gradient's max abs, ~10x the measured errors against the float64 gradients: F(4x4, 3x3)
+# input and weight gradients (both by Winograd, transforms scaling by up to 8 and 1/24 as in the forward) measured
+# <= 7.9e-6 on these shapes (at full size, 384 channels on 64x64 maps: 1.7e-5 and 9.4e-6, as the forward's),
+# F(2x2, 3x3)'s <= 5.1e-7 (7.3e-7 on others); the bias gradient is a float32 sum over the batch and the pixels,
+# the same for both tiles (measured <= 2.0e-7, bound BIAS_GRAD_BOUND).
+# (2, 128, 128, 16, 16): WINOGRAD43_MIN_CHANNELS wide; 72 and 70 rows at batch 2: several bands of tile rows
+# (accumulated weight gradient), the last one shorter; K != C: the swapped channel roles of the input gradient.
+@pytest.mark.parametrize("tile, shape, bound", [
+    *[(4, shape, 8e-5) for shape in [(2, 128, 128, 16, 16), (2, 24, 16, 72, 36), (1, 8, 12, 4, 4), (3, 16, 8, 8, 12)]],
+    *[(2, shape, 8e-6) for shape in [(2, 24, 16, 70, 36), (1, 8, 12, 2, 2), (2, 16, 24, 6, 10)]],
+])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_winograd_function_gradients_match_the_direct_convolution(tile, shape, bound, layout):
+    x, weight, bias, grad_y = _case(shape)
+    if layout == "channels_last":  # (the optimized inference model's layout, under autograd)
+        x, weight, grad_y = (t.contiguous(memory_format=CHANNELS_LAST) for t in (x, weight, grad_y))
+    reference = _gradients(lambda *a: F.conv2d(*a, padding=1), x.double(), weight.double(), bias.double(),
+                           grad_y.double())
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
+    out = cpu.WinogradConv3x3.apply(*leaves, tile)
+    out.backward(grad_y)
+    expected = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+    assert max_errors(out, expected)[1] < bound
+    for name, leaf, ref in zip(("x", "weight", "bias"), leaves, reference):
+        assert leaf.grad.shape == ref.shape
+        assert max_errors(leaf.grad, ref)[1] < (BIAS_GRAD_BOUND if name == "bias" else bound), name
+    # the output and the gradients keep their tensors' memory format (the rest of a contiguous model stays so)
+    memory_format = CHANNELS_LAST if layout == "channels_last" else torch.contiguous_format
+    for tensor in (out, leaves[0].grad, leaves[1].grad):
+        assert tensor.is_contiguous(memory_format=memory_format)
+
+
+def test_winograd_function_leaves_frozen_inputs_without_gradients():
+    """A frozen layer (--freeze resblocks) and the first layer (an input that needs no gradient)."""
+    x, weight, bias, grad_y = _case((1, 8, 12, 8, 8))
+    reference = _gradients(lambda *a: F.conv2d(*a, padding=1), x.double(), weight.double(), bias.double(),
+                           grad_y.double())
+    frozen = [x.clone().requires_grad_(), weight.clone(), bias.clone()]
+    cpu.WinogradConv3x3.apply(*frozen, 4).backward(grad_y)
+    assert frozen[1].grad is None and frozen[2].grad is None
+    assert max_errors(frozen[0].grad, reference[0])[1] < 8e-5
+    first = [x.clone(), weight.clone().requires_grad_(), None]
+    cpu.WinogradConv3x3.apply(*first, 4).backward(grad_y)
+    assert first[0].grad is None and max_errors(first[1].grad, reference[1])[1] < 8e-5
+
+
+def _spy_winograd(monkeypatch) -> list[str]:
+    """Record the Winograd calls of Conv3x3 and WinogradConv3x3: 'forward F(4x4)', 'input grad F(2x2)', 'weight
+    grad F(4x4)', ..."""
     calls = []
-    real = getattr(cpu, kernel)
-    monkeypatch.setattr(cpu, kernel, lambda *a: calls.append(1) or real(*a))
-    conv = _fast_conv(256, 256)
+    for name, tile in (("winograd43_conv3x3", 4), ("winograd_conv3x3", 2)):
+        real = getattr(cpu, name)
+        monkeypatch.setattr(cpu, name, lambda *a, real=real, tile=tile: calls.append(
+            f"{'input grad' if len(a) > 3 and a[3] else 'forward'} F({tile}x{tile})") or real(*a))
+    real_grad = cpu._winograd_weight_grad
+    monkeypatch.setattr(cpu, "_winograd_weight_grad", lambda *a, **k: calls.append(
+        f"weight grad F({k['tile']}x{k['tile']})") or real_grad(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("size, tile", [(32, 4), (34, 2)])
+def test_conv3x3_under_autograd_takes_the_winograd_path(monkeypatch, size, tile):
+    """Float32 training on the CPU: the forward, the input gradient and the weight gradient all by Winograd, with
+    the plain layer's gradients (contiguous tensors, as the trainer's)."""
+    calls = _spy_winograd(monkeypatch)
+    conv = _fast_conv(256, 256).to(memory_format=torch.contiguous_format)
+    x, _, _, grad_y = _case((1, 256, 256, size, size))
     with torch.no_grad():
-        conv(torch.randn(1, 256, size, size))
-    assert calls == [1]  # the kernel this size takes without autograd
-    x = torch.randn(1, 256, size, size, requires_grad=True)
-    conv(x).sum().backward()  # the Winograd paths write with out=, which autograd refuses
-    assert calls == [1] and x.grad is not None and conv.weight.grad is not None
+        conv(x)
+    assert calls == [f"forward F({tile}x{tile})"]  # the kernel this size takes without autograd, too
+    calls.clear()
+    expected = _gradients(lambda *a: F.conv2d(*a, padding=1), x, conv.weight, conv.bias, grad_y)
+    grads = _gradients(conv.convolve, x, conv.weight, conv.bias, grad_y)
+    assert calls == [f"{what} F({tile}x{tile})" for what in ("forward", "input grad", "weight grad")]
+    # float32 against float32: F(4x4, 3x3)'s rounding dominates (bounds of the test above)
+    for ours, theirs in zip(grads, expected):
+        assert max_errors(ours, theirs)[1] < (8e-5 if tile == 4 else 8e-6)
+    x = x.clone().requires_grad_()
+    out = conv(x)
+    out.backward(grad_y)  # the module's own parameters accumulate their gradients
+    assert out.is_contiguous() and x.grad.is_contiguous() and conv.weight.grad.is_contiguous()
+    assert max_errors(conv.weight.grad, expected[1])[1] < 8e-5
+
+
+@pytest.mark.parametrize("size, channels, expected", [
+    ((32, 32), 128, "winograd"), ((16, 16), 128, "direct"),  # Winograd under autograd from TRAIN_WINOGRAD_MIN_PIXELS
+    ((8, 8), 48, "gemm"), ((8, 8), 40, "direct"), ((12, 12), 48, "direct")])  # GEMM: small maps, many channels
+def test_conv3x3_under_autograd_dispatch(monkeypatch, size, channels, expected):
+    monkeypatch.setattr(cpu, "TRAIN_GEMM_MIN_CHANNELS", 48)  # (1024 at full size) so that small layers take it
+    calls = _spy_winograd(monkeypatch)
+    monkeypatch.setattr(cpu, "gemm_conv3x3", lambda *a, real=gemm_conv3x3: calls.append("gemm") or real(*a))
+    conv = _fast_conv(channels, channels).to(memory_format=torch.contiguous_format)
+    x, _, _, grad_y = _case((1, channels, channels, *size))
+    expected_grads = _gradients(lambda *a: F.conv2d(*a, padding=1), x, conv.weight, conv.bias, grad_y)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, conv.weight, conv.bias)]
+    out = conv.convolve(*leaves)
+    out.backward(grad_y)
+    paths = {"winograd": ["forward F(4x4)", "input grad F(4x4)", "weight grad F(4x4)"], "gemm": ["gemm"], "direct": []}
+    assert calls == paths[expected]
+    assert out.is_contiguous()  # the GEMM path's channels-last result too: the trained model stays contiguous
+    for leaf, theirs in zip(leaves, expected_grads):
+        assert max_errors(leaf.grad, theirs)[1] < 8e-5
+
+
+def test_conv3x3_under_autocast_or_in_half_precision_keeps_the_plain_convolution(monkeypatch):
+    """bf16 autocast (--mixed-precision) and half-precision tensors train on the plain layer (the Winograd GEMMs
+    are float32 only; under autocast they would run in the half dtype)."""
+    calls = _spy_winograd(monkeypatch)
+    monkeypatch.setattr(cpu, "gemm_conv3x3", lambda *a, real=gemm_conv3x3: calls.append("gemm") or real(*a))
+    conv = _fast_conv(128, 128).to(memory_format=torch.contiguous_format)
+    x = torch.randn(1, 128, 32, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert calls == [] and x.grad is not None and conv.weight.grad is not None
+    half = _fast_conv(128, 128).to(torch.bfloat16)
+    half(x.detach().bfloat16().requires_grad_()).float().sum().backward()
+    assert calls == [] and half.weight.grad.dtype == torch.bfloat16
+
+
+def test_checkpointed_conv3x3_gives_the_same_gradients(monkeypatch):
+    """torch.utils.checkpoint (--gradient-checkpointing) over the Winograd path: the forward runs again in the
+    backward, the same float32 arithmetic, so the same gradients bit for bit; the kernel buffer that the
+    recomputation and the backward share holds nothing across them."""
+    from torch.utils.checkpoint import checkpoint
+
+    calls = _spy_winograd(monkeypatch)
+    first, second = _fast_conv(128, 128), _fast_conv(128, 256)  # two layers: the buffer serves both in turn
+    for conv in (first, second):
+        conv.to(memory_format=torch.contiguous_format)
+    x = torch.randn(1, 128, 32, 32, generator=torch.Generator().manual_seed(3))
+
+    def gradients(recomputed: bool) -> list[torch.Tensor]:
+        for conv in (first, second):
+            conv.zero_grad(set_to_none=True)
+        leaf = x.clone().requires_grad_()
+
+        def block(t):
+            return second(F.silu(first(t)))
+
+        out = checkpoint(block, leaf, use_reentrant=False) if recomputed else block(leaf)
+        out.square().sum().backward()
+        return [leaf.grad, *(p.grad for conv in (first, second) for p in conv.parameters())]
+
+    plain = gradients(False)
+    assert calls.count("forward F(4x4)") == 2 and calls.count("weight grad F(4x4)") == 2
+    calls.clear()
+    recomputed = gradients(True)
+    assert calls.count("forward F(4x4)") == 4  # the recomputation
+    assert all(torch.equal(a, b) for a, b in zip(plain, recomputed))
 
 
 # --- oneDNN linear ----------------------------------------------------------------------------------

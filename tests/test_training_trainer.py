@@ -378,6 +378,52 @@ def test_gradient_checkpointing_and_mixed_precision(root):
     assert losses == pytest.approx([r["loss"] for r in log(root / "plain")], rel=0.05)  # bf16: ~1e-2 relative
 
 
+def test_cpu_training_runs_the_winograd_convolutions(root, cache, tmp_path, monkeypatch):
+    """On the CPU the trained UNet's residual-block convolutions are kandinsky.ops.cpu.Conv3x3, whose float32
+    Winograd paths are differentiable. Forced onto the tiny model's 8x8 and 4x4 maps (the full-size model's thresholds
+    are 32x32 and 128 channels), a step takes them and trains like the plain layers: the same loss and gradient norm."""
+    from kandinsky.ops import cpu
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cpu, "optimize_training", lambda model: model)  # the plain layers
+        train(*quick(root, cache, "--max-grad-norm", 1e6), "--output", tmp_path / "plain")
+    for name in ("WINOGRAD43_MIN_CHANNELS", "WINOGRAD43_MIN_PIXELS", "TRAIN_WINOGRAD_MIN_PIXELS"):
+        monkeypatch.setattr(cpu, name, 1)
+    calls = []
+    real_forward, real_weight_grad = cpu.winograd43_conv3x3, cpu._winograd_weight_grad
+    monkeypatch.setattr(cpu, "winograd43_conv3x3", lambda *a: calls.append("input grad" if a[3:] else "forward")
+                        or real_forward(*a))
+    monkeypatch.setattr(cpu, "_winograd_weight_grad", lambda *a, **k: calls.append("weight grad")
+                        or real_weight_grad(*a, **k))
+    train(*quick(root, cache, "--max-grad-norm", 1e6), "--output", tmp_path / "winograd")
+    # the 26 of the 42 residual-block convolutions on 8x8 and 4x4 maps (the 2x2 maps are not multiples of 4)
+    assert calls.count("forward") == calls.count("input grad") == calls.count("weight grad") == 26
+    (plain,), (winograd,) = log(tmp_path / "plain"), log(tmp_path / "winograd")
+    # F(4x4, 3x3)'s float32 rounding, a few 1e-6 of each layer's outputs and gradients: measured the same float32
+    # loss, and the gradient norm 2.2e-7 apart (relative)
+    assert winograd["loss"] == pytest.approx(plain["loss"], rel=1e-6)
+    assert winograd["grad_norm"] == pytest.approx(plain["grad_norm"], rel=3e-6)
+
+
+def test_trainer_and_benchmark_swap_the_convolutions_on_the_cpu_only():
+    """kandinsky bench train builds our side as the trainer does (loop.training_kernels)."""
+    from kandinsky.models.unet import ResBlock
+    from kandinsky.ops.cpu import Conv3x3
+
+    def kinds(model):
+        return {type(conv) for block in model.modules() if isinstance(block, ResBlock)
+                for conv in (block.conv1, block.conv2)}
+
+    unet = tiny.components()["unet"]
+    assert kinds(loop.training_kernels(unet, "cuda")) == {nn.Conv2d}
+    assert kinds(loop.training_kernels(unet, "cpu")) == {Conv3x3}
+    assert type(unet.conv_in) is nn.Conv2d  # (only the residual blocks')
+    pytest.importorskip("diffusers")
+    from kandinsky.benchmark import train as bench
+
+    assert kinds(bench._build("ours", bench.unet_config("tiny"), checkpointing=False)) == {Conv3x3}
+
+
 # ------------------------------------------------------------------------------------------------- pieces
 
 

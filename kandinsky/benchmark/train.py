@@ -3,7 +3,8 @@
 
 * step time: our training step (``decoder_loss`` forward + backward, then the trainer's fused AdamW step) against
   diffusers 0.42.1 ``UNet2DConditionModel`` forward + backward with the same loss (``decoder_loss`` on its
-  output). The two models share their weights and their forward + backward are interleaved in one process; the
+  output). Ours runs the trainer's layers (:func:`~kandinsky.training.loop.training_kernels`: on the CPU the
+  differentiable Winograd convolutions), here and in every measurement below. The two models share their weights and their forward + backward are interleaved in one process; the
   AdamW step is timed after diffusers' model is freed (its moments, 9 GiB, do not fit next to both backward
   passes) and added to ours. The losses of both sides on identical weights are compared;
 * memory of forward + backward, each side alone in its own process, with and without gradient checkpointing
@@ -141,8 +142,9 @@ def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def _build(side: str, unet_cfg: UNetConfig, checkpointing: bool, device: str = "cpu") -> nn.Module:
-    """One side alone, random weights allocated directly, in training mode."""
-    from kandinsky.training.loop import checkpoint_blocks, model_blocks
+    """One side alone, random weights allocated directly, in training mode; ours with the trainer's layers
+    (:func:`~kandinsky.training.loop.training_kernels`: on the CPU the Winograd convolutions)."""
+    from kandinsky.training import loop
 
     with torch.device("meta"):
         if side == "ours":
@@ -152,8 +154,9 @@ def _build(side: str, unet_cfg: UNetConfig, checkpointing: bool, device: str = "
             model = UNet2DConditionModel(**diffusers_config(unet_cfg))
     model = randomize_(model.to_empty(device="cpu")).to(device).train()
     if side == "ours":
+        loop.training_kernels(model, device)
         if checkpointing:
-            checkpoint_blocks(model_blocks(model))
+            loop.checkpoint_blocks(loop.model_blocks(model))
         return model
     if checkpointing:
         model.enable_gradient_checkpointing()
@@ -278,13 +281,15 @@ def _step_times(config: str, repeats: int) -> Result:
     model is gone and the activations are freed; a training step is the two in sequence, so our step time is
     forward + backward plus the median AdamW step."""
     from kandinsky.lora import add_lora, remove_lora
+    from kandinsky.training.loop import training_kernels
 
     unet_cfg = unet_config(config)
     theirs, ours = diffusers_unet(unet_cfg, seed=0)  # ours shares diffusers' tensors except the fused projections
-    # contiguous weights, as the trainer trains them (the converter may hand kernels over channels-last)
+    # contiguous weights and the trainer's layers, as the trainer trains them (the converter may hand kernels over
+    # channels-last)
     for p in ours.parameters():
         p.data = p.data.contiguous()
-    ours.train().requires_grad_(True)
+    training_kernels(ours.train().requires_grad_(True), "cpu")
     theirs = DiffusersAsOurs(theirs.train().requires_grad_(True), unet_cfg)
     batch = training_batch(unet_cfg, latent_size(config))
     with torch.no_grad():  # the same loss on identical weights

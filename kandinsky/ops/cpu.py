@@ -1,4 +1,5 @@
-"""CPU inference kernels swapped into the models by :func:`kandinsky.ops.optimize`.
+"""CPU kernels swapped into the models by :func:`kandinsky.ops.optimize` (inference) and
+:func:`optimize_training` (the trainer's 3x3 convolutions).
 
 * :class:`Conv3x3` for the residual blocks' 3x3 convolutions (UNet and MoVQ): Winograd F(2x2, 3x3)
   (:func:`winograd_conv3x3`) for wide float32 maps, one GEMM over the nine shifted windows
@@ -14,9 +15,12 @@
   activations between layers stay in the half dtype (the memory saving); no float32 copy of the weights is
   kept, only one buffer per thread, the size of the largest layer (:func:`float_weight`).
 
-Each fast path of the float32 layers is inference only and falls back to the plain layer under autograd;
-the upcast layers are differentiable. The thresholds are where each path measured faster (see the
-benchmark results).
+Under autograd (training) :class:`Conv3x3` keeps its float32 Winograd paths from 32x32 on, differentiable
+(:class:`WinogradConv3x3`: the input gradient by the same Winograd convolution, the weight gradient in its
+transformed domain), and its GEMM path on the 8x8 maps of 1024+ channels; bfloat16 / float16 and autocast train on
+the plain layer. The other float32 fast paths (oneDNN's linear layers) are inference only and fall back to the
+plain layer under autograd; the upcast layers are differentiable. The thresholds are where each path measured
+faster (see the benchmark results; ``scripts/conv_sweep.py`` and ``scripts/conv_backward_sweep.py`` per layer).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from kandinsky.models import movq, prior, unet
 from kandinsky.ops.generic import FastModule, LastQueryBlock, SubpixelUpsample, swap
@@ -50,6 +55,15 @@ _WINOGRAD43_TILES_PER_CHUNK = 256  # F(4x4, 3x3): GEMM rows per chunk
 # most); on 8x8 maps the GEMM path is the faster, on 12x12 they are within ~10%
 WINOGRAD43_MIN_CHANNELS = 128
 WINOGRAD43_MIN_PIXELS = 256
+# Under autograd (training: contiguous activations and kernels; forward + backward timed per layer by
+# scripts/conv_backward_sweep.py, the UNet at batch 1) oneDNN's direct convolution keeps more of its ground on
+# small maps: Winograd (F(4x4, 3x3) 0.5-0.85x the direct time on the 64x64 and 32x32 maps) only from 32x32, as on
+# 16x16 maps it took 1.3-2x the direct time at 384 channels, 1.15-1.3x at 768, 0.85-1.05x at 1152 and 1536 (0.8-0.9x
+# only from 1920 input channels); the GEMM path only on maps of at most 8x8 with at least 1024 input and output
+# channels (0.75-0.9x there; 1.3-1.7x at 384 and 768 channels, and slower than direct or Winograd at 16x16)
+TRAIN_WINOGRAD_MIN_PIXELS = 1024
+TRAIN_GEMM_MAX_PIXELS = 64
+TRAIN_GEMM_MIN_CHANNELS = 1024
 
 
 # Winograd F(4x4, 3x3) (Lavin & Gray): 6x6 input tiles (stride 4), 36 channel GEMMs, 4x fewer multiplications
@@ -60,13 +74,32 @@ _WINOGRAD43_G = ((1 / 4, 0.0, 0.0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1
                  (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0.0, 0.0, 1.0))  # kernel transform
 
 
-def _winograd_kernel(weight: torch.Tensor, transform: tuple[tuple[float, ...], ...] = _WINOGRAD_G) -> torch.Tensor:
-    """(K, C, 3, 3) kernel -> (T*T, C, K): ``G g G^T`` for every (output, input) channel pair, G (T, 3)."""
+def _winograd_kernel(weight: torch.Tensor, transform: tuple[tuple[float, ...], ...] = _WINOGRAD_G,
+                     transposed: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(K, C, 3, 3) kernel -> (T*T, C, K): ``G g G^T`` for every (output, input) channel pair, G (T, 3), the
+    GEMM operand of :func:`_winograd_bands` (a view of ``out``, T*T*C*K elements, if given).
+
+    ``transposed``: (T*T, K, C) for the transposed convolution (the input gradient), whose kernel is ``weight``
+    rotated by 180 degrees with its two channel axes swapped. The rotation reverses the nine taps, so it is
+    folded into ``G (x) G`` (its columns reversed) and the swap is a view: no copy of the weights.
+    """
     k, c = weight.shape[:2]
     g = torch.tensor(transform, dtype=weight.dtype, device=weight.device)
     gg = torch.einsum("ai,bj->abij", g, g).reshape(-1, 9)
-    # a view for channels-last kernels; the result is (K, T*T, C), read by the GEMM as transposed (T*T, C, K)
-    return torch.matmul(gg, weight.permute(0, 2, 3, 1).reshape(k, 9, c)).permute(1, 2, 0)
+    tt = gg.shape[0]
+    if transposed:
+        gg = gg.flip(1)
+    if weight.is_contiguous():  # (the trainer's parameters) one GEMM (T*T, 9) x (9, K*C) into (T*T, K, C)
+        kernel = torch.mm(gg, weight.view(k * c, 9).t(), out=None if out is None else out.view(tt, k * c))
+        kernel = kernel.view(tt, k, c)
+        return kernel if transposed else kernel.transpose(1, 2)
+    # channels-last (the inference layout), (K, 9, C) taps (or (C, 9, K) transposed): a view; per-channel GEMMs
+    # (transposed, the input gradient of an optimized model under autograd, they read the taps strided: slower)
+    taps = (weight.transpose(0, 1) if transposed else weight).permute(0, 2, 3, 1)
+    taps = taps.reshape(taps.shape[0], 9, taps.shape[3])
+    # (K, T*T, C), read by the GEMM as transposed (T*T, C, K)
+    kernel = torch.matmul(gg, taps, out=None if out is None else out.view(taps.shape[0], tt, taps.shape[2]))
+    return kernel.permute(1, 2, 0)
 
 
 def _winograd23_input(d: list[torch.Tensor], out: torch.Tensor) -> None:
@@ -83,8 +116,8 @@ def _winograd23_output(m: list[torch.Tensor], out: list[torch.Tensor]) -> None:
     torch.sub(m[1], m[2], out=out[1]).sub_(m[3])
 
 
-def _winograd_bands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel: torch.Tensor,
-                    tile: int, transform_input, transform_output, tiles_per_chunk: int) -> torch.Tensor:
+def _winograd_bands(x: torch.Tensor, bias: torch.Tensor | None, kernel: torch.Tensor, tile: int, transform_input,
+                    transform_output, tiles_per_chunk: int) -> torch.Tensor:
     """The Winograd F(tile x tile, 3x3) convolution with the (T*T, C, K) transformed ``kernel`` (T = tile + 2)
     and the one-axis transforms B^T (``transform_input``) and A^T (``transform_output``).
 
@@ -93,7 +126,7 @@ def _winograd_bands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     recycled without page faults.
     """
     b, c, height, width = x.shape
-    k, t = weight.shape[0], tile + 2
+    k, t = kernel.shape[2], tile + 2
     rows, cols = height // tile, width // tile  # output tiles
     band = max(1, min(rows, tiles_per_chunk // (b * cols)))  # tile rows per chunk
     padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # (B, H+2, W+2, C)
@@ -118,21 +151,27 @@ def _winograd_bands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return out.permute(0, 3, 1, 2)
 
 
-def _check_winograd(name: str, tile: int, x: torch.Tensor, weight: torch.Tensor) -> None:
+def _check_winograd(name: str, tile: int, x: torch.Tensor, weight: torch.Tensor, transposed: bool = False) -> None:
     _, c, height, width = x.shape
     if height % tile or width % tile:
         raise ValueError(f"x: {name} needs height and width divisible by {tile}, got {height}x{width}")
-    if weight.shape[1:] != (c, 3, 3):
+    if transposed and (weight.shape[0], *weight.shape[2:]) != (c, 3, 3):
+        raise ValueError(f"weight: expected shape ({c}, C, 3, 3) for the transposed convolution of x with {c} "
+                         f"channels, got {tuple(weight.shape)}")
+    if not transposed and weight.shape[1:] != (c, 3, 3):
         raise ValueError(f"weight: expected shape (K, {c}, 3, 3) for x with {c} channels, got {tuple(weight.shape)}")
 
 
-def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     transposed: bool = False) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` for even H and W by Winograd F(2x2, 3x3); returns a
-    channels-last (B, K, H, W) tensor. Inference only (it writes into buffers with ``out=``). The kernel is
-    transformed on every call (no second copy is kept)."""
-    _check_winograd("winograd_conv3x3", 2, x, weight)
-    return _winograd_bands(x, weight, bias, _winograd_kernel(weight), 2, _winograd23_input, _winograd23_output,
-                           _WINOGRAD_TILES_PER_CHUNK)
+    channels-last (B, K, H, W) tensor. ``transposed``: ``F.conv_transpose2d(x, weight, bias, padding=1)``
+    instead (x with K channels, a (B, C, H, W) result), the convolution's input gradient. Not differentiable
+    itself (it writes into buffers with ``out=``; :class:`WinogradConv3x3` is). The kernel is transformed on every
+    call (no second copy is kept)."""
+    _check_winograd("winograd_conv3x3", 2, x, weight, transposed)
+    return _winograd_bands(x, bias, _winograd_kernel(weight, _WINOGRAD_G, transposed), 2, _winograd23_input,
+                           _winograd23_output, _WINOGRAD_TILES_PER_CHUNK)
 
 
 def _reusable_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -142,28 +181,33 @@ def _reusable_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(numel, dtype=dtype)
 
 
-_kernel_scratch = threading.local()  # per thread: the transformed kernel of the F(4x4, 3x3) layer running now
+# per thread: the transformed kernel of the F(4x4, 3x3) layer running now, or its weight gradient in the
+# transformed domain (the backward pass)
+_kernel_scratch = threading.local()
 
 
-def _winograd43_kernel(weight: torch.Tensor) -> torch.Tensor:
+def _scratch_kernel(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """``numel`` elements of this thread's reused buffer (:func:`_winograd43_kernel`), grown as needed. Whatever a
+    caller wrote there before is overwritten by the next caller: never hold a view of it across layers (a
+    backward pass recomputes its transformed kernels)."""
+    buffer = getattr(_kernel_scratch, "buffer", None)
+    if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
+        buffer = _kernel_scratch.buffer = None  # free the old one first
+        buffer = _kernel_scratch.buffer = _reusable_buffer(numel, dtype)
+    return buffer[:numel]
+
+
+def _winograd43_kernel(weight: torch.Tensor, transposed: bool = False) -> torch.Tensor:
     """:func:`_winograd_kernel` for F(4x4, 3x3), in a per-thread buffer that every layer reuses.
 
     The transformed kernel is 4x the layer's weights: a fresh one per call would be served by ``mmap`` and
     fault its pages in again on every call, which made the transform several times slower (see
     :func:`float_weight`). The buffer is as large as the largest layer's transformed kernel.
     """
-    k, c = weight.shape[:2]
-    if not (weight.device.type == "cpu" and _inference(weight, weight)):
-        return _winograd_kernel(weight, _WINOGRAD43_G)
-    g = torch.tensor(_WINOGRAD43_G, dtype=weight.dtype)
-    gg = torch.einsum("ai,bj->abij", g, g).reshape(36, 9)
-    buffer = getattr(_kernel_scratch, "buffer", None)
-    if buffer is None or buffer.dtype != weight.dtype or buffer.numel() < 36 * c * k:
-        buffer = _kernel_scratch.buffer = None  # free the old one first
-        buffer = _kernel_scratch.buffer = _reusable_buffer(36 * c * k, weight.dtype)
-    kernel = buffer[:36 * c * k].view(k, 36, c)
-    torch.matmul(gg, weight.permute(0, 2, 3, 1).reshape(k, 9, c), out=kernel)
-    return kernel.permute(1, 2, 0)
+    out = None
+    if weight.device.type == "cpu" and _inference(weight, weight):
+        out = _scratch_kernel(36 * weight.shape[0] * weight.shape[1], weight.dtype)
+    return _winograd_kernel(weight, _WINOGRAD43_G, transposed, out)
 
 
 def _winograd43_input(d: list[torch.Tensor], out: torch.Tensor) -> None:
@@ -193,13 +237,144 @@ def _winograd43_output(m: list[torch.Tensor], out: list[torch.Tensor]) -> None:
     torch.add(out[1], out[3], alpha=6, out=out[3]).add_(m[5])
 
 
-def winograd43_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def winograd43_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       transposed: bool = False) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` for H and W divisible by 4 by Winograd F(4x4, 3x3); returns a
-    channels-last (B, K, H, W) tensor. Inference only (it writes into buffers with ``out=``). The kernel is
-    transformed on every call, into a buffer that every layer reuses (:func:`_winograd43_kernel`)."""
-    _check_winograd("winograd43_conv3x3", 4, x, weight)
-    return _winograd_bands(x, weight, bias, _winograd43_kernel(weight), 4, _winograd43_input, _winograd43_output,
-                           _WINOGRAD43_TILES_PER_CHUNK)
+    channels-last (B, K, H, W) tensor. ``transposed``: ``F.conv_transpose2d(x, weight, bias, padding=1)``
+    instead (x with K channels, a (B, C, H, W) result), the convolution's input gradient. Not differentiable
+    itself (it writes into buffers with ``out=``; :class:`WinogradConv3x3` is). The kernel is transformed on every
+    call, into a buffer that every layer reuses (:func:`_winograd43_kernel`)."""
+    _check_winograd("winograd43_conv3x3", 4, x, weight, transposed)
+    return _winograd_bands(x, bias, _winograd43_kernel(weight, transposed), 4, _winograd43_input,
+                           _winograd43_output, _WINOGRAD43_TILES_PER_CHUNK)
+
+
+def _winograd23_output_adjoint(y: list[torch.Tensor], out: list[torch.Tensor]) -> None:
+    """``out[i] = sum_j A[i, j] y[j]`` for F(2x2, 3x3)'s A^T (the transpose of :func:`_winograd23_output`)."""
+    out[0].copy_(y[0])
+    torch.add(y[0], y[1], out=out[1])
+    torch.sub(y[0], y[1], out=out[2])
+    torch.neg(y[1], out=out[3])
+
+
+def _winograd43_output_adjoint(y: list[torch.Tensor], out: list[torch.Tensor]) -> None:
+    """``out[i] = sum_j A[i, j] y[j]`` for F(4x4, 3x3)'s A^T (the transpose of :func:`_winograd43_output`), in 9
+    elementwise passes (shared terms)."""
+    out[0].copy_(y[0])
+    out[5].copy_(y[3])
+    torch.add(y[0], y[2], out=out[1])  # p = y0 + y2, q = y1 + y3: out1 = p + q, out2 = p - q
+    torch.add(y[1], y[3], out=out[2])
+    out[1].add_(out[2])
+    torch.add(out[1], out[2], alpha=-2, out=out[2])
+    torch.add(y[0], y[2], alpha=4, out=out[3])  # r = y0 + 4 y2, s = y1 + 4 y3: out3 = r + 2 s, out4 = r - 2 s
+    torch.add(y[1], y[3], alpha=4, out=out[4])
+    out[3].add_(out[4], alpha=2)
+    torch.add(out[3], out[4], alpha=-4, out=out[4])
+
+
+def _winograd_weight_grad(x: torch.Tensor, grad_y: torch.Tensor, tile: int, transform, transform_input,
+                          output_adjoint, tiles_per_chunk: int, scratch: bool) -> torch.Tensor:
+    """The gradient of the weight of ``F.conv2d(x, weight, padding=1)`` for the output gradient ``grad_y``, a
+    contiguous (K, C, 3, 3) tensor, computed in Winograd F(tile x tile, 3x3)'s transformed domain.
+
+    The forward's products are ``M[xi] = V[xi] U[xi]`` (V the transformed input tiles ``B^T d B``, U the
+    transformed kernel ``G g G^T``) read by ``Y = A^T M A``; backwards ``dM = A dY A^T``, ``dU[xi] = sum over
+    tiles of dM[xi]^T V[xi]`` (the forward's GEMM count and sizes), band by band as the forward (V is transformed
+    again rather than kept from the forward: 2.25x the input), and ``dg = G^T dU G``. ``scratch``: dU in this
+    thread's reused buffer (:func:`_scratch_kernel`, the size of a transformed kernel), else a fresh one.
+
+    It measured 0.5-0.95x the time of oneDNN's weight gradient on the UNet's 64x64 and 32x32 maps at batch 1 (the
+    maps Winograd trains on), 0.7-1.3x on 16x16 maps and 1.15-1.3x on 8x8 maps (few tiles per GEMM).
+    """
+    b, c, height, width = x.shape
+    k, t = grad_y.shape[1], tile + 2
+    rows, cols = height // tile, width // tile
+    band = max(1, min(rows, tiles_per_chunk // (b * cols)))
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # (B, H+2, W+2, C)
+    # (B, rows, tile, cols, tile, K): a view in any layout (only splits of axes)
+    dy = grad_y.permute(0, 2, 3, 1).unflatten(1, (rows, tile)).unflatten(3, (cols, tile))
+    numel = t * t * k * c
+    grad_u = (_scratch_kernel(numel, x.dtype) if scratch else x.new_empty(numel)).view(t * t, k, c)
+    for r0 in range(0, rows, band):
+        n = min(band, rows - r0)
+        col_t = x.new_empty((t, b, tile * n + 2, cols, c))
+        tiles = x.new_empty((t, t, b, n, cols, c))
+        src = padded[:, tile * r0:tile * r0 + tile * n + 2]
+        transform_input([src[:, :, j:j + tile * cols:tile] for j in range(t)], col_t)
+        transform_input([col_t[:, :, j:j + tile * n:tile] for j in range(t)], tiles)
+        # A dY A^T, separable: along columns (per output row of the tile), then rows
+        row_t = x.new_empty((tile, t, b, n, cols, k))
+        for r in range(tile):
+            output_adjoint([dy[:, r0:r0 + n, r, :, j] for j in range(tile)], list(row_t[r]))
+        grad_m = x.new_empty((t, t, b, n, cols, k))
+        output_adjoint(list(row_t), list(grad_m))
+        # dU[xi] (K, C) += dM[xi]^T (K, N) V[xi] (N, C)
+        m, v = grad_m.view(t * t, -1, k).transpose(1, 2), tiles.view(t * t, -1, c)
+        if r0 == 0:
+            torch.bmm(m, v, out=grad_u)
+        else:
+            grad_u.baddbmm_(m, v)
+    g = torch.tensor(transform, dtype=x.dtype, device=x.device)
+    gg = torch.einsum("ai,bj->abij", g, g).reshape(t * t, 9)
+    # dW[k, c, ij] = sum_xi dU[xi, k, c] gg[xi, ij]: one GEMM into a contiguous (K, C, 3, 3) gradient
+    return torch.mm(grad_u.view(t * t, k * c).t(), gg).view(k, c, 3, 3)
+
+
+def _winograd_path(tile: int):
+    """(convolution, weight gradient) of Winograd F(tile x tile, 3x3) for :class:`WinogradConv3x3`; looked up at
+    each call, so that a test can wrap the module's functions."""
+    if tile == 4:
+        return winograd43_conv3x3, functools.partial(
+            _winograd_weight_grad, tile=4, transform=_WINOGRAD43_G, transform_input=_winograd43_input,
+            output_adjoint=_winograd43_output_adjoint, tiles_per_chunk=_WINOGRAD43_TILES_PER_CHUNK, scratch=True)
+    return winograd_conv3x3, functools.partial(
+        _winograd_weight_grad, tile=2, transform=_WINOGRAD_G, transform_input=_winograd23_input,
+        output_adjoint=_winograd23_output_adjoint, tiles_per_chunk=_WINOGRAD_TILES_PER_CHUNK, scratch=False)
+
+
+def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if tensor.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+
+
+class WinogradConv3x3(torch.autograd.Function):
+    """``F.conv2d(x, weight, bias, padding=1)`` by Winograd F(tile x tile, 3x3) (``tile`` 4 or 2), differentiable:
+    ``WinogradConv3x3.apply(x, weight, bias, tile)``, H and W divisible by ``tile``, float32.
+
+    * forward: :func:`winograd43_conv3x3` or :func:`winograd_conv3x3`;
+    * input gradient: the transposed convolution of the output gradient, itself a same-padding 3x3 convolution
+      (kernel rotated, channels swapped), so it runs through the same Winograd path;
+    * weight gradient: in the transformed domain (:func:`_winograd_weight_grad`), the same GEMM count as the
+      forward, also 4x (2.25x) fewer multiplications than oneDNN's; bias gradient: the sum of the output gradient.
+
+    The output and the input gradient come in ``x``'s memory format, so a trained model keeps its contiguous
+    activations: oneDNN's plain convolutions elsewhere in the model ran 1.4-1.7x slower on channels-last inputs
+    with contiguous kernels (16x16 and 8x8 maps), while transposing the Winograd kernels' channels-last results
+    costs ~1-2 ms on the UNet's largest map. Grad mode is off inside ``forward`` and ``backward``, so the
+    per-thread kernel buffer (:func:`_scratch_kernel`) serves both; it holds only the layer running now, so the
+    backward transforms its kernel again rather than keeping the forward's.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: int) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.tile, ctx.with_bias = tile, bias is not None
+        return _winograd_path(tile)[0](x, weight, bias).contiguous(memory_format=_memory_format(x))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        convolve, weight_grad = _winograd_path(ctx.tile)
+        # the Winograd kernels read channels-last tiles: one transposition here rather than strided reads in each
+        grad_y = grad_y.contiguous(memory_format=torch.channels_last)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = convolve(grad_y, weight, None, True).contiguous(memory_format=_memory_format(x))
+        if ctx.needs_input_grad[1]:
+            grad_w = weight_grad(x, grad_y).contiguous(memory_format=_memory_format(weight))
+        if ctx.with_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_y.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b, None
 
 
 def gemm_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -228,13 +403,20 @@ def _is_same_padding_3x3(conv: nn.Conv2d) -> bool:
 
 
 class Conv3x3(FastModule, nn.Conv2d):
-    """``nn.Conv2d(C, K, 3, padding=1)`` with faster CPU paths (channels-last outputs):
+    """``nn.Conv2d(C, K, 3, padding=1)`` with faster CPU paths. Without autograd (channels-last outputs):
 
-    * float32 maps without autograd, of at least ``WINOGRAD43_MIN_PIXELS`` with sides divisible by 4 and at least
+    * float32 maps of at least ``WINOGRAD43_MIN_PIXELS`` with sides divisible by 4 and at least
       ``WINOGRAD43_MIN_CHANNELS`` input and output channels: :func:`winograd43_conv3x3`;
-    * else float32 maps without autograd, of at least ``WINOGRAD_MIN_PIXELS`` with even sides and at least
-      ``WINOGRAD_MIN_CHANNELS`` input and output channels: :func:`winograd_conv3x3`;
+    * else float32 maps of at least ``WINOGRAD_MIN_PIXELS`` with even sides and at least ``WINOGRAD_MIN_CHANNELS``
+      input and output channels: :func:`winograd_conv3x3`;
     * else maps of at most ``GEMM_MAX_PIXELS``: :func:`gemm_conv3x3`.
+
+    Under autograd (training; outputs in the input's memory format), float32 only and not under autocast:
+
+    * the same Winograd choice on maps of at least ``TRAIN_WINOGRAD_MIN_PIXELS``, differentiable
+      (:class:`WinogradConv3x3`);
+    * else maps of at most ``TRAIN_GEMM_MAX_PIXELS`` with at least ``TRAIN_GEMM_MIN_CHANNELS`` input and output
+      channels: :func:`gemm_conv3x3`, differentiable as it is.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -242,25 +424,44 @@ class Conv3x3(FastModule, nn.Conv2d):
 
     def convolve(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """This layer's convolution of ``x`` with ``weight`` and ``bias``, by the path for ``x``'s size and dtype."""
-        _, c, height, width = x.shape
+        height, width = x.shape[2:]
         if x.device.type != "cpu":
             return self._conv_forward(x, weight, bias)
-        winograd = self._winograd(x) if x.dtype == torch.float32 and _inference(x, weight) else None
-        if winograd is not None:
-            return winograd(x, weight, bias)
+        if not _inference(x, weight):
+            return self._differentiable(x, weight, bias)
+        tile = self._winograd_tile(x) if x.dtype == torch.float32 else None
+        if tile is not None:
+            return _winograd_path(tile)[0](x, weight, bias)
         if height * width <= GEMM_MAX_PIXELS:
             return gemm_conv3x3(x, weight, bias)
         return self._conv_forward(x, weight, bias)
 
-    def _winograd(self, x: torch.Tensor):
+    def _differentiable(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The convolution under autograd: the float32 paths that train faster than the plain layer (see
+        ``TRAIN_WINOGRAD_MIN_PIXELS``), with outputs in ``x``'s memory format; the plain layer otherwise and for
+        other dtypes and under autocast (which would run the Winograd GEMMs in the half dtype)."""
+        floats = (x, weight) if bias is None else (x, weight, bias)
+        if torch.is_autocast_enabled("cpu") or any(t.dtype != torch.float32 for t in floats):
+            return self._conv_forward(x, weight, bias)
+        height, width = x.shape[2:]
+        tile = self._winograd_tile(x) if height * width >= TRAIN_WINOGRAD_MIN_PIXELS else None
+        if tile is not None:
+            return WinogradConv3x3.apply(x, weight, bias, tile)
+        if height * width <= TRAIN_GEMM_MAX_PIXELS and min(x.shape[1], self.out_channels) >= TRAIN_GEMM_MIN_CHANNELS:
+            # differentiable as it is (its oneDNN GEMM falls back to F.linear under autograd)
+            return gemm_conv3x3(x, weight, bias).contiguous(memory_format=_memory_format(x))
+        return self._conv_forward(x, weight, bias)
+
+    def _winograd_tile(self, x: torch.Tensor) -> int | None:
+        """4: Winograd F(4x4, 3x3) for ``x``'s size and this layer's channels, 2: F(2x2, 3x3), None: neither."""
         _, c, height, width = x.shape
         channels = min(c, self.out_channels)
         if (height * width >= WINOGRAD43_MIN_PIXELS and height % 4 == 0 and width % 4 == 0
                 and channels >= WINOGRAD43_MIN_CHANNELS):
-            return winograd43_conv3x3
+            return 4
         if (height * width >= WINOGRAD_MIN_PIXELS and height % 2 == 0 and width % 2 == 0
                 and channels >= WINOGRAD_MIN_CHANNELS):
-            return winograd_conv3x3
+            return 2
         return None
 
 
@@ -466,16 +667,33 @@ def _upcast(module: nn.Module, dtype: torch.dtype) -> None:
                       f"(twice the weight memory)", stacklevel=4)
 
 
-def optimize(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Swap the CPU kernels into every UNet, MoVQ and Prior in ``module`` (in place) for weights of ``dtype``;
-    where :func:`native_half` says ``dtype`` is emulated, make every linear layer and convolution in
-    ``module`` (text encoders included) compute in float32."""
-    onednn = dtype in onednn_dtypes() and native_half(dtype)
+def _swap_conv3x3(module: nn.Module) -> None:
     for sub in module.modules():
         if isinstance(sub, (unet.ResBlock, movq.ResBlock)):
             for conv in (sub.conv1, sub.conv2):
                 if type(conv) is nn.Conv2d and _is_same_padding_3x3(conv):
                     swap(conv, Conv3x3)
+
+
+def optimize_training(module: nn.Module) -> nn.Module:
+    """Swap :class:`Conv3x3` into the residual blocks of every UNet and MoVQ in ``module`` (in place; returns it),
+    for training on the CPU: in float32 its Winograd paths are differentiable (:class:`WinogradConv3x3`).
+
+    Only that swap, unlike :func:`optimize`: the kernels keep their memory format (the trainer's parameters are
+    contiguous, which FSDP shards), and the other fast modules are inference only. :func:`kandinsky.ops.plain`
+    undoes it.
+    """
+    _swap_conv3x3(module)
+    return module
+
+
+def optimize(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Swap the CPU kernels into every UNet, MoVQ and Prior in ``module`` (in place) for weights of ``dtype``;
+    where :func:`native_half` says ``dtype`` is emulated, make every linear layer and convolution in
+    ``module`` (text encoders included) compute in float32."""
+    onednn = dtype in onednn_dtypes() and native_half(dtype)
+    _swap_conv3x3(module)
+    for sub in module.modules():
         if isinstance(sub, prior.Prior) and onednn:
             for layer in sub.modules():
                 if type(layer) is nn.Linear:
