@@ -59,10 +59,11 @@ WINOGRAD43_MIN_PIXELS = 256
 # scripts/conv_backward_sweep.py, the UNet at batch 1) oneDNN's direct convolution keeps more of its ground on
 # small maps: Winograd (F(4x4, 3x3) 0.5-0.85x the direct time on the 64x64 and 32x32 maps) only from 32x32, as on
 # 16x16 maps it took 1.3-2x the direct time at 384 channels, 1.15-1.3x at 768, 0.85-1.05x at 1152 and 1536 (0.8-0.9x
-# only from 1920 input channels); the GEMM path only on maps of at most 8x8 with at least 1024 input and output
-# channels (0.75-0.9x there; 1.3-1.7x at 384 and 768 channels, and slower than direct or Winograd at 16x16)
+# only from 1920 input channels); the GEMM path on maps of at most 16x16 with at least 1024 input and output
+# channels (forward + backward 0.45-0.5x the direct time at 8x8 with 1536-3072 input channels, 0.63-0.69x at 16x16
+# with 1152-2304; 1.0-1.1x at 384 and 768 channels)
 TRAIN_WINOGRAD_MIN_PIXELS = 1024
-TRAIN_GEMM_MAX_PIXELS = 64
+TRAIN_GEMM_MAX_PIXELS = 256
 TRAIN_GEMM_MIN_CHANNELS = 1024
 
 
@@ -382,13 +383,20 @@ def gemm_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     channels-last (B, K, H, W) tensor.
 
     For small maps oneDNN spends much of its time re-laying out the kernel for few output pixels, while
-    this GEMM reads a channels-last kernel as it is.
+    this GEMM reads the kernel as it is: the columns are ordered as the kernel's memory, [kh, kw, C] for a
+    channels-last kernel (inference), [C, kh, kw] for a contiguous one (training), so the GEMM operand is always a
+    view. (A reshaped copy of a contiguous kernel would also be what autograd keeps for the backward: 1.8 GiB
+    more for a training step of the UNet.)
     """
     b, c, height, width = x.shape
     padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # (B, H+2, W+2, C)
     windows = [padded[:, i:i + height, j:j + width] for i in range(3) for j in range(3)]
-    columns = torch.cat(windows, dim=-1).view(b * height * width, 9 * c)  # (B*H*W, [kh, kw, C])
-    kernel = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], 9 * c)  # a view when channels-last
+    if weight.is_contiguous():
+        columns = torch.stack(windows, dim=-1).view(b * height * width, c * 9)  # (B*H*W, [C, kh, kw])
+        kernel = weight.view(weight.shape[0], c * 9)
+    else:
+        columns = torch.cat(windows, dim=-1).view(b * height * width, 9 * c)  # (B*H*W, [kh, kw, C])
+        kernel = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], 9 * c)  # a view when channels-last
     out = onednn_linear(columns, kernel, bias)  # (B*H*W, K); oneDNN's GEMM is the faster for these shapes
     return out.view(b, height, width, -1).permute(0, 3, 1, 2)
 
