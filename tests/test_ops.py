@@ -277,6 +277,19 @@ def test_conv3x3_under_autograd_dispatch(monkeypatch, size, channels, expected):
         assert max_errors(leaf.grad, theirs)[1] < 8e-5
 
 
+def test_padded_channels_last_zeroes_the_border_in_reused_memory():
+    """The Winograd paths' padding zeroes only the border of an uninitialised buffer: it must be F.pad's result even
+    where the allocator hands back memory just freed with NaN in it."""
+    from kandinsky.ops.cpu import _padded_channels_last
+
+    x = torch.randn(2, 8, 6, 10)
+    expected = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))
+    for _ in range(3):
+        dirty = torch.full(expected.shape, float("nan"))
+        del dirty  # its memory is what the next allocation of this size gets back
+        assert torch.equal(_padded_channels_last(x), expected)
+
+
 def test_gemm_path_under_autograd_keeps_no_copy_of_the_kernel():
     """With a contiguous (training) kernel the GEMM reads it as a view, so what autograd keeps for the backward is the
     columns, not a reshaped copy of the kernel (which cost 1.8 GiB in a training step of the UNet)."""
