@@ -241,10 +241,8 @@ class Prior(nn.Module):
         tokens = self._text_tokens(text_embeds, text_hidden_states) + self.positional_embedding[:, :prefix].to(
             self.out_proj.weight.dtype)  # (B, 78, W)
         caches = [PrefixCache() for _ in self.blocks]
-        for i, (block, cache) in enumerate(zip(self.blocks, caches)):
-            out = block(tokens, attn_mask[..., :prefix, :prefix], cache)
-            # the last block's outputs at the text positions are never read, only its keys and values
-            tokens = out if i + 1 < len(self.blocks) else None
+        for block, cache in zip(self.blocks, caches):  # (the last block's outputs are never read, only its cache)
+            tokens = block(tokens, attn_mask[..., :prefix, :prefix], cache)
         return TextPrefix(caches, attn_mask[..., prefix:, :])
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, *, text_embeds: torch.Tensor | None = None,

@@ -75,6 +75,13 @@ _WINOGRAD43_G = ((1 / 4, 0.0, 0.0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1
                  (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0.0, 0.0, 1.0))  # kernel transform
 
 
+def _kernel_transform(transform: tuple[tuple[float, ...], ...], like: torch.Tensor) -> torch.Tensor:
+    """``G (x) G`` as a (T*T, 9) matrix (dtype and device of ``like``): row ``(a, b)`` maps the nine taps ``g[i, j]``
+    of a 3x3 kernel to ``(G g G^T)[a, b]``."""
+    g = torch.tensor(transform, dtype=like.dtype, device=like.device)
+    return torch.einsum("ai,bj->abij", g, g).reshape(-1, 9)
+
+
 def _winograd_kernel(weight: torch.Tensor, transform: tuple[tuple[float, ...], ...] = _WINOGRAD_G,
                      transposed: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """(K, C, 3, 3) kernel -> (T*T, C, K): ``G g G^T`` for every (output, input) channel pair, G (T, 3), the
@@ -85,8 +92,7 @@ def _winograd_kernel(weight: torch.Tensor, transform: tuple[tuple[float, ...], .
     folded into ``G (x) G`` (its columns reversed) and the swap is a view: no copy of the weights.
     """
     k, c = weight.shape[:2]
-    g = torch.tensor(transform, dtype=weight.dtype, device=weight.device)
-    gg = torch.einsum("ai,bj->abij", g, g).reshape(-1, 9)
+    gg = _kernel_transform(transform, weight)
     tt = gg.shape[0]
     if transposed:
         gg = gg.flip(1)
@@ -129,6 +135,25 @@ def _padded_channels_last(x: torch.Tensor) -> torch.Tensor:
     return padded
 
 
+def _input_tile_bands(x: torch.Tensor, tile: int, transform_input, tiles_per_chunk: int):
+    """Yield ``(r0, n, tiles)`` for each band of ``n`` tile rows from tile row ``r0``: the band's transformed input
+    tiles ``B^T d B``, (T, T, B, n, cols, C) with T = tile + 2, for Winograd F(tile x tile, 3x3) of the
+    zero-padded ``x``. The bands hold about ``tiles_per_chunk`` tiles each."""
+    b, c, height, width = x.shape
+    t, rows, cols = tile + 2, height // tile, width // tile
+    band = max(1, min(rows, tiles_per_chunk // (b * cols)))  # tile rows per chunk
+    padded = _padded_channels_last(x)  # (B, H+2, W+2, C)
+    for r0 in range(0, rows, band):
+        n = min(band, rows - r0)
+        col_t = x.new_empty((t, b, tile * n + 2, cols, c))
+        tiles = x.new_empty((t, t, b, n, cols, c))
+        src = padded[:, tile * r0:tile * r0 + tile * n + 2]  # the band's padded rows, overlapping by 2
+        # separable: along columns (tiles overlap by two pixels) then rows
+        transform_input([src[:, :, j:j + tile * cols:tile] for j in range(t)], col_t)
+        transform_input([col_t[:, :, j:j + tile * n:tile] for j in range(t)], tiles)
+        yield r0, n, tiles
+
+
 def _winograd_bands(x: torch.Tensor, bias: torch.Tensor | None, kernel: torch.Tensor, tile: int, transform_input,
                     transform_output, tiles_per_chunk: int) -> torch.Tensor:
     """The Winograd F(tile x tile, 3x3) convolution with the (T*T, C, K) transformed ``kernel`` (T = tile + 2)
@@ -141,18 +166,9 @@ def _winograd_bands(x: torch.Tensor, bias: torch.Tensor | None, kernel: torch.Te
     b, c, height, width = x.shape
     k, t = kernel.shape[2], tile + 2
     rows, cols = height // tile, width // tile  # output tiles
-    band = max(1, min(rows, tiles_per_chunk // (b * cols)))  # tile rows per chunk
-    padded = _padded_channels_last(x)  # (B, H+2, W+2, C)
     out = torch.empty((b, height, width, k), dtype=x.dtype, device=x.device)
     out_tiles = out.view(b, rows, tile, cols, tile, k)
-    for r0 in range(0, rows, band):
-        n = min(band, rows - r0)
-        col_t = x.new_empty((t, b, tile * n + 2, cols, c))
-        tiles = x.new_empty((t, t, b, n, cols, c))
-        src = padded[:, tile * r0:tile * r0 + tile * n + 2]  # the band's padded rows, overlapping by 2
-        # input transform B^T d B, separable: along columns (tiles overlap by two pixels) then rows
-        transform_input([src[:, :, j:j + tile * cols:tile] for j in range(t)], col_t)
-        transform_input([col_t[:, :, j:j + tile * n:tile] for j in range(t)], tiles)
+    for r0, n, tiles in _input_tile_bands(x, tile, transform_input, tiles_per_chunk):
         products = torch.bmm(tiles.view(t * t, -1, c), kernel).view(t, t, b, n, cols, k)
         if bias is not None:
             products[1, 1] += bias  # A^T's column 1 is all ones: A^T m A adds the (1, 1) entry to every output
@@ -302,19 +318,11 @@ def _winograd_weight_grad(x: torch.Tensor, grad_y: torch.Tensor, tile: int, tran
     b, c, height, width = x.shape
     k, t = grad_y.shape[1], tile + 2
     rows, cols = height // tile, width // tile
-    band = max(1, min(rows, tiles_per_chunk // (b * cols)))
-    padded = _padded_channels_last(x)  # (B, H+2, W+2, C)
     # (B, rows, tile, cols, tile, K): a view in any layout (only splits of axes)
     dy = grad_y.permute(0, 2, 3, 1).unflatten(1, (rows, tile)).unflatten(3, (cols, tile))
     numel = t * t * k * c
     grad_u = (_scratch_kernel(numel, x.dtype) if scratch else x.new_empty(numel)).view(t * t, k, c)
-    for r0 in range(0, rows, band):
-        n = min(band, rows - r0)
-        col_t = x.new_empty((t, b, tile * n + 2, cols, c))
-        tiles = x.new_empty((t, t, b, n, cols, c))
-        src = padded[:, tile * r0:tile * r0 + tile * n + 2]
-        transform_input([src[:, :, j:j + tile * cols:tile] for j in range(t)], col_t)
-        transform_input([col_t[:, :, j:j + tile * n:tile] for j in range(t)], tiles)
+    for r0, n, tiles in _input_tile_bands(x, tile, transform_input, tiles_per_chunk):
         # A dY A^T, separable: along columns (per output row of the tile), then rows
         row_t = x.new_empty((tile, t, b, n, cols, k))
         for r in range(tile):
@@ -327,8 +335,7 @@ def _winograd_weight_grad(x: torch.Tensor, grad_y: torch.Tensor, tile: int, tran
             torch.bmm(m, v, out=grad_u)
         else:
             grad_u.baddbmm_(m, v)
-    g = torch.tensor(transform, dtype=x.dtype, device=x.device)
-    gg = torch.einsum("ai,bj->abij", g, g).reshape(t * t, 9)
+    gg = _kernel_transform(transform, x)
     # dW[k, c, ij] = sum_xi dU[xi, k, c] gg[xi, ij]: one GEMM into a contiguous (K, C, 3, 3) gradient
     return torch.mm(grad_u.view(t * t, k * c).t(), gg).view(k, c, 3, 3)
 
