@@ -2,6 +2,8 @@
 tiny models (parameters shared, keys unchanged, no copies, same outputs)."""
 
 import json
+import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from torch import nn
 from kandinsky import ops
 from kandinsky.models import config_from_dict, model_class
 from kandinsky.models.movq import Upsample
-from kandinsky.ops import cpu
+from kandinsky.ops import cpu, native
 from kandinsky.ops.cpu import (HALF_ENV, Conv3x3, OneDNNLastQueryBlock, OneDNNLinear, UpcastAttentionInput,
                                UpcastConv2d, UpcastConv3x3, UpcastLastQueryBlock, UpcastLinear,
                                UpcastSubpixelUpsample, float_weight, gemm_conv3x3, native_half, onednn_dtypes,
@@ -51,6 +53,25 @@ def _direct(x, weight, bias):
 
 # --- CPU convolution --------------------------------------------------------------------------------
 
+@pytest.fixture(params=["compiled", "torch"])
+def transforms(request, monkeypatch):
+    """The Winograd transforms compiled (:mod:`kandinsky.ops.native`) or as torch operations (a machine without a
+    C compiler); counts the compiled calls (``{"input": n, "output": n, "adjoint": n}``)."""
+    calls = {"input": 0, "output": 0, "adjoint": 0}
+    if request.param == "torch":
+        monkeypatch.setattr(native, "library", lambda: None)
+        return calls
+    if native.library() is None:
+        pytest.skip("no C compiler here: the compiled transforms are not built")
+    for name, function in (("input", "input_tiles"), ("output", "output_tiles"), ("adjoint", "output_adjoint_tiles")):
+        def counted(*args, _name=name, _original=getattr(native, function)):
+            calls[_name] += 1
+            return _original(*args)
+        monkeypatch.setattr(native, function, counted)
+    calls["compiled"] = True
+    return calls
+
+
 # Bounds relative to the output scale. F(2x2, 3x3) transforms with +-1, +-1/2 and the GEMM over 9 * C products:
 # a few float32 roundings (measured ~4e-7 and ~3e-7). F(4x4, 3x3)'s transforms scale by up to 8 and 1/24, so its
 # roundings grow to measured <= 7.4e-6 (these shapes <= 4.8e-6; 384 to 3072 input channels 6.0e-6 to 7.4e-6),
@@ -64,13 +85,86 @@ def _direct(x, weight, bias):
       for shape in [(2, 8, 16, 32, 32), (3, 16, 8, 8, 12), (1, 4, 12, 4, 4), (2, 24, 24, 72, 36), (1, 384, 16, 8, 8)]],
 ])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_fast_convolutions_match_the_direct_one(convolve, shape, bound, with_bias):
+def test_fast_convolutions_match_the_direct_one(transforms, convolve, shape, bound, with_bias):
     x, weight, bias = conv3x3_case(*shape)
     bias = bias if with_bias else None
     out = convolve(x, weight, bias)
     reference = _direct(x, weight, bias)
     assert out.shape == reference.shape and out.is_contiguous(memory_format=CHANNELS_LAST)
     assert (out.double() - reference).abs().max() < bound * reference.abs().max()
+    if "compiled" in transforms and convolve is not gemm_conv3x3:
+        assert transforms["input"] >= 1 and transforms["output"] == transforms["input"]
+
+
+def test_compiled_transforms_read_maps_in_any_layout_with_contiguous_channels(transforms):
+    """The compiled input transform reads a map in place (batch, row and pixel strides as given): a channels-last
+    slice of a wider map, and a contiguous map copied to channels-last first."""
+    x, weight, bias = conv3x3_case(2, 16, 8, 12, 16)
+    wider = torch.randn(2, 16, 12, 24).contiguous(memory_format=CHANNELS_LAST)
+    wider[..., 8:] = x
+    for view in (wider[..., 8:], x.contiguous()):
+        out = winograd43_conv3x3(view, weight, bias)
+        assert max_errors(out, _direct(x, weight, bias))[1] < 2e-5
+
+
+def test_compiled_transforms_reject_maps_without_contiguous_channels():
+    if native.library() is None:
+        pytest.skip("no C compiler here: the compiled transforms are not built")
+    x = torch.randn(1, 8, 8, 8)
+    with pytest.raises(ValueError, match="contiguous channels"):
+        native.input_tiles(x, 4, 0, 2, torch.empty(6, 6, 1, 2, 2, 8))
+    with pytest.raises(ValueError, match="float32"):
+        native.input_tiles(x.double().contiguous(memory_format=CHANNELS_LAST), 4, 0, 2, torch.empty(6, 6, 1, 2, 2, 8))
+
+
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    """native.library() built anew (into an empty cache under tmp_path) by the test, and again afterwards."""
+    monkeypatch.setenv("KANDINSKY21_CACHE", str(tmp_path))
+    native.library.cache_clear()
+    yield tmp_path / "native"
+    native.library.cache_clear()
+
+
+def test_compiled_transforms_build_where_there_is_a_compiler(fresh_library):
+    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler here")
+    assert native.library() is not None
+    built = list(fresh_library.glob("winograd-*.so"))
+    assert len(built) == 1 and not list(fresh_library.glob("tmp*"))  # no temporary left behind
+    assert native._build(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")) == built[0]
+
+
+def test_compiled_transforms_are_built_per_cpu(monkeypatch, fresh_library):
+    """-march=native code must never run on another CPU (a home directory shared by machines): the CPU's flags are
+    part of the cached file's name."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler here")
+    first = native._build(compiler)
+    monkeypatch.setattr(native, "_cpu_flags", lambda: "flags : fpu sse2 avx2")
+    second = native._build(compiler)
+    assert first != second and first.exists() and second.exists()
+
+
+def test_compiled_transforms_switched_off_by_the_environment(monkeypatch, fresh_library):
+    monkeypatch.setenv(native.ENV, "0")
+    assert native.library() is None
+    assert not fresh_library.exists()
+
+
+def test_a_failed_build_warns_once_and_convolves_with_torch(monkeypatch, fresh_library, tmp_path):
+    broken = tmp_path / "cc"
+    broken.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo "cc 1.0"; exit 0; }\necho "error: no such flag" >&2\n'
+                      "exit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    with pytest.warns(RuntimeWarning, match="no such flag"):
+        assert native.library() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process: the failed build is not retried
+        x, weight, bias = conv3x3_case(1, 8, 8, 8, 8)
+        assert max_errors(winograd43_conv3x3(x, weight, bias), _direct(x, weight, bias))[1] < 2e-5
 
 
 def test_reused_buffers_made_under_inference_mode_serve_later_calls(monkeypatch):
@@ -185,7 +279,7 @@ def _case(shape, seed=0):
     *[(2, shape, 8e-6) for shape in [(2, 24, 16, 70, 36), (1, 8, 12, 2, 2), (2, 16, 24, 6, 10)]],
 ])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_winograd_function_gradients_match_the_direct_convolution(tile, shape, bound, layout):
+def test_winograd_function_gradients_match_the_direct_convolution(transforms, tile, shape, bound, layout):
     x, weight, bias, grad_y = _case(shape)
     if layout == "channels_last":  # (the optimized inference model's layout, under autograd)
         x, weight, grad_y = (t.contiguous(memory_format=CHANNELS_LAST) for t in (x, weight, grad_y))
@@ -203,6 +297,8 @@ def test_winograd_function_gradients_match_the_direct_convolution(tile, shape, b
     memory_format = CHANNELS_LAST if layout == "channels_last" else torch.contiguous_format
     for tensor in (out, leaves[0].grad, leaves[1].grad):
         assert tensor.is_contiguous(memory_format=memory_format)
+    if "compiled" in transforms:  # forward, input gradient and weight gradient
+        assert transforms["adjoint"] >= 1 and transforms["input"] == 3 * transforms["adjoint"]
 
 
 def test_winograd_function_leaves_frozen_inputs_without_gradients():

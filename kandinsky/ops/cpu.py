@@ -36,6 +36,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from kandinsky.models import movq, prior, unet
+from kandinsky.ops import native
 from kandinsky.ops.generic import FastModule, LastQueryBlock, SubpixelUpsample, swap
 
 # Winograd F(2x2, 3x3): a 3x3 convolution of 4x4 input tiles (stride 2) computed as 16 channel GEMMs in a
@@ -138,10 +139,20 @@ def _padded_channels_last(x: torch.Tensor) -> torch.Tensor:
 def _input_tile_bands(x: torch.Tensor, tile: int, transform_input, tiles_per_chunk: int):
     """Yield ``(r0, n, tiles)`` for each band of ``n`` tile rows from tile row ``r0``: the band's transformed input
     tiles ``B^T d B``, (T, T, B, n, cols, C) with T = tile + 2, for Winograd F(tile x tile, 3x3) of the
-    zero-padded ``x``. The bands hold about ``tiles_per_chunk`` tiles each."""
+    zero-padded ``x``. The bands hold about ``tiles_per_chunk`` tiles each. By the compiled transform
+    (:mod:`kandinsky.ops.native`, reading ``x`` in place when its channels are contiguous) where there is one,
+    else by ``transform_input`` along each axis of a padded copy."""
     b, c, height, width = x.shape
     t, rows, cols = tile + 2, height // tile, width // tile
     band = max(1, min(rows, tiles_per_chunk // (b * cols)))  # tile rows per chunk
+    if _native(x):
+        x = x if x.stride(1) == 1 else x.contiguous(memory_format=torch.channels_last)
+        for r0 in range(0, rows, band):
+            n = min(band, rows - r0)
+            tiles = x.new_empty((t, t, b, n, cols, c))
+            native.input_tiles(x, tile, r0, n, tiles)
+            yield r0, n, tiles
+        return
     padded = _padded_channels_last(x)  # (B, H+2, W+2, C)
     for r0 in range(0, rows, band):
         n = min(band, rows - r0)
@@ -170,6 +181,9 @@ def _winograd_bands(x: torch.Tensor, bias: torch.Tensor | None, kernel: torch.Te
     out_tiles = out.view(b, rows, tile, cols, tile, k)
     for r0, n, tiles in _input_tile_bands(x, tile, transform_input, tiles_per_chunk):
         products = torch.bmm(tiles.view(t * t, -1, c), kernel).view(t, t, b, n, cols, k)
+        if _native(x):
+            native.output_tiles(products, bias, tile, r0, out.permute(0, 3, 1, 2))
+            continue
         if bias is not None:
             products[1, 1] += bias  # A^T's column 1 is all ones: A^T m A adds the (1, 1) entry to every output
         # output transform A^T m A: along rows into a buffer, then columns straight into the output pixels
@@ -178,6 +192,12 @@ def _winograd_bands(x: torch.Tensor, bias: torch.Tensor | None, kernel: torch.Te
         for r in range(tile):
             transform_output(list(row_t[r]), [out_tiles[:, r0:r0 + n, r, :, j] for j in range(tile)])
     return out.permute(0, 3, 1, 2)
+
+
+def _native(x: torch.Tensor) -> bool:
+    """Whether the compiled transforms (:mod:`kandinsky.ops.native`) take ``x``: float32 on the CPU, where they
+    could be built."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and native.library() is not None
 
 
 def _check_winograd(name: str, tile: int, x: torch.Tensor, weight: torch.Tensor, transposed: bool = False) -> None:
@@ -322,13 +342,17 @@ def _winograd_weight_grad(x: torch.Tensor, grad_y: torch.Tensor, tile: int, tran
     dy = grad_y.permute(0, 2, 3, 1).unflatten(1, (rows, tile)).unflatten(3, (cols, tile))
     numel = t * t * k * c
     grad_u = (_scratch_kernel(numel, x.dtype) if scratch else x.new_empty(numel)).view(t * t, k, c)
+    if _native(grad_y) and grad_y.stride(1) != 1:
+        grad_y = grad_y.contiguous(memory_format=torch.channels_last)
     for r0, n, tiles in _input_tile_bands(x, tile, transform_input, tiles_per_chunk):
-        # A dY A^T, separable: along columns (per output row of the tile), then rows
-        row_t = x.new_empty((tile, t, b, n, cols, k))
-        for r in range(tile):
-            output_adjoint([dy[:, r0:r0 + n, r, :, j] for j in range(tile)], list(row_t[r]))
         grad_m = x.new_empty((t, t, b, n, cols, k))
-        output_adjoint(list(row_t), list(grad_m))
+        if _native(grad_y):
+            native.output_adjoint_tiles(grad_y, tile, r0, n, grad_m)
+        else:  # A dY A^T, separable: along columns (per output row of the tile), then rows
+            row_t = x.new_empty((tile, t, b, n, cols, k))
+            for r in range(tile):
+                output_adjoint([dy[:, r0:r0 + n, r, :, j] for j in range(tile)], list(row_t[r]))
+            output_adjoint(list(row_t), list(grad_m))
         # dU[xi] (K, C) += dM[xi]^T (K, N) V[xi] (N, C)
         m, v = grad_m.view(t * t, -1, k).transpose(1, 2), tiles.view(t * t, -1, c)
         if r0 == 0:

@@ -1,0 +1,123 @@
+"""The compiled Winograd transforms (``winograd.c``), built with the system's C compiler on first use.
+
+``library()`` returns the loaded library, or None where there is no C compiler (``$CC``, else ``cc``), the build
+fails (a warning says why), or ``KANDINSKY21_NATIVE=0``: :mod:`kandinsky.ops.cpu` then runs the same transforms
+as torch operations. Built once per machine in about a second.
+
+The shared object is cached in ``native/`` of the weights cache (``$KANDINSKY21_CACHE``, else
+``~/.cache/kandinsky21``), named by a hash of
+the source, the compiler command and the CPU's instruction-set flags: ``-march=native`` code from one CPU must
+never run on another (the home directory may be shared across machines). It is written to a temporary name
+and renamed, so concurrent first uses (torchrun's processes) never load a half-written file. It links
+OpenMP: loaded after torch, it shares torch's OpenMP runtime and thread count.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+ENV = "KANDINSKY21_NATIVE"  # "0": never build or load the compiled transforms
+SOURCE = Path(__file__).with_name("winograd.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    import platform
+    return platform.processor() + platform.machine()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("KANDINSKY21_CACHE") or Path.home() / ".cache" / "kandinsky21"
+    return Path(root) / "native"
+
+
+def _build(compiler: str) -> Path:
+    source = SOURCE.read_bytes()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(), _cpu_flags().encode()]))
+    target = _cache_dir() / f"winograd-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+        if result.returncode:
+            raise RuntimeError(f"{compiler} failed:\n{result.stderr.strip()}")
+        os.replace(built, target)
+    return target
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    i32, i64, ptr = ctypes.c_int, ctypes.c_longlong, ctypes.c_void_p
+    lib.winograd_input.argtypes = [i32, ptr, i64, i64, i64, i32, i32, i32, i32, i32, i32, ptr]
+    lib.winograd_output.argtypes = [i32, ptr, ptr, i32, i32, i32, i32, i32, ptr, i64, i64, i64]
+    lib.winograd_output_adjoint.argtypes = [i32, ptr, i64, i64, i64, i32, i32, i32, i32, i32, ptr]
+    for fn in (lib.winograd_input, lib.winograd_output, lib.winograd_output_adjoint):
+        fn.restype = None
+    return lib
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled transforms, or None (see the module docstring); built at most once per process."""
+    if os.environ.get(ENV, "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    try:
+        return _declare(ctypes.CDLL(str(_build(compiler))))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        warnings.warn(f"kandinsky.ops: the compiled Winograd transforms are unavailable, using torch's "
+                      f"operations ({error})", RuntimeWarning, stacklevel=2)
+        return None
+
+
+def _map_strides(map: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, row, pixel) strides of a (B, C, H, W) tensor whose channels are contiguous."""
+    if map.dtype != torch.float32 or map.device.type != "cpu" or map.stride(1) != 1:
+        raise ValueError(f"expected a float32 CPU map with contiguous channels, got {map.dtype} on "
+                         f"{map.device} with strides {map.stride()}")
+    return map.stride(0), map.stride(2), map.stride(3)
+
+
+def input_tiles(map: torch.Tensor, tile: int, row0: int, rows: int, out: torch.Tensor) -> None:
+    """``out`` (T, T, B, rows, W/tile, C), contiguous: the transformed input tiles of tile rows
+    ``[row0, row0 + rows)`` of the zero-padded (B, C, H, W) ``map`` (channels contiguous)."""
+    b, c, height, width = map.shape
+    library().winograd_input(tile, map.data_ptr(), *_map_strides(map), b, height, width, c, row0, rows,
+                             out.data_ptr())
+
+
+def output_tiles(products: torch.Tensor, bias: torch.Tensor | None, tile: int, row0: int, out: torch.Tensor) -> None:
+    """The output transform of (T, T, B, rows, cols, K) contiguous ``products`` (plus ``bias``) into tile rows
+    ``[row0, row0 + rows)`` of ``out``, (B, K, H, W) with contiguous channels."""
+    _, _, b, rows, cols, k = products.shape
+    bias = None if bias is None else bias.contiguous()  # (kept alive through the call)
+    library().winograd_output(tile, products.data_ptr(), None if bias is None else bias.data_ptr(),
+                              b, row0, rows, cols, k, out.data_ptr(), *_map_strides(out))
+
+
+def output_adjoint_tiles(grad: torch.Tensor, tile: int, row0: int, rows: int, out: torch.Tensor) -> None:
+    """``out`` (T, T, B, rows, W/tile, K), contiguous: ``A dY A^T`` of tile rows ``[row0, row0 + rows)`` of the
+    (B, K, H, W) output gradient ``grad`` (channels contiguous)."""
+    b, k, _, width = grad.shape
+    library().winograd_output_adjoint(tile, grad.data_ptr(), *_map_strides(grad), b, row0, rows, width // tile, k,
+                                      out.data_ptr())
