@@ -16,7 +16,7 @@ from kandinsky import ops
 from kandinsky.models import config_from_dict, model_class
 from kandinsky.models.movq import Upsample
 from kandinsky.ops import cpu, native
-from kandinsky.ops.cpu import (HALF_ENV, Conv3x3, OneDNNLastQueryBlock, OneDNNLinear, UpcastAttentionInput,
+from kandinsky.ops.cpu import (HALF_ENV, Conv3x3, FusedMoVQResBlock, FusedUNetResBlock, OneDNNLastQueryBlock, OneDNNLinear, UpcastAttentionInput,
                                UpcastConv2d, UpcastConv3x3, UpcastLastQueryBlock, UpcastLinear,
                                UpcastSubpixelUpsample, float_weight, gemm_conv3x3, native_half, onednn_dtypes,
                                onednn_linear, winograd43_conv3x3, winograd_conv3x3)
@@ -56,16 +56,19 @@ def _direct(x, weight, bias):
 @pytest.fixture(params=["compiled", "torch"])
 def transforms(request, monkeypatch):
     """The Winograd transforms compiled (:mod:`kandinsky.ops.native`) or as torch operations (a machine without a
-    C compiler); counts the compiled calls (``{"input": n, "output": n, "adjoint": n}``)."""
+    C compiler); counts the compiled calls (``{"input": n, "output": n, "adjoint": n, "activated": n}``, the last
+    the input transforms that applied a fused norm and SiLU)."""
     calls = {"input": 0, "output": 0, "adjoint": 0}
     if request.param == "torch":
         monkeypatch.setattr(native, "library", lambda: None)
         return calls
     if native.library() is None:
         pytest.skip("no C compiler here: the compiled transforms are not built")
+    calls["activated"] = 0
     for name, function in (("input", "input_tiles"), ("output", "output_tiles"), ("adjoint", "output_adjoint_tiles")):
         def counted(*args, _name=name, _original=getattr(native, function)):
             calls[_name] += 1
+            calls["activated"] += _name == "input" and len(args) > 5 and args[5] is not None
             return _original(*args)
         monkeypatch.setattr(native, function, counted)
     calls["compiled"] = True
@@ -115,6 +118,70 @@ def test_compiled_transforms_reject_maps_without_contiguous_channels():
         native.input_tiles(x, 4, 0, 2, torch.empty(6, 6, 1, 2, 2, 8))
     with pytest.raises(ValueError, match="float32"):
         native.input_tiles(x.double().contiguous(memory_format=CHANNELS_LAST), 4, 0, 2, torch.empty(6, 6, 1, 2, 2, 8))
+
+
+@pytest.mark.parametrize("memory_format", [CHANNELS_LAST, torch.contiguous_format])
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_norm_scale_shift_is_the_norm(memory_format, affine):
+    """norm(x) == x * scale + shift per sample and channel; x off-centre (mean 5, spread 3) so that the variance
+    from the moments must not cancel badly."""
+    if native.library() is None:
+        pytest.skip("no C compiler here: the compiled transforms are not built")
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 12, 6, 10, generator=generator) * 3 + 5).contiguous(memory_format=memory_format)
+    norm = nn.GroupNorm(4, 12, eps=1e-6, affine=affine)
+    if affine:
+        randomize_(norm, 1)
+    scale, shift = cpu.group_norm_scale_shift(norm, x)
+    assert scale.shape == shift.shape == (2, 12) and scale.dtype == torch.float32
+    # measured 4.8e-7 of the output scale (float32 rounding of the affine map and of torch's own statistics)
+    assert max_errors(x * scale[:, :, None, None] + shift[:, :, None, None], norm(x))[1] < 5e-6
+
+
+@pytest.mark.parametrize("tile, shape", [(4, (2, 16, 8, 12, 16)), (4, (2, 24, 24, 72, 36)), (2, (3, 16, 8, 6, 10)),
+                                         (4, (1, 8, 12, 4, 4))])
+def test_activated_convolution_is_the_convolution_of_the_activated_map(monkeypatch, transforms, tile, shape):
+    """conv.convolve_activated(x, scale, shift) == conv(silu(x * scale + shift)): the activation before the zero
+    padding (a border of silu(shift) would be wrong), for both tiles, one and several bands, and through the
+    fallback that computes the activated map first (no compiled transforms)."""
+    monkeypatch.setattr(cpu, "WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(cpu, "WINOGRAD43_MIN_CHANNELS", 1 if tile == 4 else 10 ** 6)
+    monkeypatch.setattr(cpu, "WINOGRAD43_MIN_PIXELS", 1)
+    monkeypatch.setattr(cpu, "WINOGRAD_MIN_PIXELS", 1)
+    x, weight, bias = conv3x3_case(*shape)
+    generator = torch.Generator().manual_seed(3)
+    scale = torch.rand(shape[0], shape[1], generator=generator) * 2 + 0.5
+    shift = torch.randn(shape[0], shape[1], generator=generator) * 2  # SiLU's curved part and both tails
+    conv = nn.Conv2d(shape[1], shape[2], 3, padding=1)
+    conv.weight.data, conv.bias.data = weight, bias
+    swap(conv, Conv3x3)
+    with torch.no_grad():
+        out = conv.convolve_activated(x, scale, shift)
+    activated = F.silu(x.double() * scale.double()[:, :, None, None] + shift.double()[:, :, None, None])
+    reference = _direct(activated, weight, bias)
+    assert max_errors(out, reference)[1] < (2e-5 if tile == 4 else 5e-6)  # the convolutions' own bounds above
+    if "compiled" in transforms:
+        assert transforms["activated"] == transforms["input"] >= 1
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_compiled_kernels_on_several_threads(threads):
+    """The compiled kernels split their work over OpenMP threads (torch's runtime and thread count; the suite runs
+    on one): the per-thread moments must all be summed, and the tiles must not depend on the split."""
+    if native.library() is None:
+        pytest.skip("no C compiler here: the compiled transforms are not built")
+    x, weight, bias = conv3x3_case(2, 24, 16, 72, 36)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        moments = native.channel_moments(x)
+        out = winograd43_conv3x3(x, weight, bias)
+    finally:
+        torch.set_num_threads(before)
+    expected = torch.stack([x.double().sum((2, 3)), x.double().square().sum((2, 3))], dim=1)
+    assert torch.allclose(moments, expected, rtol=1e-12, atol=0)
+    # the transforms are per tile; only the GEMMs may sum in another order on another thread count
+    assert max_errors(out, winograd43_conv3x3(x, weight, bias))[1] < 1e-6
 
 
 @pytest.fixture
@@ -535,8 +602,8 @@ def test_last_query_block_is_the_last_position_of_the_block():
 
 # --- optimize() and plain() on the models -----------------------------------------------------------
 
-FAST_TYPES = {"unet": {Conv3x3, OneDNNLinear} if torch.float32 in onednn_dtypes() else {Conv3x3},
-              "movq": {Conv3x3, SubpixelUpsample},
+FAST_TYPES = {"unet": {Conv3x3, FusedUNetResBlock, *([OneDNNLinear] if torch.float32 in onednn_dtypes() else [])},
+              "movq": {Conv3x3, SubpixelUpsample, FusedMoVQResBlock},
               "prior": {OneDNNLinear, OneDNNLastQueryBlock} if torch.float32 in onednn_dtypes() else {LastQueryBlock}}
 
 
@@ -618,20 +685,25 @@ def test_prior_linears_go_through_onednn_only_for_its_dtypes():
         assert isinstance(prior.blocks[-1], LastQueryBlock)
 
 
-@pytest.mark.parametrize("component, winograd", [("unet", False), ("unet", True), ("movq", False),
-                                                 ("movq", True), ("prior", False)])
-def test_optimized_model_matches_the_plain_one(monkeypatch, component, winograd):
-    if winograd:  # the full-size models' path (>= 256 channels at 32x32 and up), forced on the tiny ones
+@pytest.mark.parametrize("component, winograd", [("unet", None), ("unet", 2), ("unet", 4), ("movq", None),
+                                                 ("movq", 2), ("movq", 4), ("prior", None)])
+def test_optimized_model_matches_the_plain_one(monkeypatch, transforms, component, winograd):
+    if winograd:  # the full-size models' paths (F(4x4, 3x3) from 128 channels), forced on the tiny ones
         monkeypatch.setattr(cpu, "WINOGRAD_MIN_CHANNELS", 1)
+    if winograd == 4:
+        monkeypatch.setattr(cpu, "WINOGRAD43_MIN_CHANNELS", 1)
     model = _tiny(component)
     with torch.no_grad():
         plain = _run(component, model)
         fast = _run(component, ops.optimize(model, "cpu", torch.float32))
     for fast_output, plain_output in zip(fast, plain):
         assert fast_output.is_contiguous()
-        # float32, the same function in another summation order: measured <= 2e-6 of the output scale
-        # (unet 1.9e-6, movq 1.8e-6, prior 4e-7)
+        # float32, the same function in another summation order (F(4x4, 3x3): transforms scaling by up to 8; the
+        # fused norms: statistics in float64, the activation's e^x to ~2 ulp): measured <= 2e-6 of the output
+        # scale (unet 1.9e-6, movq 1.8e-6, prior 4e-7), F(4x4, 3x3) with the fused norms <= 3e-6
         assert max_errors(fast_output, plain_output)[1] < 1e-5
+    if winograd and component != "prior" and "compiled" in transforms:  # the residual blocks' norms were fused
+        assert transforms["activated"] >= 1
 
 
 def test_optimized_prior_trains_through_the_plain_kernels():
@@ -874,7 +946,7 @@ def test_upcast_warns_about_layers_it_cannot_upcast(half_mode):
 def test_unet_parity_rows_include_the_optimized_model(monkeypatch):
     monkeypatch.setattr(cpu, "WINOGRAD_MIN_CHANNELS", 1)  # the full-size model's path, forced on the tiny one
     calls = []
-    monkeypatch.setattr(cpu, "winograd_conv3x3", lambda *a: calls.append(1) or winograd_conv3x3(*a))
+    monkeypatch.setattr(cpu, "winograd_conv3x3", lambda *a, **k: calls.append(1) or winograd_conv3x3(*a, **k))
     config = _tiny("unet").config
     rows = list(unet_parity.diffusers_rows("unet", config, label="tiny config"))
     assert [row.check for row in rows] == [
@@ -887,7 +959,7 @@ def test_unet_parity_rows_include_the_optimized_model(monkeypatch):
 def test_movq_parity_rows_include_the_optimized_model(monkeypatch):
     monkeypatch.setattr(cpu, "WINOGRAD_MIN_CHANNELS", 1)
     calls = []
-    monkeypatch.setattr(cpu, "winograd_conv3x3", lambda *a: calls.append(1) or winograd_conv3x3(*a))
+    monkeypatch.setattr(cpu, "winograd_conv3x3", lambda *a, **k: calls.append(1) or winograd_conv3x3(*a, **k))
     rows = list(movq_parity.diffusers_rows(_tiny("movq").config, label="diffusers tiny"))
     assert [row.check for row in rows] == [
         "diffusers tiny: encode 64x64", "diffusers tiny: decode (no quantisation)", "diffusers tiny: quantize",

@@ -68,10 +68,10 @@ def test_matches_diffusers_tiny(monkeypatch, config, size, path):
     if path == "winograd":  # F(2x2, 3x3): >= 256 channels at 32x32 and up (maps whose sides are not multiples of 4)
         monkeypatch.setattr(ops.cpu, "WINOGRAD_MIN_CHANNELS", 1)
         monkeypatch.setattr(ops.cpu, "WINOGRAD43_MIN_CHANNELS", 10**6)
-        monkeypatch.setattr(ops.cpu, "winograd_conv3x3", lambda *a: winograd.append(1) or winograd_conv3x3(*a))
+        monkeypatch.setattr(ops.cpu, "winograd_conv3x3", lambda *a, **k: winograd.append(1) or winograd_conv3x3(*a, **k))
     if path == "winograd43":  # F(4x4, 3x3): >= 128 channels at 24x24 and up, sides multiples of 4
         monkeypatch.setattr(ops.cpu, "WINOGRAD43_MIN_CHANNELS", 1)
-        monkeypatch.setattr(ops.cpu, "winograd43_conv3x3", lambda *a: winograd.append(1) or winograd43_conv3x3(*a))
+        monkeypatch.setattr(ops.cpu, "winograd43_conv3x3", lambda *a, **k: winograd.append(1) or winograd43_conv3x3(*a, **k))
     theirs, ours = diffusers_unet(config, seed=3)
     if path != "plain":
         ops.optimize(ours, "cpu", torch.float32)

@@ -136,12 +136,14 @@ def _padded_channels_last(x: torch.Tensor) -> torch.Tensor:
     return padded
 
 
-def _input_tile_bands(x: torch.Tensor, tile: int, transform_input, tiles_per_chunk: int):
+def _input_tile_bands(x: torch.Tensor, tile: int, transform_input, tiles_per_chunk: int,
+                      activation: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Yield ``(r0, n, tiles)`` for each band of ``n`` tile rows from tile row ``r0``: the band's transformed input
     tiles ``B^T d B``, (T, T, B, n, cols, C) with T = tile + 2, for Winograd F(tile x tile, 3x3) of the
     zero-padded ``x``. The bands hold about ``tiles_per_chunk`` tiles each. By the compiled transform
     (:mod:`kandinsky.ops.native`, reading ``x`` in place when its channels are contiguous) where there is one,
-    else by ``transform_input`` along each axis of a padded copy."""
+    else by ``transform_input`` along each axis of a padded copy. ``activation``: (B, C) ``(scale, shift)``, the
+    tiles of ``silu(x * scale + shift)`` instead (compiled transform only)."""
     b, c, height, width = x.shape
     t, rows, cols = tile + 2, height // tile, width // tile
     band = max(1, min(rows, tiles_per_chunk // (b * cols)))  # tile rows per chunk
@@ -150,9 +152,11 @@ def _input_tile_bands(x: torch.Tensor, tile: int, transform_input, tiles_per_chu
         for r0 in range(0, rows, band):
             n = min(band, rows - r0)
             tiles = x.new_empty((t, t, b, n, cols, c))
-            native.input_tiles(x, tile, r0, n, tiles)
+            native.input_tiles(x, tile, r0, n, tiles, activation)
             yield r0, n, tiles
         return
+    if activation is not None:
+        raise RuntimeError("an activated input needs the compiled transforms (kandinsky.ops.native)")
     padded = _padded_channels_last(x)  # (B, H+2, W+2, C)
     for r0 in range(0, rows, band):
         n = min(band, rows - r0)
@@ -166,7 +170,8 @@ def _input_tile_bands(x: torch.Tensor, tile: int, transform_input, tiles_per_chu
 
 
 def _winograd_bands(x: torch.Tensor, bias: torch.Tensor | None, kernel: torch.Tensor, tile: int, transform_input,
-                    transform_output, tiles_per_chunk: int) -> torch.Tensor:
+                    transform_output, tiles_per_chunk: int,
+                    activation: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The Winograd F(tile x tile, 3x3) convolution with the (T*T, C, K) transformed ``kernel`` (T = tile + 2)
     and the one-axis transforms B^T (``transform_input``) and A^T (``transform_output``).
 
@@ -179,7 +184,7 @@ def _winograd_bands(x: torch.Tensor, bias: torch.Tensor | None, kernel: torch.Te
     rows, cols = height // tile, width // tile  # output tiles
     out = torch.empty((b, height, width, k), dtype=x.dtype, device=x.device)
     out_tiles = out.view(b, rows, tile, cols, tile, k)
-    for r0, n, tiles in _input_tile_bands(x, tile, transform_input, tiles_per_chunk):
+    for r0, n, tiles in _input_tile_bands(x, tile, transform_input, tiles_per_chunk, activation):
         products = torch.bmm(tiles.view(t * t, -1, c), kernel).view(t, t, b, n, cols, k)
         if _native(x):
             native.output_tiles(products, bias, tile, r0, out.permute(0, 3, 1, 2))
@@ -211,16 +216,17 @@ def _check_winograd(name: str, tile: int, x: torch.Tensor, weight: torch.Tensor,
         raise ValueError(f"weight: expected shape (K, {c}, 3, 3) for x with {c} channels, got {tuple(weight.shape)}")
 
 
-def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                     transposed: bool = False) -> torch.Tensor:
+def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool = False,
+                     activation: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` for even H and W by Winograd F(2x2, 3x3); returns a
     channels-last (B, K, H, W) tensor. ``transposed``: ``F.conv_transpose2d(x, weight, bias, padding=1)``
     instead (x with K channels, a (B, C, H, W) result), the convolution's input gradient. Not differentiable
     itself (it writes into buffers with ``out=``; :class:`WinogradConv3x3` is). The kernel is transformed on every
-    call (no second copy is kept)."""
+    call (no second copy is kept). ``activation``: (B, C) ``(scale, shift)``, the convolution of
+    ``silu(x * scale + shift)`` computed as ``x`` is read (:func:`activated_conv3x3`)."""
     _check_winograd("winograd_conv3x3", 2, x, weight, transposed)
     return _winograd_bands(x, bias, _winograd_kernel(weight, _WINOGRAD_G, transposed), 2, _winograd23_input,
-                           _winograd23_output, _WINOGRAD_TILES_PER_CHUNK)
+                           _winograd23_output, _WINOGRAD_TILES_PER_CHUNK, activation)
 
 
 def _reusable_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -286,16 +292,17 @@ def _winograd43_output(m: list[torch.Tensor], out: list[torch.Tensor]) -> None:
     torch.add(out[1], out[3], alpha=6, out=out[3]).add_(m[5])
 
 
-def winograd43_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       transposed: bool = False) -> torch.Tensor:
+def winograd43_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool = False,
+                       activation: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` for H and W divisible by 4 by Winograd F(4x4, 3x3); returns a
     channels-last (B, K, H, W) tensor. ``transposed``: ``F.conv_transpose2d(x, weight, bias, padding=1)``
     instead (x with K channels, a (B, C, H, W) result), the convolution's input gradient. Not differentiable
     itself (it writes into buffers with ``out=``; :class:`WinogradConv3x3` is). The kernel is transformed on every
-    call, into a buffer that every layer reuses (:func:`_winograd43_kernel`)."""
+    call, into a buffer that every layer reuses (:func:`_winograd43_kernel`). ``activation``: as
+    :func:`winograd_conv3x3`'s."""
     _check_winograd("winograd43_conv3x3", 4, x, weight, transposed)
     return _winograd_bands(x, bias, _winograd43_kernel(weight, transposed), 4, _winograd43_input,
-                           _winograd43_output, _WINOGRAD43_TILES_PER_CHUNK)
+                           _winograd43_output, _WINOGRAD43_TILES_PER_CHUNK, activation)
 
 
 def _winograd23_output_adjoint(y: list[torch.Tensor], out: list[torch.Tensor]) -> None:
@@ -514,6 +521,70 @@ class Conv3x3(FastModule, nn.Conv2d):
                 and channels >= WINOGRAD_MIN_CHANNELS):
             return 2
         return None
+
+    def convolve_activated(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """``self(F.silu(x * scale + shift))`` for (B, C) float32 ``scale`` and ``shift`` (a GroupNorm as an affine
+        map per sample and channel, :func:`group_norm_scale_shift`). On a Winograd path with the compiled
+        transforms (inference) the activation is applied as the input transform reads ``x``, so the activated map
+        is never written out; elsewhere it is computed first."""
+        tile = self._winograd_tile(x) if _native(x) and _inference(x, self.weight) else None
+        if tile is None:
+            return self(F.silu(torch.addcmul(shift[:, :, None, None], x, scale[:, :, None, None])))
+        return _winograd_path(tile)[0](x, self.weight, self.bias, activation=(scale, shift))
+
+
+def group_norm_scale_shift(norm: nn.GroupNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C) float32 ``(scale, shift)`` such that ``norm(x) == x * scale + shift`` per sample and channel, for a
+    float32 (B, C, H, W) ``x``, from statistics accumulated in float64 in one read of ``x`` (channels-last) (:func:`kandinsky.ops.native.channel_moments`; GroupNorm's own CPU kernel applies the same affine map)."""
+    b, c, height, width = x.shape
+    groups, per_group = norm.num_groups, c // norm.num_groups
+    x = x if x.stride(1) == 1 else x.contiguous(memory_format=torch.channels_last)
+    moments = native.channel_moments(x).view(b, 2, groups, per_group).sum(-1) / (height * width * per_group)
+    mean, mean_square = moments.unbind(1)  # (B, G) each
+    rstd = (mean_square - mean * mean).clamp_min(0).add(norm.eps).rsqrt()
+    scale = rstd.repeat_interleave(per_group, dim=1)  # (B, C)
+    shift = -mean.repeat_interleave(per_group, dim=1) * scale
+    if norm.affine:
+        scale, shift = scale * norm.weight.double(), shift * norm.weight.double() + norm.bias.double()
+    return scale.float(), shift.float()
+
+
+def _fuses_norms(x: torch.Tensor, conv: nn.Module) -> bool:
+    """Whether a fused residual block folds its norms into ``conv``'s input transform for the input ``x``."""
+    return (isinstance(conv, Conv3x3) and _native(x) and _inference(x, conv.weight) and x.stride(1) == 1
+            and x.shape[1] <= native.MAX_MOMENT_CHANNELS and conv._winograd_tile(x) is not None)
+
+
+class FusedUNetResBlock(FastModule, unet.ResBlock):
+    """``unet.ResBlock`` (without resampling) whose two GroupNorm + SiLU steps, the second with the timestep's scale
+    and shift, run inside the Winograd input transforms of ``conv1`` and ``conv2``
+    (:meth:`Conv3x3.convolve_activated`): the statistics take one read of the map, and the normalised and
+    activated maps, two passes each over the largest activations, are never written. The plain forward where the
+    convolutions take no Winograd path (small maps), under autograd and in other dtypes."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.resample is not None or not _fuses_norms(x, self.conv1):
+            return super().forward(x, emb)
+        h = self.conv1.convolve_activated(x, *group_norm_scale_shift(self.norm1, x))
+        emb_scale, emb_shift = self.emb_proj(F.silu(emb)).chunk(2, dim=1)  # (B, C) each
+        scale, shift = group_norm_scale_shift(self.norm2, h)
+        # silu((h * scale + shift) * (1 + emb_scale) + emb_shift): one affine map per sample and channel
+        h = self.conv2.convolve_activated(h, (scale * (1 + emb_scale)).contiguous(),
+                                          torch.addcmul(emb_shift, shift, 1 + emb_scale).contiguous())
+        return h + (x if self.skip is None else self.skip(x))
+
+
+class FusedMoVQResBlock(FastModule, movq.ResBlock):
+    """The MoVQ encoder's ``movq.ResBlock`` (plain GroupNorms, :class:`movq.EncoderNorm`) with its norms folded into
+    its convolutions as :class:`FusedUNetResBlock`'s. (The decoder's spatial norms scale and shift every pixel
+    differently: not an affine map per channel.)"""
+
+    def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
+        if not _fuses_norms(x, self.conv1):
+            return super().forward(x, zq)
+        h = self.conv1.convolve_activated(x, *group_norm_scale_shift(self.norm1, x))
+        h = self.conv2.convolve_activated(h, *group_norm_scale_shift(self.norm2, h))
+        return h.add_(x if self.shortcut is None else self.shortcut(x))
 
 
 def _detect_onednn_dtypes() -> tuple[torch.dtype, ...]:
@@ -745,6 +816,10 @@ def optimize(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     onednn = dtype in onednn_dtypes() and native_half(dtype)
     _swap_conv3x3(module)
     for sub in module.modules():
+        if dtype == torch.float32 and type(sub) is unet.ResBlock and sub.resample is None:
+            swap(sub, FusedUNetResBlock)
+        elif dtype == torch.float32 and type(sub) is movq.ResBlock and isinstance(sub.norm1, movq.EncoderNorm):
+            swap(sub, FusedMoVQResBlock)
         if isinstance(sub, prior.Prior) and onednn:
             for layer in sub.modules():
                 if type(layer) is nn.Linear:

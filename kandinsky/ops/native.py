@@ -66,10 +66,11 @@ def _build(compiler: str) -> Path:
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     i32, i64, ptr = ctypes.c_int, ctypes.c_longlong, ctypes.c_void_p
-    lib.winograd_input.argtypes = [i32, ptr, i64, i64, i64, i32, i32, i32, i32, i32, i32, ptr]
+    lib.winograd_input.argtypes = [i32, ptr, i64, i64, i64, i32, i32, i32, i32, i32, i32, ptr, ptr, ptr]
+    lib.channel_moments.argtypes = [ptr, i64, i64, i64, i32, i32, i32, i32, ptr]
     lib.winograd_output.argtypes = [i32, ptr, ptr, i32, i32, i32, i32, i32, ptr, i64, i64, i64]
     lib.winograd_output_adjoint.argtypes = [i32, ptr, i64, i64, i64, i32, i32, i32, i32, i32, ptr]
-    for fn in (lib.winograd_input, lib.winograd_output, lib.winograd_output_adjoint):
+    for fn in (lib.winograd_input, lib.winograd_output, lib.winograd_output_adjoint, lib.channel_moments):
         fn.restype = None
     return lib
 
@@ -98,12 +99,38 @@ def _map_strides(map: torch.Tensor) -> tuple[int, int, int]:
     return map.stride(0), map.stride(2), map.stride(3)
 
 
-def input_tiles(map: torch.Tensor, tile: int, row0: int, rows: int, out: torch.Tensor) -> None:
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+def input_tiles(map: torch.Tensor, tile: int, row0: int, rows: int, out: torch.Tensor,
+                activation: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """``out`` (T, T, B, rows, W/tile, C), contiguous: the transformed input tiles of tile rows
-    ``[row0, row0 + rows)`` of the zero-padded (B, C, H, W) ``map`` (channels contiguous)."""
+    ``[row0, row0 + rows)`` of the zero-padded (B, C, H, W) ``map`` (channels contiguous). ``activation``: (B, C)
+    contiguous float32 ``(scale, shift)``: the tiles of ``silu(map * scale + shift)`` (per sample and channel),
+    zero-padded after the activation."""
     b, c, height, width = map.shape
+    scale, shift = activation or (None, None)
+    if activation is not None and not all(t.shape == (b, c) and t.dtype == torch.float32 and t.is_contiguous()
+                                          for t in activation):
+        raise ValueError(f"activation: expected contiguous float32 ({b}, {c}) scale and shift, got "
+                         f"{[(tuple(t.shape), t.dtype) for t in activation]}")
     library().winograd_input(tile, map.data_ptr(), *_map_strides(map), b, height, width, c, row0, rows,
-                             out.data_ptr())
+                             _pointer(scale), _pointer(shift), out.data_ptr())
+
+
+MAX_MOMENT_CHANNELS = 4096  # (the C kernel's per-thread accumulators)
+
+
+def channel_moments(map: torch.Tensor) -> torch.Tensor:
+    """(B, 2, C) float64: per sample and channel, the sums of ``map`` and of its squares over the pixels, in one
+    read of a (B, C, H, W) float32 map with contiguous channels."""
+    b, c, height, width = map.shape
+    if c > MAX_MOMENT_CHANNELS:
+        raise ValueError(f"map: at most {MAX_MOMENT_CHANNELS} channels, got {c}")
+    out = torch.empty(b, 2, c, dtype=torch.float64)
+    library().channel_moments(map.data_ptr(), *_map_strides(map), b, height, width, c, out.data_ptr())
+    return out
 
 
 def output_tiles(products: torch.Tensor, bias: torch.Tensor | None, tile: int, row0: int, out: torch.Tensor) -> None:
@@ -111,7 +138,7 @@ def output_tiles(products: torch.Tensor, bias: torch.Tensor | None, tile: int, r
     ``[row0, row0 + rows)`` of ``out``, (B, K, H, W) with contiguous channels."""
     _, _, b, rows, cols, k = products.shape
     bias = None if bias is None else bias.contiguous()  # (kept alive through the call)
-    library().winograd_output(tile, products.data_ptr(), None if bias is None else bias.data_ptr(),
+    library().winograd_output(tile, products.data_ptr(), _pointer(bias),
                               b, row0, rows, cols, k, out.data_ptr(), *_map_strides(out))
 
 

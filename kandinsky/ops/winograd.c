@@ -95,11 +95,42 @@ typedef void (*transform_fn)(const float *const *, float *const *, int);
 
 static const float zeros[CB];
 
+/* e^x to ~2 ulp (Cephes' expf: x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial for e^r, times 2^n), in a
+ * form the compiler vectorizes; arguments are clamped to where e^x is a normal float */
+static inline float exp_approx(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float n = __builtin_rintf(x * 1.44269504088896341f);
+    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int bits = ((int)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* The activation applied to the input as it is read: o[x] = silu(d[x] * scale[x] + shift[x]) (a GroupNorm, as a
+ * per-channel affine map of this sample, then SiLU), so the normalised map is never written out */
+static inline void activate(const float *d, const float *scale, const float *shift, float *o, int n) {
+#pragma omp simd
+    for (int x = 0; x < n; x++) {
+        const float v = d[x] * scale[x] + shift[x];
+        o[x] = v / (1.0f + exp_approx(-v));
+    }
+}
+
 /* Transformed input tiles B^T d B of the tile rows [row0, row0 + rows) of a (batch, height, width, channels)
  * map, zero-padded by one pixel: tile (r, c) reads pixels (tile*r - 1 + i, tile*c - 1 + j), i, j < T. Writes
- * out (T, T, batch, rows, cols, channels). */
+ * out (T, T, batch, rows, cols, channels). With scale and shift ((batch, channels) each, else NULL) the map is
+ * first activated, silu(map * scale + shift), and then zero-padded. */
 void winograd_input(int tile, const float *map, i64 batch_stride, i64 row_stride, i64 pixel_stride, int batch,
-                    int height, int width, int channels, int row0, int rows, float *out) {
+                    int height, int width, int channels, int row0, int rows, const float *scale,
+                    const float *shift, float *out) {
     const int t = tile + 2, cols = width / tile;
     const transform_fn transform = (transform_fn)(tile == 4 ? (void *)input43 : (void *)input23);
     const i64 count = (i64)batch * rows * cols, plane = count * channels;
@@ -107,7 +138,7 @@ void winograd_input(int tile, const float *map, i64 batch_stride, i64 row_stride
     for (i64 index = 0; index < count; index++) {
         const int n = (int)(index / ((i64)rows * cols)), r = (int)(index / cols % rows), c = (int)(index % cols);
         const int y0 = tile * (row0 + r) - 1, x0 = tile * c - 1;
-        float buffer[6][6][CB];
+        float buffer[6][6][CB], activated[6][CB];
         for (int k0 = 0; k0 < channels; k0 += CB) {
             const int kb = channels - k0 < CB ? channels - k0 : CB;
             for (int i = 0; i < t; i++) {  /* along the tile's rows: buffer[i][a] = sum_j B^T[a][j] d[i][j] */
@@ -118,6 +149,10 @@ void winograd_input(int tile, const float *map, i64 batch_stride, i64 row_stride
                     const int x = x0 + j;
                     d[j] = (y < 0 || y >= height || x < 0 || x >= width)
                         ? zeros : map + n * batch_stride + y * row_stride + x * pixel_stride + k0;
+                    if (scale && d[j] != zeros) {
+                        activate(d[j], scale + (i64)n * channels + k0, shift + (i64)n * channels + k0, activated[j], kb);
+                        d[j] = activated[j];
+                    }
                     o[j] = buffer[i][j];
                 }
                 transform(d, o, kb);
@@ -201,6 +236,34 @@ void winograd_output_adjoint(int tile, const float *map, i64 batch_stride, i64 r
                 for (int a = 0; a < t; a++) o[a] = out + (a * t + b) * plane + index * channels + k0;
                 transform(y, o, kb);
             }
+        }
+    }
+}
+
+/* Per (sample, channel) sums of x and x^2 of a (batch, height, width, channels) map, in double: out (batch, 2,
+ * channels), for GroupNorm's statistics in one read of the map (torch's reductions over the group's channels of a
+ * channels-last map read it several times). */
+void channel_moments(const float *map, i64 batch_stride, i64 row_stride, i64 pixel_stride, int batch, int height,
+                     int width, int channels, double *out) {
+    memset(out, 0, sizeof(double) * 2 * batch * channels);
+    for (int n = 0; n < batch; n++) {
+        double *sum = out + (i64)2 * n * channels;
+#pragma omp parallel
+        {
+            double local[2 * 4096];  /* channels <= 4096 (checked by the caller) */
+            memset(local, 0, sizeof(double) * 2 * channels);
+#pragma omp for schedule(static)
+            for (int y = 0; y < height; y++)
+                for (int x = 0; x < width; x++) {
+                    const float *p = map + n * batch_stride + y * row_stride + x * pixel_stride;
+#pragma omp simd
+                    for (int c = 0; c < channels; c++) {
+                        local[c] += p[c];
+                        local[channels + c] += (double)p[c] * p[c];
+                    }
+                }
+#pragma omp critical
+            for (int c = 0; c < 2 * channels; c++) sum[c] += local[c];  /* sums, then squares */
         }
     }
 }
