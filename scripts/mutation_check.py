@@ -430,7 +430,7 @@ MUTATIONS = (
     Mutation("compiled_left_border_not_zero", "kandinsky/ops/winograd.c", "x < 0 || x >= width", "x < -1 || x >= width",
              (OPS + "test_fast_convolutions_match_the_direct_one[compiled-True-winograd43_conv3x3-shape7-2e-05]",)),
     Mutation("compiled_bands_all_from_the_first_row", "kandinsky/ops/cpu.py",
-             "native.input_tiles(x, tile, r0, n, tiles)", "native.input_tiles(x, tile, 0, n, tiles)",
+             "native.input_tiles(x, tile, r0, n, tiles, activation)", "native.input_tiles(x, tile, 0, n, tiles, activation)",
              # (2, 24, 24, 72, 36): several bands of tile rows
              (OPS + "test_fast_convolutions_match_the_direct_one[compiled-True-winograd43_conv3x3-shape10-2e-05]",)),
     Mutation("compiled_transforms_never_used", "kandinsky/ops/cpu.py",
