@@ -56,19 +56,21 @@ def _direct(x, weight, bias):
 @pytest.fixture(params=["compiled", "torch"])
 def transforms(request, monkeypatch):
     """The Winograd transforms compiled (:mod:`kandinsky.ops.native`) or as torch operations (a machine without a
-    C compiler); counts the compiled calls (``{"input": n, "output": n, "adjoint": n, "activated": n}``, the last
-    the input transforms that applied a fused norm and SiLU)."""
+    C compiler); counts the compiled calls (``{"input": n, "output": n, "adjoint": n, "activated": n, "spatial":
+    n}``, the last two the input transforms that applied a fused norm and SiLU, and of those MoVQ's spatial norms)."""
     calls = {"input": 0, "output": 0, "adjoint": 0}
     if request.param == "torch":
         monkeypatch.setattr(native, "library", lambda: None)
         return calls
     if native.library() is None:
         pytest.skip("no C compiler here: the compiled transforms are not built")
-    calls["activated"] = 0
+    calls["activated"] = calls["spatial"] = 0
     for name, function in (("input", "input_tiles"), ("output", "output_tiles"), ("adjoint", "output_adjoint_tiles")):
         def counted(*args, _name=name, _original=getattr(native, function)):
             calls[_name] += 1
-            calls["activated"] += _name == "input" and len(args) > 5 and args[5] is not None
+            activation = args[5] if _name == "input" and len(args) > 5 else None
+            calls["activated"] += activation is not None
+            calls["spatial"] += activation is not None and activation[0].shape[1:3] != (1, 1)
             return _original(*args)
         monkeypatch.setattr(native, function, counted)
     calls["compiled"] = True
@@ -138,30 +140,39 @@ def test_group_norm_scale_shift_is_the_norm(memory_format, affine):
     assert max_errors(x * scale[:, :, None, None] + shift[:, :, None, None], norm(x))[1] < 5e-6
 
 
-@pytest.mark.parametrize("tile, shape", [(4, (2, 16, 8, 12, 16)), (4, (2, 24, 24, 72, 36)), (2, (3, 16, 8, 6, 10)),
-                                         (4, (1, 8, 12, 4, 4))])
-def test_activated_convolution_is_the_convolution_of_the_activated_map(monkeypatch, transforms, tile, shape):
+@pytest.mark.parametrize("tile, shape, blocks", [
+    (4, (2, 16, 8, 12, 16), None), (4, (2, 24, 24, 72, 36), None), (2, (3, 16, 8, 6, 10), None),
+    (4, (1, 8, 12, 4, 4), None), (4, (2, 16, 8, 12, 16), (3, 4)), (2, (3, 16, 8, 6, 10), (2, 5))])
+def test_activated_convolution_is_the_convolution_of_the_activated_map(monkeypatch, transforms, tile, shape, blocks):
     """conv.convolve_activated(x, scale, shift) == conv(silu(x * scale + shift)): the activation before the zero
-    padding (a border of silu(shift) would be wrong), for both tiles, one and several bands, and through the
-    fallback that computes the activated map first (no compiled transforms)."""
+    padding (a border of silu(shift) would be wrong), for both tiles, one and several bands, a scale and shift per
+    channel or per (h, w) block of pixels (``blocks``: MoVQ's spatial norm), and through the fallback that computes
+    the activated map first (no compiled transforms)."""
     monkeypatch.setattr(cpu, "WINOGRAD_MIN_CHANNELS", 1)
     monkeypatch.setattr(cpu, "WINOGRAD43_MIN_CHANNELS", 1 if tile == 4 else 10 ** 6)
     monkeypatch.setattr(cpu, "WINOGRAD43_MIN_PIXELS", 1)
     monkeypatch.setattr(cpu, "WINOGRAD_MIN_PIXELS", 1)
     x, weight, bias = conv3x3_case(*shape)
     generator = torch.Generator().manual_seed(3)
-    scale = torch.rand(shape[0], shape[1], generator=generator) * 2 + 0.5
-    shift = torch.randn(shape[0], shape[1], generator=generator) * 2  # SiLU's curved part and both tails
+    size = shape[:2] if blocks is None else (*shape[:2], *blocks)
+    scale = torch.rand(size, generator=generator) * 2 + 0.5
+    shift = torch.randn(size, generator=generator) * 2  # SiLU's curved part and both tails
     conv = nn.Conv2d(shape[1], shape[2], 3, padding=1)
     conv.weight.data, conv.bias.data = weight, bias
     swap(conv, Conv3x3)
     with torch.no_grad():
         out = conv.convolve_activated(x, scale, shift)
-    activated = F.silu(x.double() * scale.double()[:, :, None, None] + shift.double()[:, :, None, None])
+    if blocks is None:
+        pixel_scale, pixel_shift = scale[:, :, None, None], shift[:, :, None, None]
+    else:  # pixel (y, x) takes block (y // (H / h), x // (W / w))
+        pixel_scale, pixel_shift = (t.repeat_interleave(shape[3] // blocks[0], 2).repeat_interleave(shape[4] // blocks[1], 3)
+                                    for t in (scale, shift))
+    activated = F.silu(x.double() * pixel_scale.double() + pixel_shift.double())
     reference = _direct(activated, weight, bias)
     assert max_errors(out, reference)[1] < (2e-5 if tile == 4 else 5e-6)  # the convolutions' own bounds above
     if "compiled" in transforms:
         assert transforms["activated"] == transforms["input"] >= 1
+        assert transforms["spatial"] == (0 if blocks is None else transforms["input"])
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -704,6 +715,7 @@ def test_optimized_model_matches_the_plain_one(monkeypatch, transforms, componen
         assert max_errors(fast_output, plain_output)[1] < 1e-5
     if winograd and component != "prior" and "compiled" in transforms:  # the residual blocks' norms were fused
         assert transforms["activated"] >= 1
+        assert (transforms["spatial"] >= 1) == (component == "movq")  # the decoder's spatial norms
 
 
 def test_optimized_prior_trains_through_the_plain_kernels():

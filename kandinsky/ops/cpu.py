@@ -523,14 +523,21 @@ class Conv3x3(FastModule, nn.Conv2d):
         return None
 
     def convolve_activated(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        """``self(F.silu(x * scale + shift))`` for (B, C) float32 ``scale`` and ``shift`` (a GroupNorm as an affine
-        map per sample and channel, :func:`group_norm_scale_shift`). On a Winograd path with the compiled
-        transforms (inference) the activation is applied as the input transform reads ``x``, so the activated map
-        is never written out; elsewhere it is computed first."""
+        """``self(F.silu(x * scale + shift))`` for float32 ``scale`` and ``shift`` of shape (B, C), an affine map per
+        sample and channel (a GroupNorm, :func:`group_norm_scale_shift`), or (B, C, h, w) with h and w dividing
+        ``x``'s height and width, where each pixel takes its block's (MoVQ's spatial norm at the latent's size,
+        :func:`spatial_norm_scale_shift`). On a Winograd path with the compiled transforms (inference) the
+        activation is applied as the input transform reads ``x``, so the activated map is never written out;
+        elsewhere it is computed first."""
+        if scale.dim() == 2:
+            scale, shift = scale[:, :, None, None], shift[:, :, None, None]
         tile = self._winograd_tile(x) if _native(x) and _inference(x, self.weight) else None
         if tile is None:
-            return self(F.silu(torch.addcmul(shift[:, :, None, None], x, scale[:, :, None, None])))
-        return _winograd_path(tile)[0](x, self.weight, self.bias, activation=(scale, shift))
+            if scale.shape[2:] != (1, 1):  # nearest upsampling by integer factors: each block repeats its pixel
+                scale, shift = (F.interpolate(t, size=x.shape[2:], mode="nearest") for t in (scale, shift))
+            return self(F.silu(torch.addcmul(shift, x, scale)))
+        activation = tuple(t.permute(0, 2, 3, 1).contiguous() for t in (scale, shift))  # (B, h, w, C)
+        return _winograd_path(tile)[0](x, self.weight, self.bias, activation=activation)
 
 
 def group_norm_scale_shift(norm: nn.GroupNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -547,6 +554,16 @@ def group_norm_scale_shift(norm: nn.GroupNorm, x: torch.Tensor) -> tuple[torch.T
     if norm.affine:
         scale, shift = scale * norm.weight.double(), shift * norm.weight.double() + norm.bias.double()
     return scale.float(), shift.float()
+
+
+def spatial_norm_scale_shift(norm: movq.SpatialNorm, x: torch.Tensor, zq: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C, h, w) float32 ``(scale, shift)`` such that ``norm(x, zq)`` is ``x * scale + shift`` with each pixel of
+    ``x`` taking the values of its block, for MoVQ's spatial norm with an (h, w) latent ``zq`` whose sides divide
+    ``x``'s: ``(x * a + b) * S + T`` with the GroupNorm's (B, C) ``a``, ``b`` and ``S``, ``T`` from ``zq``."""
+    a, b = group_norm_scale_shift(norm.norm, x)
+    latent_scale, latent_shift = norm.to_scale_shift(zq).float().chunk(2, dim=1)  # (B, C, h, w) each
+    return latent_scale * a[:, :, None, None], torch.addcmul(latent_shift, latent_scale, b[:, :, None, None])
 
 
 def _fuses_norms(x: torch.Tensor, conv: nn.Module) -> bool:
@@ -571,19 +588,25 @@ class FusedUNetResBlock(FastModule, unet.ResBlock):
         # silu((h * scale + shift) * (1 + emb_scale) + emb_shift): one affine map per sample and channel
         h = self.conv2.convolve_activated(h, (scale * (1 + emb_scale)).contiguous(),
                                           torch.addcmul(emb_shift, shift, 1 + emb_scale).contiguous())
-        return h + (x if self.skip is None else self.skip(x))
+        return h.add_(x if self.skip is None else self.skip(x))  # h: conv2's fresh output, no autograd here
 
 
 class FusedMoVQResBlock(FastModule, movq.ResBlock):
-    """The MoVQ encoder's ``movq.ResBlock`` (plain GroupNorms, :class:`movq.EncoderNorm`) with its norms folded into
-    its convolutions as :class:`FusedUNetResBlock`'s. (The decoder's spatial norms scale and shift every pixel
-    differently: not an affine map per channel.)"""
+    """``movq.ResBlock`` with its norms folded into its convolutions as :class:`FusedUNetResBlock`'s: the encoder's
+    GroupNorms, and the decoder's spatial norms, whose scale and shift vary per latent pixel
+    (:func:`spatial_norm_scale_shift`)."""
+
+    def _activation(self, norm: nn.Module, x: torch.Tensor, zq: torch.Tensor | None):
+        if isinstance(norm, movq.SpatialNorm):
+            return spatial_norm_scale_shift(norm, x, zq)
+        return group_norm_scale_shift(norm, x)
 
     def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
-        if not _fuses_norms(x, self.conv1):
+        spatial = isinstance(self.norm1, movq.SpatialNorm)
+        if not _fuses_norms(x, self.conv1) or (spatial and (x.shape[2] % zq.shape[2] or x.shape[3] % zq.shape[3])):
             return super().forward(x, zq)
-        h = self.conv1.convolve_activated(x, *group_norm_scale_shift(self.norm1, x))
-        h = self.conv2.convolve_activated(h, *group_norm_scale_shift(self.norm2, h))
+        h = self.conv1.convolve_activated(x, *self._activation(self.norm1, x, zq))
+        h = self.conv2.convolve_activated(h, *self._activation(self.norm2, h, zq))
         return h.add_(x if self.shortcut is None else self.shortcut(x))
 
 
@@ -818,7 +841,7 @@ def optimize(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     for sub in module.modules():
         if dtype == torch.float32 and type(sub) is unet.ResBlock and sub.resample is None:
             swap(sub, FusedUNetResBlock)
-        elif dtype == torch.float32 and type(sub) is movq.ResBlock and isinstance(sub.norm1, movq.EncoderNorm):
+        elif dtype == torch.float32 and type(sub) is movq.ResBlock:
             swap(sub, FusedMoVQResBlock)
         if isinstance(sub, prior.Prior) and onednn:
             for layer in sub.modules():

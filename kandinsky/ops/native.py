@@ -66,7 +66,7 @@ def _build(compiler: str) -> Path:
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     i32, i64, ptr = ctypes.c_int, ctypes.c_longlong, ctypes.c_void_p
-    lib.winograd_input.argtypes = [i32, ptr, i64, i64, i64, i32, i32, i32, i32, i32, i32, ptr, ptr, ptr]
+    lib.winograd_input.argtypes = [i32, ptr, i64, i64, i64, i32, i32, i32, i32, i32, i32, ptr, ptr, i32, i32, ptr]
     lib.channel_moments.argtypes = [ptr, i64, i64, i64, i32, i32, i32, i32, ptr]
     lib.winograd_output.argtypes = [i32, ptr, ptr, i32, i32, i32, i32, i32, ptr, i64, i64, i64]
     lib.winograd_output_adjoint.argtypes = [i32, ptr, i64, i64, i64, i32, i32, i32, i32, i32, ptr]
@@ -106,17 +106,21 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
 def input_tiles(map: torch.Tensor, tile: int, row0: int, rows: int, out: torch.Tensor,
                 activation: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """``out`` (T, T, B, rows, W/tile, C), contiguous: the transformed input tiles of tile rows
-    ``[row0, row0 + rows)`` of the zero-padded (B, C, H, W) ``map`` (channels contiguous). ``activation``: (B, C)
-    contiguous float32 ``(scale, shift)``: the tiles of ``silu(map * scale + shift)`` (per sample and channel),
-    zero-padded after the activation."""
+    ``[row0, row0 + rows)`` of the zero-padded (B, C, H, W) ``map`` (channels contiguous). ``activation``:
+    ``(scale, shift)``, contiguous float32 (B, h, w, C) each with h dividing H and w dividing W: the tiles of
+    ``silu(map * scale + shift)``, each pixel taking the scale and shift of its (H/h, W/w) block (h = w = 1: per
+    sample and channel), zero-padded after the activation."""
     b, c, height, width = map.shape
     scale, shift = activation or (None, None)
-    if activation is not None and not all(t.shape == (b, c) and t.dtype == torch.float32 and t.is_contiguous()
-                                          for t in activation):
-        raise ValueError(f"activation: expected contiguous float32 ({b}, {c}) scale and shift, got "
+    scale_height, scale_width = (1, 1) if scale is None else scale.shape[1:3]
+    if activation is not None and not all(
+            t.dim() == 4 and t.shape == (b, scale_height, scale_width, c) and t.dtype == torch.float32
+            and t.is_contiguous() and height % scale_height == 0 and width % scale_width == 0 for t in activation):
+        raise ValueError(f"activation: expected contiguous float32 (B, h, w, C) scale and shift with B = {b}, "
+                         f"C = {c} and h, w dividing {height}, {width}, got "
                          f"{[(tuple(t.shape), t.dtype) for t in activation]}")
     library().winograd_input(tile, map.data_ptr(), *_map_strides(map), b, height, width, c, row0, rows,
-                             _pointer(scale), _pointer(shift), out.data_ptr())
+                             _pointer(scale), _pointer(shift), scale_height, scale_width, out.data_ptr())
 
 
 MAX_MOMENT_CHANNELS = 4096  # (the C kernel's per-thread accumulators)

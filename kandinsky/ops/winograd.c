@@ -126,12 +126,15 @@ static inline void activate(const float *d, const float *scale, const float *shi
 
 /* Transformed input tiles B^T d B of the tile rows [row0, row0 + rows) of a (batch, height, width, channels)
  * map, zero-padded by one pixel: tile (r, c) reads pixels (tile*r - 1 + i, tile*c - 1 + j), i, j < T. Writes
- * out (T, T, batch, rows, cols, channels). With scale and shift ((batch, channels) each, else NULL) the map is
- * first activated, silu(map * scale + shift), and then zero-padded. */
+ * out (T, T, batch, rows, cols, channels). With scale and shift (else NULL), (batch, scale_height, scale_width,
+ * channels) each, the map is first activated, silu(map * scale + shift), and then zero-padded: pixel (y, x) takes
+ * the scale and shift of (y / (height / scale_height), x / (width / scale_width)), blocks of pixels (a GroupNorm:
+ * one block, the whole map; MoVQ's spatial norm: the latent's pixels). */
 void winograd_input(int tile, const float *map, i64 batch_stride, i64 row_stride, i64 pixel_stride, int batch,
                     int height, int width, int channels, int row0, int rows, const float *scale,
-                    const float *shift, float *out) {
+                    const float *shift, int scale_height, int scale_width, float *out) {
     const int t = tile + 2, cols = width / tile;
+    const int block_height = scale ? height / scale_height : 1, block_width = scale ? width / scale_width : 1;
     const transform_fn transform = (transform_fn)(tile == 4 ? (void *)input43 : (void *)input23);
     const i64 count = (i64)batch * rows * cols, plane = count * channels;
 #pragma omp parallel for schedule(static)
@@ -150,7 +153,9 @@ void winograd_input(int tile, const float *map, i64 batch_stride, i64 row_stride
                     d[j] = (y < 0 || y >= height || x < 0 || x >= width)
                         ? zeros : map + n * batch_stride + y * row_stride + x * pixel_stride + k0;
                     if (scale && d[j] != zeros) {
-                        activate(d[j], scale + (i64)n * channels + k0, shift + (i64)n * channels + k0, activated[j], kb);
+                        const i64 at = (((i64)n * scale_height + y / block_height) * scale_width + x / block_width)
+                                       * channels + k0;
+                        activate(d[j], scale + at, shift + at, activated[j], kb);
                         d[j] = activated[j];
                     }
                     o[j] = buffer[i][j];
