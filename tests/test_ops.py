@@ -56,16 +56,18 @@ def _direct(x, weight, bias):
 @pytest.fixture(params=["compiled", "torch"])
 def transforms(request, monkeypatch):
     """The Winograd transforms compiled (:mod:`kandinsky.ops.native`) or as torch operations (a machine without a
-    C compiler); counts the compiled calls (``{"input": n, "output": n, "adjoint": n, "activated": n, "spatial":
-    n}``, the last two the input transforms that applied a fused norm and SiLU, and of those MoVQ's spatial norms)."""
-    calls = {"input": 0, "output": 0, "adjoint": 0}
+    C compiler); counts the compiled calls (``{"input": n, "output": n, "adjoint": n, "columns": n, "activated": n,
+    "spatial": n}``, the last two the input transforms that applied a fused norm and SiLU, and of those MoVQ's
+    spatial norms; "columns": the GEMM path's columns for contiguous kernels)."""
+    calls = {"input": 0, "output": 0, "adjoint": 0, "columns": 0}
     if request.param == "torch":
         monkeypatch.setattr(native, "library", lambda: None)
         return calls
     if native.library() is None:
         pytest.skip("no C compiler here: the compiled transforms are not built")
     calls["activated"] = calls["spatial"] = 0
-    for name, function in (("input", "input_tiles"), ("output", "output_tiles"), ("adjoint", "output_adjoint_tiles")):
+    for name, function in (("input", "input_tiles"), ("output", "output_tiles"), ("adjoint", "output_adjoint_tiles"),
+                           ("columns", "columns3x3")):
         def counted(*args, _name=name, _original=getattr(native, function)):
             calls[_name] += 1
             activation = args[5] if _name == "input" and len(args) > 5 else None
@@ -90,8 +92,10 @@ def transforms(request, monkeypatch):
       for shape in [(2, 8, 16, 32, 32), (3, 16, 8, 8, 12), (1, 4, 12, 4, 4), (2, 24, 24, 72, 36), (1, 384, 16, 8, 8)]],
 ])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_fast_convolutions_match_the_direct_one(transforms, convolve, shape, bound, with_bias):
+@pytest.mark.parametrize("kernel_layout", ["channels_last", "contiguous"])  # optimized in memory / loaded from a file
+def test_fast_convolutions_match_the_direct_one(transforms, convolve, shape, bound, with_bias, kernel_layout):
     x, weight, bias = conv3x3_case(*shape)
+    weight = weight.contiguous() if kernel_layout == "contiguous" else weight
     bias = bias if with_bias else None
     out = convolve(x, weight, bias)
     reference = _direct(x, weight, bias)
@@ -99,6 +103,8 @@ def test_fast_convolutions_match_the_direct_one(transforms, convolve, shape, bou
     assert (out.double() - reference).abs().max() < bound * reference.abs().max()
     if "compiled" in transforms and convolve is not gemm_conv3x3:
         assert transforms["input"] >= 1 and transforms["output"] == transforms["input"]
+    if "compiled" in transforms and convolve is gemm_conv3x3:  # the columns in the contiguous kernel's order
+        assert transforms["columns"] == (kernel_layout == "contiguous")
 
 
 def test_compiled_transforms_read_maps_in_any_layout_with_contiguous_channels(transforms):
@@ -630,8 +636,10 @@ def test_optimize_swaps_in_place_sharing_every_tensor(component):
     assert all(state[k] is tensors[k] for k in keys)  # the same Parameter objects
     kernels = [v for v in state.values() if v.ndim == 4]  # none in the prior
     assert bool(kernels) == (component != "prior")
-    assert all(k.is_contiguous(memory_format=CHANNELS_LAST) for k in kernels)
-    # idempotent: nothing is copied the second time (the kernels are channels-last now)
+    as_built = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, Conv3x3)}  # any layout
+    assert all(v.is_contiguous(memory_format=torch.contiguous_format if k in as_built else CHANNELS_LAST)
+               for k, v in state.items() if v.ndim == 4)
+    # idempotent: nothing is copied the second time (every kernel is in its layout now)
     pointers = {k: v.data_ptr() for k, v in state.items()}
     types = [type(m) for m in model.modules()]
     ops.optimize(model, "cpu", torch.float32)
@@ -655,19 +663,24 @@ def test_optimize_keeps_channels_last_kernels_as_they_are():
 
 
 @pytest.mark.parametrize("component", ["unet", "movq"])
-def test_optimize_makes_kernels_loaded_from_weight_files_channels_last(component, tmp_path):
+def test_optimize_copies_out_of_weight_files_only_the_kernels_it_must_re_lay_out(component, tmp_path):
     """Weight files hold the plain state dict: loaded, the kernels are contiguous (O, I, kh, kw) tensors mapped
-    from the file; optimize gives them the channels-last layout (a copy), and the model computes as the
-    optimized original does."""
+    from the file. On the CPU in float32 the residual blocks' :class:`Conv3x3` read them as they are (no copy:
+    the same memory); optimize gives the other kernels the channels-last layout (a copy), and the model computes
+    as the optimized original does."""
     model = _tiny(component)
     loaded = load_converted(save_converted(model, component, tmp_path / component))
     kernels = [k for k, v in loaded.state_dict().items() if v.ndim == 4]
     assert kernels and all(loaded.state_dict()[k].is_contiguous() for k in kernels)
     assert not all(loaded.state_dict()[k].is_contiguous(memory_format=CHANNELS_LAST) for k in kernels)
+    pointers = {k: v.data_ptr() for k, v in loaded.state_dict().items()}
     ops.optimize(loaded, "cpu", torch.float32)
     ops.optimize(model, "cpu", torch.float32)
     state = loaded.state_dict()
-    assert all(state[k].is_contiguous(memory_format=CHANNELS_LAST) for k in kernels)
+    residual = {f"{name}.weight" for name, m in loaded.named_modules() if isinstance(m, Conv3x3)}
+    assert residual and residual < set(kernels)
+    assert all(state[k].data_ptr() == pointers[k] and state[k].is_contiguous() for k in residual)
+    assert all(state[k].is_contiguous(memory_format=CHANNELS_LAST) for k in set(kernels) - residual)
     assert {type(m) for m in loaded.modules()} == {type(m) for m in model.modules()}
     for key, value in model.state_dict().items():
         assert torch.equal(state[key], value), key
@@ -683,8 +696,9 @@ def test_other_devices_get_only_the_device_independent_rewrites(device):
     ops.optimize(model, "cpu", torch.float32)
     ops.optimize(model, device, torch.float32)
     assert {type(m) for m in model.modules() if isinstance(m, FastModule)} == {SubpixelUpsample, LastQueryBlock}
-    assert model["unet"].conv_in.weight.is_contiguous(memory_format=CHANNELS_LAST)
-    assert model["movq"].encoder.conv_in.weight.is_contiguous(memory_format=CHANNELS_LAST)
+    # every kernel, those the CPU's Conv3x3 left contiguous too
+    assert all(p.is_contiguous(memory_format=CHANNELS_LAST) for name in ("unet", "movq")
+               for p in model[name].parameters() if p.ndim == 4)
 
 
 def test_prior_linears_go_through_onednn_only_for_its_dtypes():

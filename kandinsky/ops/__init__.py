@@ -4,7 +4,7 @@
 subclass of the plain layer it replaces, adds no state and computes the same function, so parameters
 stay shared (nothing is copied) and state-dict keys do not change. :func:`plain` undoes the swaps.
 
-* every device (:mod:`kandinsky.ops.generic`): channels-last UNet and MoVQ, MoVQ's sub-pixel upsampling,
+* every device (:mod:`kandinsky.ops.generic`): channels-last UNet and MoVQ kernels, MoVQ's sub-pixel upsampling,
   the prior's last block computing only the position the prior reads;
 * CPU (:mod:`kandinsky.ops.cpu`): Winograd / GEMM 3x3 convolutions in the residual blocks, oneDNN linear
   layers in the prior; for bfloat16 / float16 weights on a CPU without native arithmetic in that dtype
@@ -31,9 +31,11 @@ def optimize(module: nn.Module, device: str | torch.device, dtype: torch.dtype) 
     that on a CPU without native ``dtype`` arithmetic (:func:`native_half`) every linear layer and convolution
     computes in float32 (text encoders included).
 
-    The kernels of the UNet and MoVQ become channels-last: a copy only for kernels not already in that
-    format. Weight files hold the plain state dict (contiguous (O, I, kh, kw) kernels), so this is where the
-    physical layout is applied, once per load: the kernels of a model from
+    The kernels of the UNet and MoVQ become channels-last (:func:`generic.channels_last`), a copy only for
+    kernels not already in that format, except those of the layers that run as fast in any layout (on the CPU
+    the float32 residual-block convolutions, most of the UNet's weights): those stay as the file holds them.
+    Weight files hold the plain state dict (contiguous (O, I, kh, kw) kernels), so this is where the physical
+    layout is applied, once per load: the other kernels of a model from
     :func:`~kandinsky.weights.load_converted` are copied out of the memory-mapped file here.
     """
     if not isinstance(module, nn.Module):
@@ -45,7 +47,7 @@ def optimize(module: nn.Module, device: str | torch.device, dtype: torch.dtype) 
     generic.optimize(module)
     if device.type == "cpu":
         cpu.optimize(module, dtype)
-    return module
+    return generic.channels_last(module)  # after the swaps: the layers that read any layout keep theirs
 
 
 def plain(module: nn.Module) -> nn.Module:

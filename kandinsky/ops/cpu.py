@@ -434,11 +434,16 @@ def gemm_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
     For small maps oneDNN spends much of its time re-laying out the kernel for few output pixels, while
     this GEMM reads the kernel as it is: the columns are ordered as the kernel's memory, [kh, kw, C] for a
-    channels-last kernel (inference), [C, kh, kw] for a contiguous one (training), so the GEMM operand is always a
-    view. (A reshaped copy of a contiguous kernel would also be what autograd keeps for the backward: 1.8 GiB
-    more for a training step of the UNet.)
+    channels-last kernel, [C, kh, kw] for a contiguous one (as loaded from a file, and the trainer's), so the GEMM
+    operand is always a view. (A reshaped copy of a contiguous kernel would also be what autograd keeps for the
+    backward: 1.8 GiB more for a training step of the UNet.) Without autograd the [C, kh, kw] columns come from
+    the compiled :func:`~kandinsky.ops.native.columns3x3` where there is one.
     """
     b, c, height, width = x.shape
+    if weight.is_contiguous() and _native(x) and x.stride(1) == 1 and _inference(x, weight):
+        columns = native.columns3x3(x)  # (B*H*W, [C, kh, kw])
+        return onednn_linear(columns, weight.view(weight.shape[0], c * 9), bias).view(
+            b, height, width, -1).permute(0, 3, 1, 2)
     padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # (B, H+2, W+2, C)
     windows = [padded[:, i:i + height, j:j + width] for i in range(3) for j in range(3)]
     if weight.is_contiguous():
@@ -475,7 +480,16 @@ class Conv3x3(FastModule, nn.Conv2d):
       (:class:`WinogradConv3x3`);
     * else maps of at most ``TRAIN_GEMM_MAX_PIXELS`` with at least ``TRAIN_GEMM_MIN_CHANNELS`` input and output
       channels: :func:`gemm_conv3x3`, differentiable as it is.
+
+    In float32 the kernel may be contiguous or channels-last: the Winograd paths transform it either way, and the
+    GEMM path orders its columns as the kernel's memory. So :func:`kandinsky.ops.optimize` leaves it as loaded,
+    no copy out of the weights file (only oneDNN's direct convolution, the fallback for other maps, re-lays out a
+    contiguous kernel per call).
     """
+
+    @property
+    def any_kernel_layout(self) -> bool:
+        return self.weight.dtype == torch.float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.convolve(x, self.weight, self.bias)
@@ -759,7 +773,9 @@ class UpcastConv2d(FastModule, nn.Conv2d):
 
 class UpcastConv3x3(Conv3x3):
     """:class:`Conv3x3` with half-precision weights, computed in float32 from the weights upcast per call:
-    the float32 paths (Winograd included) apply."""
+    the float32 paths (Winograd included) apply, to the upcast kernel in the layout of the weights."""
+
+    any_kernel_layout = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.convolve(x.float(), float_weight(self.weight, x), _float(self.bias)).to(self.weight.dtype)

@@ -4,9 +4,11 @@
   low-resolution input, 16/36 of the multiply-adds;
 * :class:`LastQueryBlock`: the prior's last block computes only the last position, the one
   ``Prior.forward`` reads;
-* channels-last UNet and MoVQ: convolutions then need no layout reorders (and on CPU no per-call
-  re-layout of each kernel), and attention reads (B, H*W, C) tokens of a feature map as a view. Weight
-  files hold the kernels in their plain (O, I, kh, kw) layout; :func:`optimize` converts them.
+* channels-last UNet and MoVQ (:func:`channels_last`): convolutions then need no layout reorders (and on CPU
+  no per-call re-layout of each kernel), and attention reads (B, H*W, C) tokens of a feature map as a view.
+  Weight files hold the kernels in their plain (O, I, kh, kw) layout, so converting a kernel is a copy out of
+  the memory-mapped file; a fast module that reads its kernel in either layout says so
+  (:attr:`FastModule.any_kernel_layout`) and keeps the file's.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ class FastModule:
     :func:`swap` gives an existing module such a class, so parameters, buffers, hooks and state-dict
     keys stay the module's own; :func:`plain_class` finds the class it replaced.
     """
+
+    any_kernel_layout = False  # True: as fast with contiguous as with channels-last kernels (no copy needed)
 
 
 def plain_class(cls: type) -> type:
@@ -109,12 +113,25 @@ class LastQueryBlock(FastModule, prior.Block):
         return x + self.mlp(self.norm2(x))
 
 
-def optimize(module: nn.Module) -> nn.Module:
-    """Apply the device-independent rewrites to every UNet, MoVQ and Prior in ``module`` (in place)."""
+def channels_last(module: nn.Module) -> nn.Module:
+    """Make the kernels of every UNet and MoVQ in ``module`` channels-last (in place; returns it), except those of
+    layers with :attr:`FastModule.any_kernel_layout`. A copy only of the kernels not yet in that format: those
+    loaded from a file, whose memory-mapped pages the copy reads in and whose new pages it faults in."""
     for sub in module.modules():
         if isinstance(sub, (unet.UNet, movq.MoVQ)):
-            # copies the kernels not yet channels-last (those loaded from a file), keeps the others as they are
-            sub.to(memory_format=torch.channels_last)
+            for layer in sub.modules():
+                if getattr(layer, "any_kernel_layout", False):
+                    continue
+                for param in layer.parameters(recurse=False):
+                    if param.dim() == 4 and not param.is_contiguous(memory_format=torch.channels_last):
+                        param.data = param.data.contiguous(memory_format=torch.channels_last)
+    return module
+
+
+def optimize(module: nn.Module) -> nn.Module:
+    """Apply the device-independent rewrites to every UNet, MoVQ and Prior in ``module`` (in place); the memory
+    format is :func:`channels_last`'s, applied after the device's swaps."""
+    for sub in module.modules():
         if type(sub) is movq.Upsample:
             swap(sub, SubpixelUpsample)
         if isinstance(sub, prior.Prior) and len(sub.blocks) and type(sub.blocks[-1]) is prior.Block:

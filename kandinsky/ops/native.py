@@ -1,4 +1,5 @@
-"""The compiled Winograd transforms (``winograd.c``), built with the system's C compiler on first use.
+"""The compiled Winograd transforms (``winograd.c``, with the GroupNorm moments and the GEMM convolution's
+columns), built with the system's C compiler on first use.
 
 ``library()`` returns the loaded library, or None where there is no C compiler (``$CC``, else ``cc``), the build
 fails (a warning says why), or ``KANDINSKY21_NATIVE=0``: :mod:`kandinsky.ops.cpu` then runs the same transforms
@@ -70,7 +71,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.channel_moments.argtypes = [ptr, i64, i64, i64, i32, i32, i32, i32, ptr]
     lib.winograd_output.argtypes = [i32, ptr, ptr, i32, i32, i32, i32, i32, ptr, i64, i64, i64]
     lib.winograd_output_adjoint.argtypes = [i32, ptr, i64, i64, i64, i32, i32, i32, i32, i32, ptr]
-    for fn in (lib.winograd_input, lib.winograd_output, lib.winograd_output_adjoint, lib.channel_moments):
+    lib.columns3x3.argtypes = [ptr, i64, i64, i64, i32, i32, i32, i32, ptr]
+    for fn in (lib.winograd_input, lib.winograd_output, lib.winograd_output_adjoint, lib.channel_moments,
+               lib.columns3x3):
         fn.restype = None
     return lib
 
@@ -134,6 +137,16 @@ def channel_moments(map: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"map: at most {MAX_MOMENT_CHANNELS} channels, got {c}")
     out = torch.empty(b, 2, c, dtype=torch.float64)
     library().channel_moments(map.data_ptr(), *_map_strides(map), b, height, width, c, out.data_ptr())
+    return out
+
+
+def columns3x3(map: torch.Tensor) -> torch.Tensor:
+    """(B*H*W, C*9) float32: the columns of a 3x3 convolution with zero padding 1 of the (B, C, H, W) ``map``
+    (channels contiguous), ordered [C, kh, kw] as a contiguous (K, C, 3, 3) kernel: ``columns @ kernel.view(K,
+    C*9).T`` is the convolution."""
+    b, c, height, width = map.shape
+    out = torch.empty(b * height * width, c * 9)
+    library().columns3x3(map.data_ptr(), *_map_strides(map), b, height, width, c, out.data_ptr())
     return out
 
 

@@ -1,4 +1,5 @@
-/* The Winograd transforms of kandinsky/ops/cpu.py in one pass each, for float32 channels-last maps.
+/* The Winograd transforms of kandinsky/ops/cpu.py in one pass each, for float32 channels-last maps (and, at the
+ * end, the GroupNorm moments and the GEMM convolution's columns).
  *
  * Done with torch's elementwise operations, a 2-D transform is ~20 passes over strided slices, and those
  * memory-bound passes took more time than the GEMMs they feed. Here each tile is read once and written
@@ -269,6 +270,34 @@ void channel_moments(const float *map, i64 batch_stride, i64 row_stride, i64 pix
                 }
 #pragma omp critical
             for (int c = 0; c < 2 * channels; c++) sum[c] += local[c];  /* sums, then squares */
+        }
+    }
+}
+
+/* The columns of a 3x3 convolution with zero padding 1 as a GEMM operand for a contiguous (K, C, 3, 3) kernel,
+ * read in its own [C, kh, kw] order: out (batch*height*width, channels*9), row p = (n, y, x), entry c*9 + 3i + j =
+ * pixel (y + i - 1, x + j - 1) of channel c, zero outside the map. (torch's stack of the nine windows along a
+ * new last axis writes every float with a stride of nine; here blocks of CB channels are interleaved in L1.) */
+void columns3x3(const float *map, i64 batch_stride, i64 row_stride, i64 pixel_stride, int batch, int height,
+                int width, int channels, float *out) {
+    const i64 pixels = (i64)batch * height * width;
+#pragma omp parallel for schedule(static)
+    for (i64 p = 0; p < pixels; p++) {
+        const int n = (int)(p / ((i64)height * width)), y = (int)(p / width % height), x = (int)(p % width);
+        const float *d[9];
+        for (int i = 0; i < 3; i++)
+            for (int j = 0; j < 3; j++) {
+                const int yy = y + i - 1, xx = x + j - 1;
+                d[3 * i + j] = (yy < 0 || yy >= height || xx < 0 || xx >= width)
+                    ? zeros : map + n * batch_stride + yy * row_stride + xx * pixel_stride;
+            }
+        float *o = out + p * channels * 9;
+        for (int c0 = 0; c0 < channels; c0 += CB) {
+            const int kb = channels - c0 < CB ? channels - c0 : CB;
+            for (int k = 0; k < 9; k++) {
+                const float *s = d[k] == zeros ? zeros : d[k] + c0;
+                for (int c = 0; c < kb; c++) o[(c0 + c) * 9 + k] = s[c];
+            }
         }
     }
 }
