@@ -428,6 +428,13 @@ class WinogradConv3x3(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
+def _shifted_windows(x: torch.Tensor) -> list[torch.Tensor]:
+    """The nine (B, H, W, C) windows of the zero-padded (B, C, H, W) ``x``, taps (kh, kw) in row-major order."""
+    height, width = x.shape[2:]
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # (B, H+2, W+2, C)
+    return [padded[:, i:i + height, j:j + width] for i in range(3) for j in range(3)]
+
+
 def gemm_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` as one GEMM over the nine shifted windows; returns a
     channels-last (B, K, H, W) tensor.
@@ -440,17 +447,14 @@ def gemm_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     the compiled :func:`~kandinsky.ops.native.columns3x3` where there is one.
     """
     b, c, height, width = x.shape
-    if weight.is_contiguous() and _native(x) and x.stride(1) == 1 and _inference(x, weight):
-        columns = native.columns3x3(x)  # (B*H*W, [C, kh, kw])
-        return onednn_linear(columns, weight.view(weight.shape[0], c * 9), bias).view(
-            b, height, width, -1).permute(0, 3, 1, 2)
-    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # (B, H+2, W+2, C)
-    windows = [padded[:, i:i + height, j:j + width] for i in range(3) for j in range(3)]
     if weight.is_contiguous():
-        columns = torch.stack(windows, dim=-1).view(b * height * width, c * 9)  # (B*H*W, [C, kh, kw])
         kernel = weight.view(weight.shape[0], c * 9)
+        if _native(x) and x.stride(1) == 1 and _inference(x, weight):
+            columns = native.columns3x3(x)  # (B*H*W, [C, kh, kw])
+        else:
+            columns = torch.stack(_shifted_windows(x), dim=-1).view(b * height * width, c * 9)
     else:
-        columns = torch.cat(windows, dim=-1).view(b * height * width, 9 * c)  # (B*H*W, [kh, kw, C])
+        columns = torch.cat(_shifted_windows(x), dim=-1).view(b * height * width, 9 * c)  # (B*H*W, [kh, kw, C])
         kernel = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], 9 * c)  # a view when channels-last
     out = onednn_linear(columns, kernel, bias)  # (B*H*W, K); oneDNN's GEMM is the faster for these shapes
     return out.view(b, height, width, -1).permute(0, 3, 1, 2)

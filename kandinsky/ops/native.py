@@ -145,7 +145,7 @@ def columns3x3(map: torch.Tensor) -> torch.Tensor:
     (channels contiguous), ordered [C, kh, kw] as a contiguous (K, C, 3, 3) kernel: ``columns @ kernel.view(K,
     C*9).T`` is the convolution."""
     b, c, height, width = map.shape
-    out = torch.empty(b * height * width, c * 9)
+    out = torch.empty(b * height * width, c * 9, dtype=torch.float32)
     library().columns3x3(map.data_ptr(), *_map_strides(map), b, height, width, c, out.data_ptr())
     return out
 
