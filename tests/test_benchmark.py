@@ -175,7 +175,8 @@ def test_profile_splits_the_unet_forward_into_categories_that_add_up(tmp_path, m
     assert text.count(f"Top {profile.TOP_OPS} operators") == 2 and "3x3 conv: GEMM path" in text
 
 
-def test_profile_tells_the_winograd_convolution_from_attention():
+@pytest.mark.parametrize("fused", [False, True])  # True: as the fused residual blocks call it (no module hooks)
+def test_profile_tells_the_winograd_convolution_from_attention(fused):
     from kandinsky.benchmark import profile
     from kandinsky.ops.cpu import Conv3x3
     from kandinsky.ops.generic import swap
@@ -183,13 +184,18 @@ def test_profile_tells_the_winograd_convolution_from_attention():
     torch.manual_seed(0)
     conv = nn.Conv2d(256, 256, 3, padding=1).eval()
     swap(conv, Conv3x3)
-    x = torch.randn(1, 256, 32, 32)
+    x, scale, shift = torch.randn(1, 256, 32, 32), torch.rand(1, 256) + 0.5, torch.randn(1, 256)
     query = torch.randn(1, 4, 64, 16)
-    categories = profile.profile_forward(lambda: torch.nn.functional.scaled_dot_product_attention(
-        query, query, query).add_(conv(x).mean()), conv)["categories"]
+    convolve = (lambda: conv.convolve_activated(x, scale, shift)) if fused else (lambda: conv(x))
+    result = profile.profile_forward(lambda: torch.nn.functional.scaled_dot_product_attention(
+        query, query, query).add_(convolve().mean()), conv)
+    categories = result["categories"]
     assert categories["3x3 conv: Winograd GEMM (bmm)"] > 0 and categories["3x3 conv: Winograd transforms"] > 0
     assert categories["3x3 conv: direct"] == categories["3x3 conv: GEMM path"] == 0
     assert categories["attention"] > 0
+    assert [op for category, op, _ in result["rows"] if category == "attention" and op == "bmm"] == []
+    assert result["flops"]["conv3x3"] == 2 * 256 * 32 * 32 * 256 * 9  # once, whichever way it was called
+    assert "convolve_activated" not in vars(conv)  # unwrapped after the profile
 
 
 def test_unet_benchmark_of_the_22_unets_at_tiny_configs(tmp_path, monkeypatch, capsys):

@@ -58,8 +58,9 @@ def transforms(request, monkeypatch):
     """The Winograd transforms compiled (:mod:`kandinsky.ops.native`) or as torch operations (a machine without a
     C compiler); counts the compiled calls (``{"input": n, "output": n, "adjoint": n, "columns": n, "activated": n,
     "spatial": n}``, the last two the input transforms that applied a fused norm and SiLU, and of those MoVQ's
-    spatial norms; "columns": the GEMM path's columns for contiguous kernels)."""
-    calls = {"input": 0, "output": 0, "adjoint": 0, "columns": 0}
+    spatial norms; "columns": the GEMM path's columns for contiguous kernels; "kernel": the Winograd kernel
+    transforms of contiguous kernels)."""
+    calls = {"input": 0, "output": 0, "adjoint": 0, "columns": 0, "kernel": 0}
     if request.param == "torch":
         monkeypatch.setattr(native, "library", lambda: None)
         return calls
@@ -67,7 +68,7 @@ def transforms(request, monkeypatch):
         pytest.skip("no C compiler here: the compiled transforms are not built")
     calls["activated"] = calls["spatial"] = 0
     for name, function in (("input", "input_tiles"), ("output", "output_tiles"), ("adjoint", "output_adjoint_tiles"),
-                           ("columns", "columns3x3")):
+                           ("columns", "columns3x3"), ("kernel", "winograd_kernel")):
         def counted(*args, _name=name, _original=getattr(native, function)):
             calls[_name] += 1
             activation = args[5] if _name == "input" and len(args) > 5 else None
@@ -103,6 +104,7 @@ def test_fast_convolutions_match_the_direct_one(transforms, convolve, shape, bou
     assert (out.double() - reference).abs().max() < bound * reference.abs().max()
     if "compiled" in transforms and convolve is not gemm_conv3x3:
         assert transforms["input"] >= 1 and transforms["output"] == transforms["input"]
+        assert transforms["kernel"] == (kernel_layout == "contiguous")
     if "compiled" in transforms and convolve is gemm_conv3x3:  # the columns in the contiguous kernel's order
         assert transforms["columns"] == (kernel_layout == "contiguous")
 
@@ -126,6 +128,18 @@ def test_compiled_transforms_reject_maps_without_contiguous_channels():
         native.input_tiles(x, 4, 0, 2, torch.empty(6, 6, 1, 2, 2, 8))
     with pytest.raises(ValueError, match="float32"):
         native.input_tiles(x.double().contiguous(memory_format=CHANNELS_LAST), 4, 0, 2, torch.empty(6, 6, 1, 2, 2, 8))
+
+
+def test_compiled_kernel_transform_rejects_what_it_cannot_read():
+    if native.library() is None:
+        pytest.skip("no C compiler here: the compiled transforms are not built")
+    weight, transform = torch.randn(4, 3, 3, 3), torch.tensor(cpu._WINOGRAD43_G, dtype=torch.float32)
+    with pytest.raises(ValueError, match="weight: expected a contiguous float32"):
+        native.winograd_kernel(weight.to(memory_format=CHANNELS_LAST), transform, False, torch.empty(36, 4, 3))
+    with pytest.raises(ValueError, match=r"transform: expected a float32 \(T, 3\)"):
+        native.winograd_kernel(weight, torch.zeros(7, 3), False, torch.empty(49, 4, 3))
+    with pytest.raises(ValueError, match=r"out: expected a contiguous float32 \(36, 4, 3\)"):
+        native.winograd_kernel(weight, transform, False, torch.empty(16, 4, 3))
 
 
 @pytest.mark.parametrize("memory_format", [CHANNELS_LAST, torch.contiguous_format])
@@ -383,6 +397,7 @@ def test_winograd_function_gradients_match_the_direct_convolution(transforms, ti
         assert tensor.is_contiguous(memory_format=memory_format)
     if "compiled" in transforms:  # forward, input gradient and weight gradient
         assert transforms["adjoint"] >= 1 and transforms["input"] == 3 * transforms["adjoint"]
+        assert transforms["kernel"] == (2 if layout == "contiguous" else 0)  # the forward's and its transpose
 
 
 def test_winograd_function_leaves_frozen_inputs_without_gradients():

@@ -124,8 +124,10 @@ def peaks(config: str, repeats: int = PEAK_REPEATS) -> tuple[list[Result], dict[
 def labelled_layers(model: nn.Module, flops: Counter):
     """Wrap every convolution, linear layer and norm of ``model`` in a ``record_function`` range named by
     its kind (``conv3x3``, ``conv1x1``, ``conv``, ``linear``, ``norm``), and add each call's
-    direct-convolution / GEMM FLOPs to ``flops[kind]``."""
+    direct-convolution / GEMM FLOPs to ``flops[kind]``. The fused residual blocks call their convolutions'
+    ``convolve_activated``, which runs no hooks: it is wrapped too, for the time of the profile."""
     stack = []
+    fused = set()  # the layers inside a wrapped ``convolve_activated`` call, whose forward (if it runs) is part of it
 
     def kind_of(module: nn.Module) -> str | None:
         if isinstance(module, nn.Conv2d):
@@ -138,11 +140,14 @@ def labelled_layers(model: nn.Module, flops: Counter):
 
     def enter(kind: str):
         def hook(module, args):
-            stack.append(record_function(_LABEL + kind).__enter__())
+            if module not in fused:
+                stack.append(record_function(_LABEL + kind).__enter__())
         return hook
 
     def leave(kind: str):
         def hook(module, args, output):
+            if module in fused:
+                return
             stack.pop().__exit__(None, None, None)
             if kind.startswith("conv"):
                 flops[kind] += 2 * output.numel() * module.in_channels // module.groups * module.weight[0, 0].numel()
@@ -150,16 +155,33 @@ def labelled_layers(model: nn.Module, flops: Counter):
                 flops[kind] += 2 * output.numel() * module.in_features
         return hook
 
-    handles = []
+    def labelled(module: nn.Module, method: Callable) -> Callable:
+        def call(*args):
+            enter("conv3x3")(module, args)
+            fused.add(module)
+            try:
+                output = method(*args)
+            finally:
+                fused.discard(module)
+            leave("conv3x3")(module, args, output)
+            return output
+        return call
+
+    handles, wrapped = [], []
     for module in model.modules():
         kind = kind_of(module)
         if kind is not None:
             handles += [module.register_forward_pre_hook(enter(kind)), module.register_forward_hook(leave(kind))]
+        if kind == "conv3x3" and hasattr(module, "convolve_activated"):
+            module.convolve_activated = labelled(module, module.convolve_activated)
+            wrapped.append(module)
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+        for module in wrapped:
+            del module.convolve_activated
 
 
 def _op(name: str) -> str:

@@ -93,14 +93,18 @@ def _winograd_kernel(weight: torch.Tensor, transform: tuple[tuple[float, ...], .
     folded into ``G (x) G`` (its columns reversed) and the swap is a view: no copy of the weights.
     """
     k, c = weight.shape[:2]
+    tt = len(transform) ** 2
+    if weight.is_contiguous():  # (as loaded from a file, and the trainer's parameters) into (T*T, K, C)
+        kernel = weight.new_empty((tt, k, c)) if out is None else out.view(tt, k, c)
+        if _native(weight):
+            native.winograd_kernel(weight, torch.tensor(transform, dtype=torch.float32), transposed, kernel)
+        else:  # one GEMM (T*T, 9) x (9, K*C)
+            gg = _kernel_transform(transform, weight)
+            torch.mm(gg.flip(1) if transposed else gg, weight.view(k * c, 9).t(), out=kernel.view(tt, k * c))
+        return kernel if transposed else kernel.transpose(1, 2)
     gg = _kernel_transform(transform, weight)
-    tt = gg.shape[0]
     if transposed:
         gg = gg.flip(1)
-    if weight.is_contiguous():  # (the trainer's parameters) one GEMM (T*T, 9) x (9, K*C) into (T*T, K, C)
-        kernel = torch.mm(gg, weight.view(k * c, 9).t(), out=None if out is None else out.view(tt, k * c))
-        kernel = kernel.view(tt, k, c)
-        return kernel if transposed else kernel.transpose(1, 2)
     # channels-last (the inference layout), (K, 9, C) taps (or (C, 9, K) transposed): a view; per-channel GEMMs
     # (transposed, the input gradient of an optimized model under autograd, they read the taps strided: slower)
     taps = (weight.transpose(0, 1) if transposed else weight).permute(0, 2, 3, 1)

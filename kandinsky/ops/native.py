@@ -1,5 +1,5 @@
-"""The compiled Winograd transforms (``winograd.c``, with the GroupNorm moments and the GEMM convolution's
-columns), built with the system's C compiler on first use.
+"""The compiled Winograd transforms (``winograd.c``: of the inputs, outputs and kernels, with the GroupNorm moments
+and the GEMM convolution's columns), built with the system's C compiler on first use.
 
 ``library()`` returns the loaded library, or None where there is no C compiler (``$CC``, else ``cc``), the build
 fails (a warning says why), or ``KANDINSKY21_NATIVE=0``: :mod:`kandinsky.ops.cpu` then runs the same transforms
@@ -29,7 +29,9 @@ import torch
 
 ENV = "KANDINSKY21_NATIVE"  # "0": never build or load the compiled transforms
 SOURCE = Path(__file__).with_name("winograd.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+# -fno-trapping-math: without it gcc leaves the fused activation's loop scalar (the clamp of exp's argument, a
+# comparison that could trap, is not turned into a vector select); no result changes
+FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 
 
 def _cpu_flags() -> str:
@@ -72,8 +74,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.winograd_output.argtypes = [i32, ptr, ptr, i32, i32, i32, i32, i32, ptr, i64, i64, i64]
     lib.winograd_output_adjoint.argtypes = [i32, ptr, i64, i64, i64, i32, i32, i32, i32, i32, ptr]
     lib.columns3x3.argtypes = [ptr, i64, i64, i64, i32, i32, i32, i32, ptr]
+    lib.winograd_kernel.argtypes = [i32, ptr, ptr, i32, i32, i32, ptr]
     for fn in (lib.winograd_input, lib.winograd_output, lib.winograd_output_adjoint, lib.channel_moments,
-               lib.columns3x3):
+               lib.columns3x3, lib.winograd_kernel):
         fn.restype = None
     return lib
 
@@ -165,3 +168,23 @@ def output_adjoint_tiles(grad: torch.Tensor, tile: int, row0: int, rows: int, ou
     b, k, _, width = grad.shape
     library().winograd_output_adjoint(tile, grad.data_ptr(), *_map_strides(grad), b, row0, rows, width // tile, k,
                                       out.data_ptr())
+
+
+def winograd_kernel(weight: torch.Tensor, transform: torch.Tensor, flip: bool, out: torch.Tensor) -> None:
+    """``out`` (T*T, K, C), contiguous float32: ``G w G^T`` for every (output, input) channel pair of a contiguous
+    float32 (K, C, 3, 3) ``weight`` and the (T, 3) kernel transform ``G`` (T at most 6); ``flip``: of each kernel
+    rotated by 180 degrees (the transposed convolution's)."""
+    k, c = weight.shape[:2]
+    t = transform.shape[0]
+    if not (weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.is_contiguous()
+            and weight.shape[2:] == (3, 3)):
+        raise ValueError(f"weight: expected a contiguous float32 CPU (K, C, 3, 3) kernel, got {tuple(weight.shape)} "
+                         f"{weight.dtype} on {weight.device}")
+    if transform.dtype != torch.float32 or transform.shape[1:] != (3,) or not 1 <= t <= 6:
+        raise ValueError(f"transform: expected a float32 (T, 3) matrix with T <= 6, got {tuple(transform.shape)} "
+                         f"{transform.dtype}")
+    if out.dtype != torch.float32 or out.shape != (t * t, k, c) or not out.is_contiguous():
+        raise ValueError(f"out: expected a contiguous float32 {(t * t, k, c)} tensor, got {tuple(out.shape)} "
+                         f"{out.dtype}")
+    transform = transform.contiguous()  # (kept alive through the call)
+    library().winograd_kernel(t, transform.data_ptr(), weight.data_ptr(), k, c, int(flip), out.data_ptr())

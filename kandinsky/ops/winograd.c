@@ -12,6 +12,9 @@
  * where it helps), so the two paths agree to float32 rounding.
  */
 #include <stddef.h>
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
 #include <string.h>
 
 #define CB 64  /* channels per block: 36 rows of CB floats (9 KiB) stay in L1 */
@@ -298,6 +301,49 @@ void columns3x3(const float *map, i64 batch_stride, i64 row_stride, i64 pixel_st
                 const float *s = d[k] == zeros ? zeros : d[k] + c0;
                 for (int c = 0; c < kb; c++) o[(c0 + c) * 9 + k] = s[c];
             }
+        }
+    }
+}
+
+/* The transformed kernel of Winograd F(T-2 x T-2, 3x3) for a contiguous (K, C, 3, 3) weight and the (T, 3) kernel
+ * transform g: out[a*T + b][k][c] = (g w[k][c] g^T)[a][b], (T*T, K, C) contiguous. flip: of the kernel rotated by
+ * 180 degrees (the transposed convolution's; the caller swaps the channel axes as a view). torch's GEMM of the
+ * (T*T, 9) transform with the (9, K*C) taps ran at a third of the memory bandwidth that the 4x larger output
+ * needs; here each block of CB channels is gathered into L1 and the T*T planes written in runs of CB floats. */
+void winograd_kernel(int t, const float *g, const float *weight, int out_channels, int channels, int flip,
+                     float *out) {
+    const i64 plane = (i64)out_channels * channels;
+#pragma omp parallel for schedule(static)
+    for (int k = 0; k < out_channels; k++) {
+        float taps[9][CB], rows[6][3][CB];  /* T <= 6 */
+        for (int c0 = 0; c0 < channels; c0 += CB) {
+            const int n = channels - c0 < CB ? channels - c0 : CB;
+            const float *w = weight + ((i64)k * channels + c0) * 9;
+            for (int c = 0; c < n; c++)
+                for (int j = 0; j < 9; j++) taps[flip ? 8 - j : j][c] = w[c * 9 + j];
+            for (int a = 0; a < t; a++)  /* along the kernel's rows: rows[a][j] = sum_i g[a][i] w[i][j] */
+                for (int j = 0; j < 3; j++)
+                    for (int c = 0; c < n; c++)
+                        rows[a][j][c] = g[3 * a] * taps[j][c] + g[3 * a + 1] * taps[3 + j][c]
+                                        + g[3 * a + 2] * taps[6 + j][c];
+            for (int a = 0; a < t; a++)  /* then its columns */
+                for (int b = 0; b < t; b++) {
+                    float *o = out + (a * t + b) * plane + (i64)k * channels + c0;
+#ifdef __AVX__
+                    if (n == CB && ((size_t)o & 31) == 0) {
+                        const __m256 g0 = _mm256_set1_ps(g[3 * b]), g1 = _mm256_set1_ps(g[3 * b + 1]),
+                                     g2 = _mm256_set1_ps(g[3 * b + 2]);
+                        for (int c = 0; c < CB; c += 8)
+                            _mm256_stream_ps(o + c, _mm256_add_ps(_mm256_add_ps(
+                                _mm256_mul_ps(_mm256_loadu_ps(rows[a][0] + c), g0),
+                                _mm256_mul_ps(_mm256_loadu_ps(rows[a][1] + c), g1)),
+                                _mm256_mul_ps(_mm256_loadu_ps(rows[a][2] + c), g2)));
+                        continue;
+                    }
+#endif
+                    for (int c = 0; c < n; c++)
+                        o[c] = rows[a][0][c] * g[3 * b] + rows[a][1][c] * g[3 * b + 1] + rows[a][2][c] * g[3 * b + 2];
+                }
         }
     }
 }
