@@ -309,11 +309,14 @@ void columns3x3(const float *map, i64 batch_stride, i64 row_stride, i64 pixel_st
  * transform g: out[a*T + b][k][c] = (g w[k][c] g^T)[a][b], (T*T, K, C) contiguous. flip: of the kernel rotated by
  * 180 degrees (the transposed convolution's; the caller swaps the channel axes as a view). torch's GEMM of the
  * (T*T, 9) transform with the (9, K*C) taps ran at a third of the memory bandwidth that the 4x larger output
- * needs; here each block of CB channels is gathered into L1 and the T*T planes written in runs of CB floats. */
+ * needs; here each block of CB channels is gathered into L1 and the T*T planes written in runs of CB floats, by
+ * streaming stores where they are aligned (the output, up to 4x the layer's weights, would only evict the cache). */
 void winograd_kernel(int t, const float *g, const float *weight, int out_channels, int channels, int flip,
                      float *out) {
     const i64 plane = (i64)out_channels * channels;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel
+    {
+#pragma omp for schedule(static) nowait
     for (int k = 0; k < out_channels; k++) {
         float taps[9][CB], rows[6][3][CB];  /* T <= 6 */
         for (int c0 = 0; c0 < channels; c0 += CB) {
@@ -345,5 +348,9 @@ void winograd_kernel(int t, const float *g, const float *weight, int out_channel
                         o[c] = rows[a][0][c] * g[3 * b] + rows[a][1][c] * g[3 * b + 1] + rows[a][2][c] * g[3 * b + 2];
                 }
         }
+    }
+#ifdef __AVX__
+    _mm_sfence();  /* streaming stores are weakly ordered: each thread's are visible before the region's barrier */
+#endif
     }
 }
