@@ -401,7 +401,10 @@ def load_converted(folder: str | os.PathLike, *, device: str | torch.device = "c
         dtype = torch.float32  # a tensor cast by hand: one dtype for the whole module, without losing precision
     try:
         for key in _channels_last_keys(model_path):  # an earlier version's file: (O, kh, kw, I) on disk
-            state[key] = state[key].permute(0, 3, 1, 2).contiguous()  # -> (O, I, kh, kw), as every file holds it now
+            # -> (O, I, kh, kw), as every file holds it now. contiguous() keeps a 1x1 kernel's permuted strides
+            # (size-1 axes): re-viewed with the standard ones, or convolutions would take their channels-last path
+            kernel = state[key].permute(0, 3, 1, 2).contiguous()
+            state[key] = kernel.flatten().view(kernel.shape)
     except (KeyError, RuntimeError, TypeError, ValueError) as error:  # ValueError: JSONDecodeError
         raise WeightsFileError(f"{model_path}: bad {CHANNELS_LAST_KEY!r} metadata ({type(error).__name__}: {error})") from None
     source = Source(state, FORMAT)

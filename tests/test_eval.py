@@ -136,7 +136,9 @@ def test_fid_and_kid_agree_with_torchmetrics_used_directly(reference, tmp_path):
     # used directly, the library computes KID's kernels from the extractor's float32 features; we hand it float64
     # features (FID sums in float64 either way)
     assert ours["fid"] == pytest.approx(float(fid.compute()), rel=1e-5)  # measured 3.9e-8
-    assert ours["kid_mean"] == pytest.approx(float(kid_mean), rel=1e-5)  # measured 1.7e-6
+    # KID is a small difference of large kernel sums, which amplifies the float32 rounding of the library's side:
+    # measured 1.7e-6 on an AVX-512 Xeon, 3.5e-5 on an AVX2 EPYC (whose GEMMs round otherwise)
+    assert ours["kid_mean"] == pytest.approx(float(kid_mean), rel=2e-4)
     assert ours["kid_std"] == pytest.approx(float(kid_std), rel=2e-3)  # measured 3.5e-4: a spread of small values
 
 

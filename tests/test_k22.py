@@ -402,8 +402,11 @@ def test_saved_store_loads_back(tmp_path):
         ours, theirs = pipe.module(name).state_dict(), again.module(name).state_dict()
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
     args = dict(height=SIZE, width=SIZE, num_inference_steps=2, prior_num_inference_steps=2, output_type="pt")
-    assert torch.equal(pipe.text2img("a cat", generator=seed(60), **args),
-                       again.text2img("a cat", generator=seed(60), **args))
+    # the same weights, not always the same bits: MKL's float32 GEMMs on AVX2 CPUs round by the operands' alignment,
+    # 64 bytes in memory, that of the tensor's offset in the file once mapped (measured 2.4e-7 at the CLIP text
+    # projection, 0 on AVX-512 CPUs)
+    torch.testing.assert_close(pipe.text2img("a cat", generator=seed(60), **args),
+                               again.text2img("a cat", generator=seed(60), **args), rtol=0, atol=1e-5)
     assert again.decoder_sampling.sampler == "ddim" and again.components.scheduler_config() is None
     assert Kandinsky22.from_pretrained("tiny:3").components.source == {"source": "tiny:3", "model": "2.2"}
     scheduler = {"_class_name": "DDPMScheduler", **OFFICIAL_22_DECODER}

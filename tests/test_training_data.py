@@ -185,8 +185,9 @@ def test_cache_holds_what_the_encoders_compute(tmp_path, request, task):
     got, expected = cached.features(order), encoded.features(order)
     assert set(got) == set(FEATURES[task])
     for key in got:
-        # the cache encoded 3 + 1 images per batch, this 3: float32 rounding of other batch shapes (measured 0)
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
+        # the cache encoded 3 + 1 images per batch, this 3: float32 rounding of other batch shapes (measured 0 on
+        # an AVX-512 Xeon; 1.9e-6 on latents of ~0.07 on an AVX2 EPYC, whose oneDNN kernels block batches otherwise)
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-5)
     if task != "prior":
         assert got["latents"].shape == (3, 4, RESOLUTION // 8, RESOLUTION // 8)
         assert encoded.sample_shape == cached.sample_shape == (4, RESOLUTION // 8, RESOLUTION // 8)

@@ -353,7 +353,9 @@ def test_folders_written_by_earlier_versions_load_to_the_same_weights(tiny, tmp_
     loaded = load_converted(folder)
     for key, value in tiny.state_dict().items():
         tensor = loaded.state_dict()[key]
-        assert tensor.shape == value.shape and tensor.is_contiguous() and torch.equal(tensor, value), key
+        # the standard strides too (a 1x1 kernel with permuted ones is contiguous, and convolutions take it as
+        # channels-last: another kernel, other roundings on some CPUs)
+        assert tensor.shape == value.shape and tensor.stride() == value.stride() and torch.equal(tensor, value), key
     with torch.no_grad():  # the same weights in the same layout: the same result to the bit
         assert torch.equal(loaded.encode(_images()), tiny.encode(_images()))
     again = save_converted(loaded, "movq", tmp_path / "again")  # re-saved: the current format
