@@ -405,9 +405,11 @@ MUTATIONS = (
              (BATCH + "test_22_argument_and_row_errors_are_one_line_before_any_work",)),
     # ---- CPU convolutions under autograd (training): the differentiable Winograd path
     Mutation("winograd_input_grad_kernel_not_rotated", "kandinsky/ops/cpu.py",
-             "        gg = gg.flip(1)", "        gg = gg",
-             (OPS + "test_winograd_function_gradients_match_the_direct_convolution[compiled-contiguous-4-shape0-8e-05]",
-              OPS + "test_conv3x3_under_autograd_takes_the_winograd_path[32-4]")),
+             "        gg = gg.flip(1)", "        gg = gg",  # the channels-last kernels' transform (torch)
+             (OPS + "test_winograd_function_gradients_match_the_direct_convolution[compiled-channels_last-4-shape0-8e-05]",)),
+    Mutation("torch_kernel_transform_not_rotated", "kandinsky/ops/cpu.py",  # contiguous kernels, no compiler
+             "torch.mm(gg.flip(1) if transposed else gg,", "torch.mm(gg,",
+             (OPS + "test_winograd_function_gradients_match_the_direct_convolution[torch-contiguous-4-shape0-8e-05]",)),
     Mutation("winograd_bias_grad_of_the_first_sample", "kandinsky/ops/cpu.py",
              "grad_b = grad_y.sum((0, 2, 3))", "grad_b = grad_y[0].sum((1, 2))",
              (OPS + "test_winograd_function_gradients_match_the_direct_convolution[compiled-contiguous-4-shape0-8e-05]",)),
