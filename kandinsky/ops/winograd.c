@@ -317,40 +317,41 @@ void winograd_kernel(int t, const float *g, const float *weight, int out_channel
 #pragma omp parallel
     {
 #pragma omp for schedule(static) nowait
-    for (int k = 0; k < out_channels; k++) {
-        float taps[9][CB], rows[6][3][CB];  /* T <= 6 */
-        for (int c0 = 0; c0 < channels; c0 += CB) {
-            const int n = channels - c0 < CB ? channels - c0 : CB;
-            const float *w = weight + ((i64)k * channels + c0) * 9;
-            for (int c = 0; c < n; c++)
-                for (int j = 0; j < 9; j++) taps[flip ? 8 - j : j][c] = w[c * 9 + j];
-            for (int a = 0; a < t; a++)  /* along the kernel's rows: rows[a][j] = sum_i g[a][i] w[i][j] */
-                for (int j = 0; j < 3; j++)
-                    for (int c = 0; c < n; c++)
-                        rows[a][j][c] = g[3 * a] * taps[j][c] + g[3 * a + 1] * taps[3 + j][c]
-                                        + g[3 * a + 2] * taps[6 + j][c];
-            for (int a = 0; a < t; a++)  /* then its columns */
-                for (int b = 0; b < t; b++) {
-                    float *o = out + (a * t + b) * plane + (i64)k * channels + c0;
+        for (int k = 0; k < out_channels; k++) {
+            float taps[9][CB], rows[6][3][CB];  /* T <= 6 */
+            for (int c0 = 0; c0 < channels; c0 += CB) {
+                const int n = channels - c0 < CB ? channels - c0 : CB;
+                const float *w = weight + ((i64)k * channels + c0) * 9;
+                for (int c = 0; c < n; c++)
+                    for (int j = 0; j < 9; j++) taps[flip ? 8 - j : j][c] = w[c * 9 + j];
+                for (int a = 0; a < t; a++)  /* along the kernel's rows: rows[a][j] = sum_i g[a][i] w[i][j] */
+                    for (int j = 0; j < 3; j++)
+                        for (int c = 0; c < n; c++)
+                            rows[a][j][c] = g[3 * a] * taps[j][c] + g[3 * a + 1] * taps[3 + j][c]
+                                            + g[3 * a + 2] * taps[6 + j][c];
+                for (int a = 0; a < t; a++)  /* then its columns */
+                    for (int b = 0; b < t; b++) {
+                        float *o = out + (a * t + b) * plane + (i64)k * channels + c0;
 #ifdef __AVX__
-                    if (n == CB && ((size_t)o & 31) == 0) {
-                        const __m256 g0 = _mm256_set1_ps(g[3 * b]), g1 = _mm256_set1_ps(g[3 * b + 1]),
-                                     g2 = _mm256_set1_ps(g[3 * b + 2]);
-                        for (int c = 0; c < CB; c += 8)
-                            _mm256_stream_ps(o + c, _mm256_add_ps(_mm256_add_ps(
-                                _mm256_mul_ps(_mm256_loadu_ps(rows[a][0] + c), g0),
-                                _mm256_mul_ps(_mm256_loadu_ps(rows[a][1] + c), g1)),
-                                _mm256_mul_ps(_mm256_loadu_ps(rows[a][2] + c), g2)));
-                        continue;
-                    }
+                        if (n == CB && ((size_t)o & 31) == 0) {
+                            const __m256 g0 = _mm256_set1_ps(g[3 * b]), g1 = _mm256_set1_ps(g[3 * b + 1]),
+                                         g2 = _mm256_set1_ps(g[3 * b + 2]);
+                            for (int c = 0; c < CB; c += 8)
+                                _mm256_stream_ps(o + c, _mm256_add_ps(_mm256_add_ps(
+                                    _mm256_mul_ps(_mm256_loadu_ps(rows[a][0] + c), g0),
+                                    _mm256_mul_ps(_mm256_loadu_ps(rows[a][1] + c), g1)),
+                                    _mm256_mul_ps(_mm256_loadu_ps(rows[a][2] + c), g2)));
+                            continue;
+                        }
 #endif
-                    for (int c = 0; c < n; c++)
-                        o[c] = rows[a][0][c] * g[3 * b] + rows[a][1][c] * g[3 * b + 1] + rows[a][2][c] * g[3 * b + 2];
-                }
+                        for (int c = 0; c < n; c++)
+                            o[c] = rows[a][0][c] * g[3 * b] + rows[a][1][c] * g[3 * b + 1]
+                                   + rows[a][2][c] * g[3 * b + 2];
+                    }
+            }
         }
-    }
 #ifdef __AVX__
-    _mm_sfence();  /* streaming stores are weakly ordered: each thread's are visible before the region's barrier */
+        _mm_sfence();  /* streaming stores are weakly ordered: each thread's are visible before the region's barrier */
 #endif
     }
 }
