@@ -20,7 +20,7 @@ from kandinsky.ops.cpu import (HALF_ENV, Conv3x3, FusedMoVQResBlock, FusedUNetRe
                                UpcastConv2d, UpcastConv3x3, UpcastLastQueryBlock, UpcastLinear,
                                UpcastSubpixelUpsample, float_weight, gemm_conv3x3, native_half, onednn_dtypes,
                                onednn_linear, winograd43_conv3x3, winograd_conv3x3)
-from kandinsky.ops.generic import FastModule, LastQueryBlock, SubpixelUpsample, swap
+from kandinsky.ops.generic import FastModule, LastQueryBlock, PaddingFreePrior, SubpixelUpsample, swap
 from kandinsky.parity import movq as movq_parity
 from kandinsky.parity import prior as prior_parity
 from kandinsky.parity import unet as unet_parity
@@ -632,11 +632,52 @@ def test_last_query_block_is_the_last_position_of_the_block():
     assert max_errors(last, full[:, -1:])[0] < 1e-5
 
 
+def _prior_masks(text_ctx: int) -> dict[str, torch.Tensor]:
+    """(2, text_ctx) text masks: prompts of 5 and 12 tokens, one with holes, and ones with nothing to leave out."""
+    holes = torch.zeros(2, text_ctx, dtype=torch.bool)
+    holes[0, [0, 3, 4, 9]], holes[1, [0, 1, 9, text_ctx - 1]] = True, True
+    return {"prompts": torch.arange(text_ctx)[None] < torch.tensor([[5], [12]]), "holes": holes,
+            "empty row": torch.arange(text_ctx)[None] < torch.tensor([[0], [3]]),
+            "no text": torch.zeros(2, text_ctx, dtype=torch.bool),
+            "full": torch.ones(2, text_ctx, dtype=torch.bool), "none": None}
+
+
+# the text positions some row reads, of the tiny prior's 77
+KEPT = {"prompts": 12, "holes": 6, "empty row": 3, "no text": 0, "full": 77, "none": 77}
+
+
+@pytest.mark.parametrize("case", list(KEPT))
+def test_padding_free_prior_runs_only_the_positions_some_row_reads(case):
+    prior = _tiny("prior")
+    c = prior.config
+    batch = dict(prior_parity.inputs(c), text_mask=_prior_masks(c.text_ctx)[case])
+    lengths = []
+    prior.blocks[0].register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    with torch.no_grad():
+        plain = prior_parity.run_ours(prior, batch)
+        plain_prefix = prior.encode_text(text_embeds=batch["text_embeds"], text_hidden_states=batch["text_hidden_states"],
+                                         text_mask=batch["text_mask"])
+        swap(prior, PaddingFreePrior)
+        fast = prior_parity.run_ours(prior, batch)
+        prefix = prior.encode_text(text_embeds=batch["text_embeds"], text_hidden_states=batch["text_hidden_states"],
+                                   text_mask=batch["text_mask"])
+        stepped = prior(batch["x"], batch["timesteps"], text_prefix=prefix)
+        plain_stepped = prior(batch["x"], batch["timesteps"], text_prefix=plain_prefix)
+    text = KEPT[case]
+    # plain forward, plain encode_text, then the same two without the padding, then two steps of 3 positions
+    assert lengths == [c.text_ctx + 4, c.text_ctx + 1, text + 4, text + 1, 3, 3]
+    assert prefix.caches[0].keys.shape[2] == text + 1 and prefix.attn_mask.shape == (2, 1, 3, text + 4)
+    # float32: the same products, the softmax over fewer (masked, exactly zero) terms; measured <= 1e-6 relative
+    for output in (fast, stepped, plain_stepped):
+        assert max_errors(output, plain)[1] < 1e-5
+
+
 # --- optimize() and plain() on the models -----------------------------------------------------------
 
 FAST_TYPES = {"unet": {Conv3x3, FusedUNetResBlock, *([OneDNNLinear] if torch.float32 in onednn_dtypes() else [])},
               "movq": {Conv3x3, SubpixelUpsample, FusedMoVQResBlock},
-              "prior": {OneDNNLinear, OneDNNLastQueryBlock} if torch.float32 in onednn_dtypes() else {LastQueryBlock}}
+              "prior": {PaddingFreePrior, *([OneDNNLinear, OneDNNLastQueryBlock] if torch.float32 in onednn_dtypes()
+                                            else [LastQueryBlock])}}
 
 
 @pytest.mark.parametrize("component", ["unet", "movq", "prior"])
@@ -710,7 +751,8 @@ def test_other_devices_get_only_the_device_independent_rewrites(device):
     model = nn.ModuleDict({"unet": _tiny("unet"), "movq": _tiny("movq"), "prior": _tiny("prior")})
     ops.optimize(model, "cpu", torch.float32)
     ops.optimize(model, device, torch.float32)
-    assert {type(m) for m in model.modules() if isinstance(m, FastModule)} == {SubpixelUpsample, LastQueryBlock}
+    assert {type(m) for m in model.modules() if isinstance(m, FastModule)} == {SubpixelUpsample, LastQueryBlock,
+                                                                               PaddingFreePrior}
     # every kernel, those the CPU's Conv3x3 left contiguous too
     assert all(p.is_contiguous(memory_format=CHANNELS_LAST) for name in ("unet", "movq")
                for p in model[name].parameters() if p.ndim == 4)
@@ -903,7 +945,7 @@ def test_optimize_upcasts_every_layer_keeping_half_weights(half_mode, component,
     left = [m for m in modules if isinstance(m, COMPUTING_LAYERS) and not type(m).__name__.startswith("Upcast")]
     assert not left and not any(type(m) in (SubpixelUpsample, LastQueryBlock, OneDNNLastQueryBlock) for m in modules)
     expected = {UpcastLinear, UpcastAttentionInput, UpcastConv2d, UpcastConv3x3, UpcastSubpixelUpsample,
-                UpcastLastQueryBlock}
+                UpcastLastQueryBlock, PaddingFreePrior}
     assert {type(m) for m in modules if isinstance(m, FastModule)} <= expected
     qkv = [m.qkv for m in modules if hasattr(m, "qkv")]
     assert qkv and all(type(layer) is UpcastAttentionInput for layer in qkv)

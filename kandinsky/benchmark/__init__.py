@@ -107,6 +107,7 @@ def machine() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(), **_cpu(),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "MALLOC_MMAP_MAX_": os.environ.get("MALLOC_MMAP_MAX_"),
+            "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES"),
             **({"gpu": torch.cuda.get_device_name()} if torch.cuda.is_available() else {})}
 
 

@@ -201,13 +201,14 @@ class Prior(nn.Module):
         return timesteps.expand(batch)
 
     def attention_mask(self, text_mask: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
-        """Boolean (B, 1, L, L) mask, True = may attend: causal, and padding text tokens hidden as keys.
+        """Boolean (B, 1, L, L) mask, True = may attend: causal, and padding text tokens hidden as keys. ``L`` is
+        ``text_mask``'s text positions (``text_ctx`` without one) plus the 4 extra tokens.
 
         Every token may also attend to itself. This changes nothing the output depends on (a padding
         token's own state is never read by a real token nor by the prd token, being masked as a key),
         but keeps a query whose every earlier key is padding from a NaN softmax row.
         """
-        length = self.config.text_ctx + NUM_EXTRA_TOKENS
+        length = (self.config.text_ctx if text_mask is None else text_mask.shape[1]) + NUM_EXTRA_TOKENS
         causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
         if text_mask is None:
             return causal.expand(batch, 1, length, length)
@@ -215,12 +216,26 @@ class Prior(nn.Module):
         eye = torch.eye(length, dtype=torch.bool, device=device)
         return (causal & (key_valid[:, None, :] | eye))[:, None]
 
-    def _text_tokens(self, text_embeds: torch.Tensor, text_hidden_states: torch.Tensor) -> torch.Tensor:
+    def _sequence(self, text_embeds: torch.Tensor, text_hidden_states: torch.Tensor, text_mask: torch.Tensor | None,
+                  step_tokens: torch.Tensor | None = None, text_positions: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks' input: the T text token states and the text embedding, then ``step_tokens`` (B, 3, W) if
+        given, with their positions added; and the (B, 1, T + 4, T + 4) attention mask of the whole sequence.
+
+        ``text_positions``: (T,) the positions among the ``text_ctx`` that ``text_hidden_states`` (B, T, ·) and
+        ``text_mask`` (B, T) hold, in order; ``None``: all of them.
+        """
         dtype = self.out_proj.weight.dtype
-        return torch.cat([
-            self.text_hidden_proj(text_hidden_states.to(dtype)),  # (B, 77, W)
+        tokens = torch.cat([
+            self.text_hidden_proj(text_hidden_states.to(dtype)),  # (B, T, W)
             self.text_embed_proj(text_embeds.to(dtype))[:, None],  # (B, 1, W)
+            *([] if step_tokens is None else [step_tokens]),  # (B, 3, W)
         ], dim=1)
+        positional = self.positional_embedding
+        if text_positions is not None:  # the learned rows of those text positions, then the 4 extra tokens'
+            positional = torch.cat([positional[:, text_positions], positional[:, self.config.text_ctx:]], dim=1)
+        tokens = tokens + positional[:, :tokens.shape[1]].to(dtype)
+        return tokens, self.attention_mask(text_mask, tokens.shape[0], tokens.device)
 
     def _step_tokens(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         dtype = self.out_proj.weight.dtype
@@ -236,10 +251,8 @@ class Prior(nn.Module):
         the ``text_ctx + 1`` text positions), valid for these weights until they change.
         """
         self._check_text(None, text_embeds, text_hidden_states, text_mask)
-        batch, prefix = text_embeds.shape[0], self.config.text_ctx + 1
-        attn_mask = self.attention_mask(text_mask, batch, text_embeds.device)
-        tokens = self._text_tokens(text_embeds, text_hidden_states) + self.positional_embedding[:, :prefix].to(
-            self.out_proj.weight.dtype)  # (B, 78, W)
+        tokens, attn_mask = self._sequence(text_embeds, text_hidden_states, text_mask)  # (B, 78, W)
+        prefix = tokens.shape[1]
         caches = [PrefixCache() for _ in self.blocks]
         for block, cache in zip(self.blocks, caches):  # (the last block's outputs are never read, only its cache)
             tokens = block(tokens, attn_mask[..., :prefix, :prefix], cache)
@@ -279,9 +292,8 @@ class Prior(nn.Module):
                 tokens = block(tokens, text_prefix.attn_mask, cache)  # (B, 3, W)
             return self.out_proj(self.final_norm(tokens[:, -1]))
         self._check_text(batch, text_embeds, text_hidden_states, text_mask)
-        tokens = torch.cat([self._text_tokens(text_embeds, text_hidden_states), self._step_tokens(x, timesteps)],
-                           dim=1) + self.positional_embedding.to(dtype)  # (B, 81, W)
-        attn_mask = self.attention_mask(text_mask, batch, x.device)
+        tokens, attn_mask = self._sequence(text_embeds, text_hidden_states, text_mask,
+                                           self._step_tokens(x, timesteps))  # (B, 81, W)
         for block in self.blocks:
             tokens = block(tokens, attn_mask)
         return self.out_proj(self.final_norm(tokens[:, -1]))  # the prd token: (B, clip_dim)

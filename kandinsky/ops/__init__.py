@@ -5,7 +5,8 @@ subclass of the plain layer it replaces, adds no state and computes the same fun
 stay shared (nothing is copied) and state-dict keys do not change. :func:`plain` undoes the swaps.
 
 * every device (:mod:`kandinsky.ops.generic`): channels-last UNet and MoVQ kernels, MoVQ's sub-pixel upsampling,
-  the prior's last block computing only the position the prior reads;
+  the prior's last block computing only the position the prior reads, and the prior leaving out the text
+  positions that are padding in every row;
 * CPU (:mod:`kandinsky.ops.cpu`): Winograd / GEMM 3x3 convolutions in the residual blocks, oneDNN linear
   layers in the prior; for bfloat16 / float16 weights on a CPU without native arithmetic in that dtype
   (:func:`native_half`), convolutions and linear layers that compute in float32 from the half-precision weights.
