@@ -1,12 +1,13 @@
 """Prior benchmark: one forward of the full official prior (batch 2) against diffusers 0.42.1
 ``PriorTransformer`` with identical weights, interleaved, in float32 or bfloat16 (``args.dtype``).
 
-Three rows: ours as the pipeline runs it (``ops.optimize`` for the CPU: oneDNN GEMMs, the last block for the
-prd token only, the text positions that are padding in both rows left out), the same on prompts that fill all 77
-text positions (nothing to leave out: the longest prompts) and the plain model (``ops.plain``). Peak memory is measured per side in a fresh process.
-A third row times the model's share of a prior sampling loop, :data:`SAMPLING_STEPS` forwards of batch 2 over
-one prompt batch: ours as the pipeline runs it (``encode_text`` once, then each step only the three per-step
-positions against the text's cached keys and values), diffusers a whole forward per step, as its pipeline does.
+Rows of one forward: ours as the pipeline runs it (``ops.optimize`` for the CPU: oneDNN GEMMs, the last block
+for the prd token only, the text positions that are padding in both rows left out), the same on prompts that
+fill all 77 text positions (nothing to leave out: the longest prompts), and the plain model (``ops.plain``).
+Peak memory is measured per side in a fresh process. A last row times the model's share of a prior sampling
+loop, :data:`SAMPLING_STEPS` forwards of batch 2 over one prompt batch: ours as the pipeline runs it
+(``encode_text`` once, then each step only the three per-step positions against the text's cached keys and
+values), diffusers a whole forward per step, as its pipeline does.
 ``--model 2.2``: Kandinsky 2.2's prior (the same transformer over 1280-wide CLIP embeddings).
 """
 
