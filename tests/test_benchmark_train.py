@@ -8,13 +8,15 @@ import math
 import types
 
 import pytest
+import torch
 
 pytest.importorskip("diffusers")
 
 from kandinsky.benchmark import train  # noqa: E402
 
 
-def test_step_times_and_lora_figures():
+def test_step_times_and_lora_figures(monkeypatch):
+    monkeypatch.setattr(train, "native_half", lambda dtype: False)  # no bf16 arithmetic: one result
     (result,) = train.run(types.SimpleNamespace(repeats=1, no_memory=True), config="tiny")
     assert result.component == "train" and "forward+backward+AdamW" in result.case
     assert all(math.isfinite(t) and t > 0 for t in result.ours + result.diffusers)
@@ -29,6 +31,16 @@ def test_step_times_and_lora_figures():
     assert extra["LoRA rank 4 step s"] > 0
     # our step is our forward + backward plus the AdamW step, timed apart
     assert min(result.ours) >= extra["AdamW step s"] > 0
+
+
+def test_bf16_step_against_our_float32_step_where_the_cpu_has_bf16(monkeypatch):
+    monkeypatch.setattr(train, "native_half", lambda dtype: dtype == torch.bfloat16)
+    float32, mixed = train.run(types.SimpleNamespace(repeats=2, no_memory=True), config="tiny")
+    assert "--mixed-precision bf16" in mixed.case and "float32" in float32.case
+    assert mixed.diffusers == float32.ours  # the second result's reference is our float32 step
+    assert len(mixed.ours) == 2 and all(math.isfinite(t) and t > 0 for t in mixed.ours)
+    # bf16 keeps 8 significant bits: the loss moves by at most a few 2^-8 of its size
+    assert mixed.extra["loss |bf16 autocast - float32| before training"] <= 0.05 * mixed.extra["float32 loss"]
 
 
 @pytest.mark.parametrize("side", ["ours", "diffusers"])

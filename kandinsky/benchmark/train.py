@@ -4,9 +4,12 @@
 * step time: our training step (``decoder_loss`` forward + backward, then the trainer's fused AdamW step) against
   diffusers 0.42.1 ``UNet2DConditionModel`` forward + backward with the same loss (``decoder_loss`` on its
   output). Ours runs the trainer's layers (:func:`~kandinsky.training.loop.training_kernels`: on the CPU the
-  differentiable Winograd convolutions), here and in every measurement below. The two models share their weights and their forward + backward are interleaved in one process; the
-  AdamW step is timed after diffusers' model is freed (its moments, 9 GiB, do not fit next to both backward
-  passes) and added to ours. The losses of both sides on identical weights are compared;
+  differentiable Winograd convolutions), here and in every measurement below. The two models share their
+  weights and their forward + backward are interleaved in one process; the AdamW step is timed after diffusers'
+  model is freed (its moments, 9 GiB, do not fit next to both backward passes) and added to ours. The losses of
+  both sides on identical weights are compared;
+* on a CPU with bf16 arithmetic, our ``--mixed-precision bf16`` step (bf16 autocast, float32 weights and AdamW)
+  against our float32 step, its forward + backward interleaved with the two above;
 * memory of forward + backward, each side alone in its own process, with and without gradient checkpointing
   (ours: the trainer's per-block checkpointing; diffusers: ``enable_gradient_checkpointing``): the peak resident
   memory, and the activations alone (the peak above the weights and their pre-allocated gradients);
@@ -40,6 +43,7 @@ from torch import nn
 
 from kandinsky.benchmark import Result
 from kandinsky.models.unet import UNet, UNetConfig
+from kandinsky.ops.cpu import native_half
 from kandinsky.parity.unet import diffusers_config, diffusers_unet, run_diffusers
 from kandinsky.testing import randomize_
 from kandinsky.training.losses import decoder_loss
@@ -273,8 +277,10 @@ def _distributed(config: str) -> list[Result]:
 # ------------------------------------------------------------------------------------------------- run
 
 
-def _step_times(config: str, repeats: int) -> Result:
-    """Ours and diffusers' forward + backward interleaved on shared weights, then our AdamW step alone.
+def _step_times(config: str, repeats: int) -> list[Result]:
+    """Ours and diffusers' forward + backward interleaved on shared weights, then our AdamW step alone; on a CPU
+    with bf16 arithmetic (:func:`~kandinsky.ops.cpu.native_half`) our bf16-autocast forward + backward joins the
+    interleaving, a second result against our float32 step.
 
     Holding AdamW's moments (8 bytes per parameter) next to a backward's gradients and activations does not fit
     this machine at the full size together with diffusers' copy, so the optimizer step is timed once diffusers'
@@ -296,13 +302,20 @@ def _step_times(config: str, repeats: int) -> Result:
         losses = [float(forward_loss(model, batch)) for model in (ours, theirs)]
     loss_difference = abs(losses[0] - losses[1])
 
-    def backward(model):
+    def backward(model, autocast=None):
         def call():
-            forward_backward(model, batch)
+            forward_backward(model, batch, autocast)
             model.zero_grad(set_to_none=True)  # one side's gradients at a time
         return call
 
-    times = _timed({"ours": backward(ours), "diffusers": backward(theirs)}, repeats)
+    cases = {"ours": backward(ours), "diffusers": backward(theirs)}
+    # --mixed-precision bf16 only where the CPU computes in bf16: elsewhere it would time torch's emulation
+    mixed = native_half(BF16_AUTOCAST)
+    if mixed:
+        cases["ours bf16"] = backward(ours, BF16_AUTOCAST)
+        with torch.no_grad():
+            losses.append(float(forward_loss(ours, batch, BF16_AUTOCAST)))
+    times = _timed(cases, repeats)
     del theirs
     gc.collect()
 
@@ -335,8 +348,16 @@ def _step_times(config: str, repeats: int) -> Result:
                   f"LoRA rank {LORA_RANK} step s": statistics.median(lora_times)})
     remove_lora(ours)
     size = latent_size(config)
-    return Result("train", f"training step 1x4x{size}x{size} float32: ours forward+backward+AdamW vs diffusers "
-                  "forward+backward", [t + adamw_s for t in times["ours"]], times["diffusers"], extra)
+    ours_step = [t + adamw_s for t in times["ours"]]
+    results = [Result("train", f"training step 1x4x{size}x{size} float32: ours forward+backward+AdamW vs diffusers "
+                      "forward+backward", ours_step, times["diffusers"], extra)]
+    if mixed:  # autocast leaves the weights, gradients and so the AdamW step in float32
+        results.append(Result(
+            "train", f"training step 1x4x{size}x{size}, --mixed-precision bf16 (ours column) vs float32 (diffusers "
+            "column), both ours forward+backward+AdamW", [t + adamw_s for t in times["ours bf16"]], ours_step,
+            {"loss |bf16 autocast - float32| before training": abs(losses[2] - losses[0]),
+             "float32 loss": losses[0]}))
+    return results
 
 
 def _cuda(config: str, repeats: int) -> list[Result]:
@@ -384,8 +405,7 @@ def run(args, config: str | None = None) -> list[Result]:
     """Every measurement of the module docstring; ``args``: ``repeats`` and ``no_memory`` (skips the memory probes
     and the distributed processes)."""
     config = config or CONFIG
-    results = [] if args.no_memory else _memory(config) + _distributed(config)
-    results.insert(0, _step_times(config, args.repeats))
+    results = _step_times(config, args.repeats) + ([] if args.no_memory else _memory(config) + _distributed(config))
     gc.collect()
     if torch.cuda.is_available():
         results += _cuda(config, args.repeats)
