@@ -508,6 +508,14 @@ MUTATIONS = (
              'if torch.device(device).type == "cpu":', 'if torch.device(device).type == "cuda":',
              (TRAINER + "test_trainer_and_benchmark_swap_the_convolutions_on_the_cpu_only",
               TRAINER + "test_cpu_training_runs_the_winograd_convolutions")),
+    # ---- kandinsky bench train: the bf16 step against our float32 step
+    Mutation("bench_train_bf16_step_against_diffusers", "kandinsky/benchmark/train.py",
+             '[t + adamw_s for t in times["ours bf16"]], ours_step,',
+             '[t + adamw_s for t in times["ours bf16"]], times["diffusers"],',
+             ("tests/test_benchmark_train.py::test_bf16_step_against_our_float32_step_where_the_cpu_has_bf16",)),
+    Mutation("bench_train_bf16_step_without_autocast", "kandinsky/benchmark/train.py",
+             'cases["ours bf16"] = backward(ours, BF16_AUTOCAST)', 'cases["ours bf16"] = backward(ours)',
+             ("tests/test_benchmark_train.py::test_bf16_step_against_our_float32_step_where_the_cpu_has_bf16",)),
 )
 
 GUARD_SOURCE = f'''"""pytest plugin of scripts/mutation_check.py: stop unless kandinsky is imported from the copy."""

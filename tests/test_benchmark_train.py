@@ -35,7 +35,14 @@ def test_step_times_and_lora_figures(monkeypatch):
 
 def test_bf16_step_against_our_float32_step_where_the_cpu_has_bf16(monkeypatch):
     monkeypatch.setattr(train, "native_half", lambda dtype: dtype == torch.bfloat16)
+    autocasts = []  # the autocast dtype of every timed forward + backward
+    forward_backward = train.forward_backward
+    monkeypatch.setattr(train, "forward_backward",
+                        lambda model, batch, autocast=None: autocasts.append(autocast) or forward_backward(
+                            model, batch, autocast))
     float32, mixed = train.run(types.SimpleNamespace(repeats=2, no_memory=True), config="tiny")
+    # 1 warm-up + 2 timed rounds of both sides in float32 and of ours in bf16, then the LoRA steps in float32
+    assert autocasts.count(torch.bfloat16) == 3 and autocasts.count(None) == 6 + 3
     assert "--mixed-precision bf16" in mixed.case and "float32" in float32.case
     assert mixed.diffusers == float32.ours  # the second result's reference is our float32 step
     assert len(mixed.ours) == 2 and all(math.isfinite(t) and t > 0 for t in mixed.ours)
