@@ -405,7 +405,9 @@ def run(args, config: str | None = None) -> list[Result]:
     """Every measurement of the module docstring; ``args``: ``repeats`` and ``no_memory`` (skips the memory probes
     and the distributed processes)."""
     config = config or CONFIG
-    results = _step_times(config, args.repeats) + ([] if args.no_memory else _memory(config) + _distributed(config))
+    # the probes first, while this process is small (theirs run in processes of their own)
+    results = [] if args.no_memory else _memory(config) + _distributed(config)
+    results[:0] = _step_times(config, args.repeats)
     gc.collect()
     if torch.cuda.is_available():
         results += _cuda(config, args.repeats)
