@@ -508,6 +508,9 @@ MUTATIONS = (
              'if torch.device(device).type == "cpu":', 'if torch.device(device).type == "cuda":',
              (TRAINER + "test_trainer_and_benchmark_swap_the_convolutions_on_the_cpu_only",
               TRAINER + "test_cpu_training_runs_the_winograd_convolutions")),
+    Mutation("movq_attention_projection_left_on_mkl", "kandinsky/ops/cpu.py",
+             "        return block.qkv, block.proj\n", "        return (block.qkv,)\n",
+             (OPS + "test_movq_attention_projections_go_through_onednn_where_it_has_the_dtype",)),
     # ---- kandinsky bench train: the bf16 step against our float32 step
     Mutation("bench_train_bf16_step_against_diffusers", "kandinsky/benchmark/train.py",
              '[t + adamw_s for t in times["ours bf16"]], ours_step,',

@@ -14,7 +14,7 @@ from torch import nn
 
 from kandinsky import ops
 from kandinsky.models import config_from_dict, model_class
-from kandinsky.models.movq import Upsample
+from kandinsky.models.movq import AttentionBlock, Upsample
 from kandinsky.ops import cpu, native
 from kandinsky.ops.cpu import (HALF_ENV, Conv3x3, FusedMoVQResBlock, FusedUNetResBlock, OneDNNLastQueryBlock, OneDNNLinear, UpcastAttentionInput,
                                UpcastConv2d, UpcastConv3x3, UpcastLastQueryBlock, UpcastLinear,
@@ -675,7 +675,8 @@ def test_padding_free_prior_runs_only_the_positions_some_row_reads(case):
 # --- optimize() and plain() on the models -----------------------------------------------------------
 
 FAST_TYPES = {"unet": {Conv3x3, FusedUNetResBlock, *([OneDNNLinear] if torch.float32 in onednn_dtypes() else [])},
-              "movq": {Conv3x3, SubpixelUpsample, FusedMoVQResBlock},
+              "movq": {Conv3x3, SubpixelUpsample, FusedMoVQResBlock,
+                       *([OneDNNLinear] if torch.float32 in onednn_dtypes() else [])},
               "prior": {PaddingFreePrior, *([OneDNNLinear, OneDNNLastQueryBlock] if torch.float32 in onednn_dtypes()
                                             else [LastQueryBlock])}}
 
@@ -765,6 +766,14 @@ def test_prior_linears_go_through_onednn_only_for_its_dtypes():
         # half precision through oneDNN only where the CPU computes in it; elsewhere in float32 (Upcast*)
         assert isinstance(prior.out_proj, OneDNNLinear) == (dtype in onednn_dtypes() and native_half(dtype)), dtype
         assert isinstance(prior.blocks[-1], LastQueryBlock)
+
+
+def test_movq_attention_projections_go_through_onednn_where_it_has_the_dtype():
+    model = ops.optimize(_tiny("movq"), "cpu", torch.float32)
+    blocks = [m for m in model.modules() if isinstance(m, AttentionBlock)]
+    assert blocks
+    assert all(isinstance(layer, OneDNNLinear) == (torch.float32 in onednn_dtypes())
+               for block in blocks for layer in (block.qkv, block.proj))
 
 
 @pytest.mark.parametrize("component, winograd", [("unet", None), ("unet", 2), ("unet", 4), ("movq", None),

@@ -6,9 +6,9 @@
   (:func:`gemm_conv3x3`) for small maps, oneDNN's direct convolution otherwise; Winograd F(4x4, 3x3)
   (:func:`winograd43_conv3x3`, 4x fewer multiplications, float32 error a few 1e-6 of the output scale) before
   F(2x2, 3x3) where the sides are multiples of 4 (``scripts/conv_sweep.py`` times the three);
-* :class:`OneDNNLinear` for the prior's linear layers and the UNet's attention projections, and the GEMM of
-  :func:`gemm_conv3x3`: the same GEMMs through oneDNN instead of MKL, which is much faster for these shapes on
-  CPUs where MKL is slow (AMD EPYC);
+* :class:`OneDNNLinear` for the prior's linear layers, the attention projections of the UNet and MoVQ, and the
+  GEMM of :func:`gemm_conv3x3`: the same GEMMs through oneDNN instead of MKL, which is much faster for these
+  shapes on CPUs where MKL is slow (AMD EPYC);
 * half-precision weights on a CPU without native arithmetic in their dtype (:func:`native_half`): every
   convolution and linear layer computes in float32 from its weights upcast per call (``Upcast*``), and the
   attention of the UNet, MoVQ and prior runs on float32 queries, keys and values. Parameters and the
@@ -856,6 +856,12 @@ def optimize_training(module: nn.Module) -> nn.Module:
     return module
 
 
+def _attention_linears(block: nn.Module) -> tuple[nn.Module, ...]:
+    if isinstance(block, movq.AttentionBlock):
+        return block.qkv, block.proj
+    return block.qkv, block.context_kv, block.proj_out
+
+
 def optimize(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Swap the CPU kernels into every UNet, MoVQ and Prior in ``module`` (in place) for weights of ``dtype``;
     where :func:`native_half` says ``dtype`` is emulated, make every linear layer and convolution in
@@ -873,8 +879,9 @@ def optimize(module: nn.Module, dtype: torch.dtype) -> nn.Module:
                     swap(layer, OneDNNLinear)
                 elif type(layer) is LastQueryBlock:
                     swap(layer, OneDNNLastQueryBlock)
-        if isinstance(sub, unet.Attention) and onednn:  # thousands of tokens by 768-1536 channels: oneDNN's shapes
-            for layer in (sub.qkv, sub.context_kv, sub.proj_out):
+        if isinstance(sub, (unet.Attention, movq.AttentionBlock)) and onednn:
+            # thousands of tokens by 512-1536 channels: oneDNN's shapes
+            for layer in _attention_linears(sub):
                 if type(layer) is nn.Linear:
                     swap(layer, OneDNNLinear)
     if not native_half(dtype):
