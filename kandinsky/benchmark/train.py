@@ -405,7 +405,7 @@ def run(args, config: str | None = None) -> list[Result]:
     """Every measurement of the module docstring; ``args``: ``repeats`` and ``no_memory`` (skips the memory probes
     and the distributed processes)."""
     config = config or CONFIG
-    # the probes first, while this process is small (theirs run in processes of their own)
+    # the memory probes first, while this process is small: they run in processes of their own beside it
     results = [] if args.no_memory else _memory(config) + _distributed(config)
     results[:0] = _step_times(config, args.repeats)
     gc.collect()
