@@ -485,6 +485,12 @@ MUTATIONS = (
     Mutation("channels_last_file_keeps_permuted_strides", "kandinsky/weights.py",
              "state[key] = kernel.flatten().view(kernel.shape)", "state[key] = kernel",
              ("tests/test_weights.py::test_folders_written_by_earlier_versions_load_to_the_same_weights[channels-last file]",)),
+    Mutation("read_ahead_one_willneed_for_the_whole_file", "kandinsky/weights.py",
+             "        for offset in range(0, os.fstat(fd).st_size, READ_AHEAD_CHUNK):\n"
+             "            os.posix_fadvise(fd, offset, READ_AHEAD_CHUNK, os.POSIX_FADV_WILLNEED)",
+             "        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)",
+             ("tests/test_weights.py::test_load_converted_has_the_kernel_read_the_whole_file_first",
+              "tests/test_weights.py::test_the_read_ahead_brings_the_whole_file_into_the_page_cache")),
     Mutation("channels_last_copies_every_kernel", "kandinsky/ops/generic.py",
              "                if getattr(layer, \"any_kernel_layout\", False):", "                if False:",
              (OPS + "test_optimize_copies_out_of_weight_files_only_the_kernels_it_must_re_lay_out[unet]",)),

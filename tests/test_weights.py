@@ -1,8 +1,10 @@
 """Weight files: safe reading, the atomic writer, our converted format, every component kind, base.json and
 the conversion of official files. (The ``kandinsky convert`` command is tested in test_cli.py.)"""
 
+import ctypes
 import errno
 import json
+import mmap
 import os
 import shutil
 import stat
@@ -279,10 +281,14 @@ def test_round_trip(tiny, tmp_path):
 
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise") or not Path("/proc/self/fd").is_dir(),
                     reason="posix_fadvise and /proc (Linux)")
-def test_load_converted_asks_the_kernel_to_read_the_weights_ahead(tiny, tmp_path, monkeypatch):
-    """The weights are memory-mapped: the load tells the kernel to read the whole file in the background, so that a
-    cold first forward overlaps the disk reads instead of faulting each layer in as it runs."""
+def test_load_converted_has_the_kernel_read_the_whole_file_first(tiny, tmp_path, monkeypatch):
+    """The weights are memory-mapped: the load has the kernel read the whole file first, piece by piece (one
+    WILLNEED reads only the file's start), so that a cold load and first forward do not fault each layer in as they
+    run."""
     out = save_converted(tiny, "movq", tmp_path / "movq")
+    file = out / "model.safetensors"
+    chunk = 4096
+    monkeypatch.setattr(weights, "READ_AHEAD_CHUNK", chunk)
     advice = []
     real = os.posix_fadvise
 
@@ -292,7 +298,50 @@ def test_load_converted_asks_the_kernel_to_read_the_weights_ahead(tiny, tmp_path
 
     monkeypatch.setattr(os, "posix_fadvise", record)
     load_converted(out)
-    assert advice == [(str((out / "model.safetensors").resolve()), 0, 0, os.POSIX_FADV_WILLNEED)]
+    size = file.stat().st_size
+    assert size > 4 * chunk
+    assert advice == [(str(file.resolve()), offset, chunk, os.POSIX_FADV_WILLNEED) for offset in range(0, size, chunk)]
+
+
+def _page_cache_fraction(path: Path) -> float:
+    """The fraction of ``path``'s pages in the page cache (``mincore`` on a private mapping of it)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    size, page = path.stat().st_size, mmap.PAGESIZE
+    with path.open("rb") as f:
+        mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+    try:
+        start = ctypes.c_char.from_buffer(mapped)
+        pages = (ctypes.c_ubyte * ((size + page - 1) // page))()
+        if libc.mincore(ctypes.addressof(start), size, pages):
+            raise OSError(ctypes.get_errno(), "mincore")
+        del start
+        return sum(flag & 1 for flag in pages) / len(pages)
+    finally:
+        mapped.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and the page cache as Linux has them")
+def test_the_read_ahead_brings_the_whole_file_into_the_page_cache(tmp_path):
+    """On the kernel itself: a file much larger than one WILLNEED reads (the device's read_ahead_kb or
+    max_sectors_kb; 8 MiB on the virtio disks seen) ends up wholly in the page cache."""
+    path = tmp_path / "model.safetensors"
+    with path.open("wb") as f:
+        f.write(os.urandom(48 * 2**20))
+        f.flush()
+        os.fsync(f.fileno())  # only clean pages can be dropped
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    if _page_cache_fraction(path) > 0.5:
+        pytest.skip("this filesystem keeps the file in memory (tmpfs?): nothing to read ahead")
+    weights._read_ahead(path)
+    deadline = time.monotonic() + 30  # the reads it started may still be on their way
+    while _page_cache_fraction(path) < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _page_cache_fraction(path) == 1
 
 
 def test_files_hold_the_state_dict_as_it_is_and_load_as_views_of_the_file(tmp_path):
