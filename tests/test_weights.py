@@ -310,15 +310,16 @@ def _page_cache_fraction(path: Path) -> float:
     size, page = path.stat().st_size, mmap.PAGESIZE
     with path.open("rb") as f:
         mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+    pages = (ctypes.c_ubyte * ((size + page - 1) // page))()
     try:
         start = ctypes.c_char.from_buffer(mapped)
-        pages = (ctypes.c_ubyte * ((size + page - 1) // page))()
-        if libc.mincore(ctypes.addressof(start), size, pages):
-            raise OSError(ctypes.get_errno(), "mincore")
-        del start
-        return sum(flag & 1 for flag in pages) / len(pages)
+        failed = libc.mincore(ctypes.addressof(start), size, pages)
+        del start  # the mapping cannot close while ctypes holds a view of it
     finally:
         mapped.close()
+    if failed:
+        raise OSError(ctypes.get_errno(), "mincore")
+    return sum(flag & 1 for flag in pages) / len(pages)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and the page cache as Linux has them")
